@@ -1,0 +1,4 @@
+"""Export of trained neurosal models for inference runtimes (ONNX, NIR).
+
+Not implemented yet: see the open export issue.
+"""

@@ -1,0 +1,155 @@
+"""The ``neurosal`` command line.
+
+    neurosal train   --rule dfa --model mlp:256x256 --data fashion-mnist --epochs 5 --out runs/x
+    neurosal compare --rules bp,fa,dfa --data digits --model mlp:128x128 --epochs 10 --out runs/cmp
+    neurosal list    (rules, datasets, model specs)
+
+Errors in input print ``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import NeurosalError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mlp:256x256", help="mlp:256x256, mlp:256*8, cnn, cnn:6,16/120,84")
+    p.add_argument("--data", default="digits", help="dataset name or path to .npz/.csv (see 'neurosal list')")
+    p.add_argument("--data-root", default=None, help="folder with a dataset's files (mnist, cifar10, ...)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training samples")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", default="Adam", help="any torch.optim class name (SGD, Adam, AdamW, ...)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accel", default="auto", help="torch device: auto, cpu, cuda, cuda:1")
+    p.add_argument("--memory", default="cache", choices=["cache", "recompute"],
+                   help="direct rules: cache activations (fast) or recompute the forward (low memory)")
+    p.add_argument("--alignment", action="store_true", help="log per-layer angle to the BP signal")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or epoch lines")
+
+
+def _config(args, rule: str, options: dict):
+    from .train import TrainConfig
+
+    return TrainConfig(rule=rule, rule_options=options, model=args.model, data=args.data,
+                       data_root=args.data_root, limit=args.limit, epochs=args.epochs,
+                       batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                       momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
+                       accel=args.accel, memory=args.memory, alignment=args.alignment,
+                       progress=not args.no_progress)
+
+
+def cmd_train(args) -> int:
+    from .rules import parse_options
+    from .train import Trainer
+
+    cfg = _config(args, args.rule, parse_options(args.rule_options))
+    trainer = Trainer(cfg, args.out)
+    summary = trainer.fit(resume=args.resume)
+    last = summary["epochs"][-1] if summary["epochs"] else {}
+    print(json.dumps({"out": str(args.out), "epochs": trainer.epoch,
+                      "test_acc": last.get("test_acc"), "train_loss": last.get("train_loss")}))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .data import load_dataset
+    from .report import format_table, plot_curves, write_csv
+    from .rules import REGISTRY, parse_options
+    from .train import Trainer
+
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if not rules:
+        raise NeurosalError("--rules is empty")
+    options = parse_options(args.rule_options)
+    out = Path(args.out)
+    data = load_dataset(args.data, args.data_root, args.limit)
+    rows, histories = [], {}
+    for rule in rules:
+        # rule options apply to the rules that have them
+        known = REGISTRY[rule].Config.__dataclass_fields__ if rule in REGISTRY else {}
+        cfg = _config(args, rule, {k: v for k, v in options.items() if k in known})
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, out / rule, dataset=data)
+        summary = trainer.fit()
+        hist = summary["epochs"]
+        histories[rule] = hist
+        rows.append({"rule": rule, "test_acc": 100 * hist[-1]["test_acc"],
+                     "best_test_acc": 100 * max(r["test_acc"] for r in hist),
+                     "train_loss": hist[-1]["train_loss"],
+                     "step_ms": sum(r["step_time_ms"] for r in hist) / len(hist),
+                     "time_s": time.perf_counter() - t0, "params": summary["n_params"]})
+    table = format_table(rows, [("rule", "rule"), ("test_acc", "test acc %"), ("best_test_acc", "best %"),
+                                ("train_loss", "train loss"), ("step_ms", "step ms"),
+                                ("time_s", "total s"), ("params", "params")])
+    print(f"\n{args.data} | {args.model} | {args.epochs} epochs | seed {args.seed}\n{table}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "histories": histories}, indent=2))
+    write_csv(out / "compare.csv", rows)
+    plot_curves(histories, out / "compare.png", title=f"{args.data} | {args.model}")
+    print(f"results: {out / 'compare.json'}, {out / 'compare.csv'}, {out / 'compare.png'}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .data import dataset_names
+    from .rules import REGISTRY
+
+    print("rules:")
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
+        print(f"  {name:6s} {cls.summary}" + (f"  [options: {opts}]" if opts else ""))
+    print("datasets:", ", ".join(dataset_names()), "or a path to .npz/.csv")
+    print("models:   mlp:256x256, mlp:256*8, mlp:100x100:tanh, cnn, cnn:6,16/120,84")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="neurosal", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model with one rule")
+    p.add_argument("--rule", default="bp")
+    p.add_argument("--rule-options", default=None, help="e.g. 'rank=10' (see 'neurosal list')")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.json, curves.png)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train each rule on the same data and print one table")
+    p.add_argument("--rules", default="bp,fa,usf,dfa,drtp,ldef")
+    p.add_argument("--rule-options", default=None)
+    p.add_argument("--out", default="runs/compare")
+    _common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("list", help="rules, datasets and model specs")
+    p.set_defaults(func=cmd_list)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NeurosalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished checkpoints are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The rule engine: forward pass, teaching signals from a rule, local updates by each layer's substrate.
+
+Non-BP rules run the forward pass under ``torch.no_grad()``: no autograd graph is built. Each block
+keeps only what its local update needs -- its input ``x`` and the smallest state that differentiates
+its parameter-free tail (a boolean mask for ReLU). The rule then yields teaching signals top-down and
+each is consumed at once by the layer's substrate, so signals never pile up.
+
+Memory modes for direct rules (dfa, drtp, sal):
+
+* ``"cache"`` (default): cache every block's input during the forward pass, then update.
+* ``"recompute"``: forward once without caching to get the error, then recompute the forward pass
+  block by block and update each block as it goes. Only one block's activations are alive at a
+  time, for the same FLOPs as BP (DFA skips BP's input-gradient matmuls).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import NeurosalError
+from .layers import apply_local_update, output_error, post_kind, post_state, post_vjp
+from .models import Net
+
+MEMORY_MODES = ("cache", "recompute")
+
+
+@dataclass
+class LayerCache:
+    op: nn.Module
+    post: nn.Module
+    kind: str
+    x: torch.Tensor  # the block's input
+    a_shape: torch.Size
+    state: Any  # what post_vjp needs (mask / output / pre-activation)
+    ctx: Any = None  # what the op itself reported (e.g. the area each sample was routed to)
+
+    def delta_from_output(self, g: torch.Tensor) -> torch.Tensor:
+        """Teaching signal on the pre-activation from a signal on the block's output."""
+        return post_vjp(self.kind, self.post, self.state, g, self.a_shape)
+
+
+def run_op(op: nn.Module, h: torch.Tensor):
+    """The op's output and its context (layers with routing report it via ``forward_ctx``)."""
+    fwd = getattr(op, "forward_ctx", None)
+    if fwd is not None:
+        return fwd(h)
+    return op(h), None
+
+
+def block_step(blk, h: torch.Tensor):
+    a, ctx = run_op(blk.op, h)
+    out = blk.post(a)
+    kind = post_kind(blk.post)
+    return out, LayerCache(blk.op, blk.post, kind, h, a.shape, post_state(kind, a, out), ctx)
+
+
+@torch.no_grad()
+def forward_cached(net: Net, x: torch.Tensor):
+    h = net.stem(x)
+    cache = []
+    for blk in net.blocks:
+        h, entry = block_step(blk, h)
+        cache.append(entry)
+    return h, cache
+
+
+@torch.no_grad()
+def block_output_shapes(net: Net, input_shape) -> list[tuple[int, ...]]:
+    p = next(net.parameters())
+    h = net.stem(torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype))
+    shapes = []
+    for blk in net.blocks:
+        h = blk(h)
+        shapes.append(tuple(h.shape[1:]))
+    return shapes
+
+
+def _onehot(y: torch.Tensor, n: int, dtype) -> torch.Tensor:
+    return F.one_hot(y, n).to(dtype)
+
+
+def _check_finite(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise NeurosalError("training diverged: the loss is NaN/Inf (lower the learning rate)")
+
+
+def train_step(net: Net, rule, x: torch.Tensor, y: torch.Tensor, n_classes: int,
+               memory: str = "cache"):
+    """Fill ``.grad`` of the net (and of the rule's learned feedback) for one batch.
+
+    Returns ``(loss, logits)``; the caller zeroes grads before and steps the optimiser after.
+    """
+    if rule.autograd:
+        logits = net(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        return loss.detach(), logits.detach()
+    if memory not in MEMORY_MODES:
+        raise NeurosalError(f"unknown memory mode {memory!r}; use one of {MEMORY_MODES}")
+    if memory == "recompute" and rule.direct:
+        return _direct_recompute_step(net, rule, x, y, n_classes)
+    logits, cache = forward_cached(net, x)
+    with torch.no_grad():
+        loss, e = output_error(logits, y)
+        target = _onehot(y, n_classes, e.dtype)
+        for l, delta in rule.teach(net, cache, e, target):
+            entry = cache[l]
+            apply_local_update(entry.op, entry.x, delta, entry.ctx)
+            if l + 1 < len(cache):
+                cache[l + 1] = None  # the block above has served its feedback: free its input
+    return loss, logits
+
+
+@torch.no_grad()
+def _direct_recompute_step(net, rule, x, y, n_classes):
+    logits = net(x)
+    loss, e = output_error(logits, y)
+    target = _onehot(y, n_classes, e.dtype)
+    h = net.stem(x)
+    last = len(net.blocks) - 1
+    for l, blk in enumerate(net.blocks):
+        out, entry = block_step(blk, h)
+        g = e if l == last else rule.signal(l, e, target)
+        apply_local_update(entry.op, entry.x, entry.delta_from_output(g), entry.ctx)
+        h = out
+    return loss, logits
+
+
+def _angle(u: torch.Tensor, v: torch.Tensor) -> float:
+    nu, nv = u.norm(), v.norm()
+    if nu == 0 or nv == 0:
+        return float("nan")
+    c = torch.clamp((u * v).sum() / (nu * nv), -1.0, 1.0)
+    return math.degrees(math.acos(float(c)))
+
+
+@torch.no_grad()
+def alignment(net: Net, rule, reference, x: torch.Tensor, y: torch.Tensor, n_classes: int) -> list[float]:
+    """Per layer, the angle (degrees) between the rule's teaching signal and backprop's, on one batch.
+
+    Read-only: nothing is updated (learned-feedback rules get their factor grads cleared again).
+    """
+    logits, cache = forward_cached(net, x)
+    _, e = output_error(logits, y)
+    target = _onehot(y, n_classes, e.dtype)
+    ours = dict(rule.teach(net, cache, e, target))
+    for p in rule.parameters():
+        p.grad = None
+    truth = dict(reference.teach(net, cache, e, target))
+    return [_angle(ours[l], truth[l]) for l in range(len(cache))]

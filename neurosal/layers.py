@@ -1,0 +1,144 @@
+"""Per-layer local computations for the float substrate (``nn.Linear`` and ``nn.Conv2d``).
+
+Two operations are all a learning rule needs from a parametrised layer:
+
+* :func:`weight_update` -- the local plasticity: given the layer's input ``x`` and its teaching signal
+  ``delta`` (dL/da for the layer's pre-activation ``a``), the weight and bias change
+  ``dW = delta^T x`` (for conv: the correlation of delta with x), ``db = sum(delta)``.
+* :func:`feedback` -- carry a teaching signal down through a feedback matrix shaped like the layer's
+  weight: with ``B = W`` it is exactly backprop's ``W^T delta`` (conv: the transposed convolution).
+
+A *substrate* turns the rule's teaching signal into a weight change. The float substrate writes
+:func:`weight_update`'s result into ``.grad`` so that any ``torch.optim`` optimiser steps it. A layer
+that defines ``local_update(x, delta, ctx)`` (analog crossbar, area-partitioned layer, ...) overrides
+that: :func:`apply_local_update` dispatches to it, and no rule needs to know.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import NeurosalError
+
+PARAM_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def _conv_args(op: nn.Conv2d):
+    if op.padding_mode != "zeros" or isinstance(op.padding, str):
+        raise NeurosalError("Conv2d feedback needs numeric zero padding (padding_mode='zeros')")
+    return dict(stride=op.stride, padding=op.padding, dilation=op.dilation, groups=op.groups)
+
+
+def weight_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor):
+    """(dW, db) for teaching signal ``delta`` on the output of ``op`` given its input ``x``."""
+    if isinstance(op, nn.Linear):
+        x2 = x.reshape(-1, x.shape[-1])
+        d2 = delta.reshape(-1, delta.shape[-1])
+        dw = d2.t() @ x2
+        db = d2.sum(0) if op.bias is not None else None
+        return dw, db
+    if isinstance(op, nn.Conv2d):
+        dw = torch.nn.grad.conv2d_weight(x, op.weight.shape, delta, **_conv_args(op))
+        db = delta.sum((0, 2, 3)) if op.bias is not None else None
+        return dw, db
+    raise NeurosalError(f"no local update defined for layer type {type(op).__name__}")
+
+
+def feedback(op: nn.Module, delta: torch.Tensor, weight: torch.Tensor, input_shape, ctx=None) -> torch.Tensor:
+    """Signal on the input of ``op``: ``delta`` carried through ``weight`` (shaped like op.weight).
+
+    Layers with per-sample structure (area-partitioned layers) define ``feedback_input``.
+    """
+    custom = getattr(op, "feedback_input", None)
+    if custom is not None:
+        return custom(delta, weight, ctx)
+    if isinstance(op, nn.Linear):
+        return delta @ weight
+    if isinstance(op, nn.Conv2d):
+        return torch.nn.grad.conv2d_input(tuple(input_shape), weight, delta, **_conv_args(op))
+    raise NeurosalError(f"no feedback pathway defined for layer type {type(op).__name__}")
+
+
+def _accumulate(p: torch.Tensor | None, g: torch.Tensor | None) -> None:
+    if p is None or g is None:
+        return
+    g = g.to(p.dtype)
+    if p.grad is None:
+        p.grad = g.detach()  # a fresh tensor from weight_update: no copy needed
+    else:
+        p.grad.add_(g)
+
+
+def apply_local_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor, ctx=None) -> None:
+    """Let the layer's substrate turn a teaching signal into a weight change (into ``.grad``)."""
+    custom = getattr(op, "local_update", None)
+    if custom is not None:
+        custom(x, delta, ctx)
+        return
+    dw, db = weight_update(op, x, delta)
+    _accumulate(op.weight, dw)
+    _accumulate(op.bias, db)
+
+
+# ----------------------------------------------------------------------------- non-parametric "post" ops
+
+ELEMENTWISE = {
+    nn.ReLU: "relu",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+    nn.Identity: "identity",
+}
+
+
+def post_kind(post: nn.Module) -> str:
+    """How a block's non-parametric tail is differentiated: a fast path or generic autograd."""
+    mods = [m for m in (post if isinstance(post, nn.Sequential) else [post])
+            if not isinstance(m, nn.Identity)]
+    if not mods:
+        return "identity"
+    if len(mods) == 1 and type(mods[0]) in ELEMENTWISE:
+        return ELEMENTWISE[type(mods[0])]
+    for m in post.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            raise NeurosalError(f"{type(m).__name__} in a block's tail has parameters; "
+                                "only parametric Linear/Conv2d layers may learn")
+    return "generic"
+
+
+def post_state(kind: str, a: torch.Tensor, h: torch.Tensor):
+    """What to keep from the forward pass to differentiate the tail later (as little as possible)."""
+    if kind == "identity":
+        return None
+    if kind == "relu":
+        return a > 0  # one byte per unit instead of a float
+    if kind in ("tanh", "sigmoid"):
+        return h
+    return a
+
+
+def post_vjp(kind: str, post: nn.Module, state, g: torch.Tensor, a_shape) -> torch.Tensor:
+    """Teaching signal on the pre-activation from a signal ``g`` on the block's output."""
+    if kind == "identity":
+        return g.reshape(a_shape)
+    if kind == "relu":
+        return g.reshape(a_shape) * state
+    if kind == "tanh":
+        return g.reshape(a_shape) * (1 - state * state)
+    if kind == "sigmoid":
+        return g.reshape(a_shape) * state * (1 - state)
+    with torch.enable_grad():  # a tiny local graph over a parameter-free op, freed at once
+        a = state.detach().requires_grad_(True)
+        out = post(a)
+        (da,) = torch.autograd.grad(out, a, g.reshape(out.shape))
+    return da
+
+
+def output_error(logits: torch.Tensor, target: torch.Tensor):
+    """Mean cross-entropy and its gradient e = dL/dlogits = (softmax - onehot) / batch."""
+    logp = F.log_softmax(logits, dim=1)
+    loss = F.nll_loss(logp, target)
+    e = logp.exp()
+    e[torch.arange(len(target), device=target.device), target] -= 1.0
+    return loss, e / len(target)

@@ -1,0 +1,141 @@
+"""Models as a stack of blocks: one parametrised layer (``op``) followed by a parameter-free tail (``post``).
+
+That shape is what lets every rule work on every model: a rule sends a teaching signal to the output
+of each block; the block's tail is differentiated locally (no weight transport involved) and the op's
+substrate turns the signal into a weight change.
+
+Spec strings::
+
+    mlp:256x256          two hidden layers of 256 (ReLU)
+    mlp:256*8            eight hidden layers of 256
+    mlp:100x100:tanh     activation: relu (default), tanh, sigmoid
+    cnn  / cnn:lenet     LeNet-like: conv(6,5x5)-pool-conv(16,5x5)-pool-fc120-fc84
+    cnn:32,64/128        conv channels / fully connected widths (5x5 'same' convs, 2x2 max-pool)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import NeurosalError
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+class Block(nn.Module):
+    def __init__(self, op: nn.Module, post: nn.Module | None = None):
+        super().__init__()
+        self.op = op
+        self.post = post if post is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.post(self.op(x))
+
+
+class Net(nn.Module):
+    """``stem`` (parameter-free reshaping) then blocks; the last block's output is the logits."""
+
+    def __init__(self, stem: nn.Module, blocks: list[Block], spec: str = ""):
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.ModuleList(blocks)
+        self.spec = spec
+
+    def forward(self, x):
+        h = self.stem(x)
+        for blk in self.blocks:
+            h = blk(h)
+        return h
+
+
+@dataclass
+class ModelSpec:
+    kind: str
+    hidden: list[int]
+    conv: list[int]
+    activation: str
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    parts = spec.strip().lower().split(":")
+    kind = parts[0]
+    if kind not in ("mlp", "cnn"):
+        raise NeurosalError(f"unknown model {spec!r}: use mlp:WxW..., mlp:W*DEPTH or cnn[:C,C/F,F]")
+    act = "relu"
+    if len(parts) > 2:
+        act = parts[2]
+    if act not in ACTIVATIONS:
+        raise NeurosalError(f"unknown activation {act!r} in {spec!r}; known: {', '.join(ACTIVATIONS)}")
+    body = parts[1] if len(parts) > 1 else ("lenet" if kind == "cnn" else "")
+    try:
+        if kind == "mlp":
+            if not body:
+                raise ValueError
+            if "*" in body:
+                w, d = body.split("*")
+                hidden, conv = [int(w)] * int(d), []
+            else:
+                hidden, conv = [int(w) for w in body.split("x")], []
+        else:
+            if body == "lenet":
+                body = "6,16/120,84"
+            c, _, f = body.partition("/")
+            conv = [int(v) for v in c.split(",") if v]
+            hidden = [int(v) for v in f.split(",") if v]
+    except ValueError:
+        raise NeurosalError(f"cannot parse model spec {spec!r}") from None
+    if any(v <= 0 for v in hidden + conv):
+        raise NeurosalError(f"model {spec!r}: layer sizes must be positive")
+    return ModelSpec(kind, hidden, conv, act)
+
+
+def build_model(spec: str, input_shape: tuple[int, ...], n_classes: int,
+                linear: Callable[[int, int], nn.Module] = nn.Linear) -> Net:
+    """Build a model; ``linear(n_in, n_out)`` makes each *hidden* fully connected layer.
+
+    The factory is how area-partitioned layers (SAL) or other layer kinds slot in; the output layer is
+    always a plain ``nn.Linear``.
+    """
+    s = parse_spec(spec)
+    act = ACTIVATIONS[s.activation]
+    blocks: list[Block] = []
+    if s.kind == "mlp":
+        stem: nn.Module = nn.Flatten()
+        n_in = 1
+        for d in input_shape:
+            n_in *= d
+    else:
+        if len(input_shape) != 3:
+            raise NeurosalError(f"model {spec!r} needs image inputs (C, H, W); data has shape {input_shape}")
+        stem = nn.Identity()
+        c, hgt, wid = input_shape
+        for ch in s.conv:
+            tail: list[nn.Module] = [act()]
+            if min(hgt, wid) >= 2:
+                tail.append(nn.MaxPool2d(2))
+                hgt, wid = hgt // 2, wid // 2
+            blocks.append(Block(nn.Conv2d(c, ch, 5, padding=2), nn.Sequential(*tail)))
+            c = ch
+        n_in = c * hgt * wid
+        if blocks:
+            blocks[-1].post.append(nn.Flatten())
+        else:
+            stem = nn.Flatten()
+    for width in s.hidden:
+        blocks.append(Block(linear(n_in, width), act()))
+        n_in = width
+    blocks.append(Block(nn.Linear(n_in, n_classes)))
+    return Net(stem, blocks, spec)
+
+
+def layer_names(net: Net) -> list[str]:
+    return [f"{i}:{type(b.op).__name__}" for i, b in enumerate(net.blocks)]
+
+
+def check_input(net: Net, x: torch.Tensor, input_shape: tuple[int, ...]) -> None:
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise NeurosalError(f"input has per-sample shape {tuple(x.shape[1:])}, model expects {input_shape}")

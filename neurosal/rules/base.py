@@ -1,0 +1,118 @@
+"""The learning-rule interface and the registry that selects a rule by name.
+
+A rule decides the *teaching signal* ``delta_l`` (dL/da_l as the rule estimates it) that each layer
+receives. It never touches weights itself: the engine hands each ``delta_l`` to the layer's substrate
+(:func:`neurosal.layers.apply_local_update`), which turns it into a weight change. Rules that learn
+their own feedback pathway (ldef) hold those parameters and set their ``.grad``.
+
+Two families:
+
+* layerwise rules (bp, fa, usf, ldef) carry the signal down block by block through a feedback
+  matrix shaped like the forward weight: :meth:`LayerwiseRule.feedback_weight`.
+* direct rules (dfa, drtp, sal) project a global signal (error or target) straight to every hidden
+  layer: :meth:`DirectRule.signal`. Their layers are independent, which the engine exploits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from ..errors import NeurosalError
+
+REGISTRY: dict[str, type["Rule"]] = {}
+
+
+def register(cls):
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclasses.dataclass
+class RuleConfig:
+    """Options every rule accepts (subclasses add their own fields)."""
+
+
+class Rule(nn.Module):
+    """Base class. Feedback matrices are buffers, so they checkpoint and move with ``.to(device)``."""
+
+    name = "?"
+    summary = ""
+    Config = RuleConfig
+    #: trains with torch.autograd on the whole graph (the BP baseline) instead of teaching signals
+    autograd = False
+    #: every hidden layer's signal depends only on the output error/target (DFA family)
+    direct = False
+
+    def __init__(self, config: RuleConfig | None = None):
+        super().__init__()
+        self.config = config if config is not None else self.Config()
+
+    def hidden_layer(self, n_in: int, n_out: int) -> nn.Module:
+        """The layer used for hidden fully connected blocks (SAL overrides: area-partitioned)."""
+        return nn.Linear(n_in, n_out)
+
+    def setup(self, net, out_shapes: list[tuple[int, ...]], n_classes: int, generator: torch.Generator):
+        """Create feedback state for ``net``; ``out_shapes[l]`` is block l's per-sample output shape."""
+
+    def teach(self, net, cache, e: torch.Tensor, target: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(l, delta_l)`` from the top layer down. ``e`` = dL/dlogits, ``target`` one-hot."""
+        raise NotImplementedError
+
+    def after_step(self, net) -> None:
+        """Called after the optimiser step (hook for rules with per-step bookkeeping)."""
+
+    def epoch_stats(self, net) -> dict:
+        """Extra per-epoch metrics for metrics.json (e.g. SAL's area usage); default none."""
+        return {}
+
+    def describe(self) -> dict:
+        return {"rule": self.name, **dataclasses.asdict(self.config)}
+
+
+def make_rule(name: str, **options) -> Rule:
+    """Build a registered rule; ``options`` fill its config dataclass (unknown keys are refused)."""
+    key = name.lower()
+    if key not in REGISTRY:
+        raise NeurosalError(f"unknown rule {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[key]
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    unknown = set(options) - set(fields)
+    if unknown:
+        raise NeurosalError(f"rule {key!r} has no option(s) {sorted(unknown)}; options: {sorted(fields) or 'none'}")
+    try:
+        config = cls.Config(**options)
+    except (TypeError, ValueError) as exc:
+        raise NeurosalError(f"bad options for rule {key!r}: {exc}") from exc
+    return cls(config)
+
+
+def parse_options(text: str | None) -> dict:
+    """``"rank=10,areas=4"`` -> ``{"rank": 10, "areas": 4}`` (ints, floats, bools, strings)."""
+    out: dict = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        if "=" not in item:
+            raise NeurosalError(f"rule option {item!r} is not key=value")
+        k, v = (s.strip() for s in item.split("=", 1))
+        for conv in (int, float):
+            try:
+                out[k] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return out
+
+
+def gaussian(shape, std: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator) * std
+
+
+def uniform(shape, bound: float, generator: torch.Generator) -> torch.Tensor:
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound

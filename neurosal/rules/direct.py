@@ -1,0 +1,83 @@
+"""Rules that project a global signal straight to every hidden layer: dfa and drtp.
+
+``delta_l = post_l'(a_l) * (s B_l)`` where ``s`` is the output error ``e`` (DFA, Nokland 2016) or the
+negated one-hot target ``-y*`` (DRTP, Frenkel et al. 2021; the sign makes its updates agree with DFA's
+when the output is still near zero). The output layer always learns from its own error ``e``.
+
+All hidden layers' ``B_l`` are column blocks of one matrix ``B`` (n_classes x sum of layer sizes), so
+the projections for all layers are one matmul (Launay et al. 2020) -- or, in the engine's low-memory
+mode, one slice at a time while the forward pass is recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..errors import NeurosalError
+from .base import Rule, RuleConfig, gaussian, register, uniform
+
+
+@dataclasses.dataclass
+class DirectConfig(RuleConfig):
+    #: "gaussian" N(0, scale^2/n_classes) or "uniform" with the same variance
+    init: str = "gaussian"
+    scale: float = 1.0
+
+
+class DirectRule(Rule):
+    direct = True
+    Config = DirectConfig
+
+    def setup(self, net, out_shapes, n_classes, generator):
+        if self.config.init not in ("gaussian", "uniform"):
+            raise NeurosalError(f"{self.name}: init must be 'gaussian' or 'uniform'")
+        sizes = [math.prod(s) for s in out_shapes[:-1]]
+        self.offsets = [0]
+        for n in sizes:
+            self.offsets.append(self.offsets[-1] + n)
+        std = self.config.scale / math.sqrt(n_classes)
+        shape = (n_classes, self.offsets[-1])
+        b = gaussian(shape, std, generator) if self.config.init == "gaussian" else uniform(
+            shape, std * math.sqrt(3), generator)
+        p = next(net.parameters())
+        self.register_buffer("B", b.to(p.device, p.dtype))
+
+    def source(self, e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def feedback_slice(self, l: int) -> torch.Tensor:
+        return self.B[:, self.offsets[l]:self.offsets[l + 1]]
+
+    def signal(self, l: int, e, target) -> torch.Tensor:
+        """The signal on hidden block ``l``'s output alone (low-memory path)."""
+        return self.source(e, target) @ self.feedback_slice(l)
+
+    def teach(self, net, cache, e, target):
+        last = len(cache) - 1
+        yield last, cache[last].delta_from_output(e)
+        if last == 0:
+            return
+        g_all = self.source(e, target) @ self.B  # every hidden layer's projection in one matmul
+        for l in range(last - 1, -1, -1):
+            yield l, cache[l].delta_from_output(g_all[:, self.offsets[l]:self.offsets[l + 1]])
+
+
+@register
+class DFA(DirectRule):
+    name = "dfa"
+    summary = "direct feedback alignment: output error projected to every layer"
+
+    def source(self, e, target):
+        return e
+
+
+@register
+class DRTP(DirectRule):
+    name = "drtp"
+    summary = "direct random target projection: the one-hot target, no error"
+
+    def source(self, e, target):
+        return -target / len(target)  # same 1/batch scale as the mean-loss error e

@@ -1,0 +1,263 @@
+"""Training runs: seeded, checkpointed each epoch (atomically), resumable bit for bit.
+
+A run directory holds ``config.json``, ``metrics.json`` (per epoch: train loss/accuracy, test
+loss/accuracy, step time, and on request the per-layer alignment angles), ``curves.png`` and
+``ckpt-epoch-NNNN.pt`` files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .data import Dataset, load_dataset
+from .engine import MEMORY_MODES, alignment, block_output_shapes, train_step
+from .errors import NeurosalError
+from .models import Net, build_model
+from .rules import make_rule
+from .rules.base import Rule
+
+
+@dataclass
+class TrainConfig:
+    rule: str = "bp"
+    rule_options: dict = field(default_factory=dict)
+    model: str = "mlp:256x256"
+    data: str = "digits"
+    data_root: str | None = None
+    limit: int | None = None  # keep only the first N training samples
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: str = "Adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # used by optimisers that take it (SGD, RMSprop)
+    weight_decay: float = 0.0
+    seed: int = 0
+    accel: str = "auto"  # torch device: auto, cpu, cuda, cuda:1, ...
+    memory: str = "cache"  # direct rules: "cache" or "recompute" (low memory)
+    alignment: bool = False  # log per-layer angle to the BP signal each epoch
+    keep_checkpoints: int = 3
+    progress: bool = True
+
+    # fields that may change between a run and its resumption
+    RESUMABLE_CHANGES = ("epochs", "progress", "keep_checkpoints", "alignment", "accel")
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise NeurosalError("epochs must be >= 1")
+        if self.batch_size < 1:
+            raise NeurosalError("batch size must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise NeurosalError(f"learning rate must be a positive number, got {self.lr}")
+        if self.memory not in MEMORY_MODES:
+            raise NeurosalError(f"unknown memory mode {self.memory!r}; use one of {MEMORY_MODES}")
+
+
+def resolve_device(accel: str) -> torch.device:
+    if accel == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(accel)
+    except RuntimeError as exc:
+        raise NeurosalError(f"unknown accelerator {accel!r}: use auto, cpu or cuda[:N]") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NeurosalError("--accel cuda asked for, but torch sees no CUDA device")
+    return dev
+
+
+def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float):
+    table = {k.lower(): v for k, v in vars(torch.optim).items()
+             if inspect.isclass(v) and issubclass(v, torch.optim.Optimizer) and v is not torch.optim.Optimizer}
+    cls = table.get(name.lower())
+    if cls is None:
+        raise NeurosalError(f"unknown optimiser {name!r}; any torch.optim class, e.g. SGD, Adam, AdamW")
+    sig = inspect.signature(cls.__init__).parameters
+    kw = {"lr": lr}
+    if "weight_decay" in sig:
+        kw["weight_decay"] = weight_decay
+    if "momentum" in sig:
+        kw["momentum"] = momentum
+    return cls(params, **kw)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(net: Net, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> tuple[float, float]:
+    net.eval()
+    total_loss, correct = 0.0, 0
+    for i in range(0, len(x), batch):
+        logits = net(x[i:i + batch])
+        total_loss += float(torch.nn.functional.cross_entropy(logits, y[i:i + batch], reduction="sum"))
+        correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+    net.train()
+    return total_loss / len(x), correct / len(x)
+
+
+class Trainer:
+    """Builds data, model, rule and optimiser from a :class:`TrainConfig`, then :meth:`fit` runs it."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path | None, dataset: Dataset | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.device = resolve_device(cfg.accel)
+        ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.data_root, cfg.limit)
+        self.data = ds.to(self.device)
+        torch.manual_seed(cfg.seed)
+        self.rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
+        self.net = build_model(cfg.model, ds.input_shape, ds.n_classes, self.rule.hidden_layer).to(self.device)
+        gen = torch.Generator().manual_seed(cfg.seed + 7919)
+        self.rule.setup(self.net, block_output_shapes(self.net, ds.input_shape), ds.n_classes, gen)
+        self.rule.to(self.device)
+        params = list(self.net.parameters()) + [p for p in self.rule.parameters() if p.numel()]
+        self.opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay)
+        self.reference = make_rule("bp") if cfg.alignment and cfg.rule != "bp" else None
+        self.history: list[dict] = []
+        self.epoch = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return {
+            "format": "neurosal-ckpt-1",
+            "config": dataclasses.asdict(self.cfg),
+            "epoch": self.epoch,
+            "input_shape": list(self.data.input_shape),
+            "n_classes": self.data.n_classes,
+            "net": self.net.state_dict(),
+            "rule": self.rule.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "history": self.history,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def restore(self, path: Path) -> None:
+        st = checkpoint.load(path)
+        old = st["config"]
+        now = dataclasses.asdict(self.cfg)
+        diff = [k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != now[k]]
+        if diff:
+            raise NeurosalError(f"cannot resume {path}: settings differ from the checkpoint's: "
+                                + ", ".join(f"{k} ({old.get(k)!r} -> {now[k]!r})" for k in diff))
+        try:
+            self.net.load_state_dict(st["net"])
+            self.rule.load_state_dict(st["rule"])
+            self.opt.load_state_dict(st["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise NeurosalError(f"checkpoint {path} does not fit this model: {exc}") from exc
+        torch.set_rng_state(st["torch_rng"])
+        self.epoch = int(st["epoch"])
+        self.history = list(st["history"])
+
+    # ------------------------------------------------------------------ the loop
+    def _batches(self, epoch: int):
+        n = len(self.data.x_train)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g).to(self.device)
+        bs = self.cfg.batch_size
+        return [perm[i:i + bs] for i in range(0, n, bs)]
+
+    def train_epoch(self, epoch: int) -> dict:
+        from tqdm.auto import tqdm
+
+        d, cfg = self.data, self.cfg
+        batches = self._batches(epoch)
+        rec: dict = {"epoch": epoch}
+        if self.reference is not None:
+            idx = batches[0]
+            rec["alignment_deg"] = alignment(self.net, self.rule, self.reference,
+                                             d.x_train[idx], d.y_train[idx], d.n_classes)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        step_times = []
+        bar = tqdm(batches, desc=f"{cfg.rule} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress,
+                   leave=False, unit="batch")
+        t_epoch = time.perf_counter()
+        for idx in bar:
+            xb, yb = d.x_train[idx], d.y_train[idx]
+            t0 = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            loss, logits = train_step(self.net, self.rule, xb, yb, d.n_classes, cfg.memory)
+            self.opt.step()
+            self.rule.after_step(self.net)
+            _sync(self.device)
+            step_times.append(time.perf_counter() - t0)
+            loss_sum += loss * len(idx)
+            correct += (logits.argmax(1) == yb).sum()
+            if len(step_times) % 50 == 0:
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+        train_loss = float(loss_sum) / len(d.x_train)
+        if not math.isfinite(train_loss):
+            raise NeurosalError(f"training diverged in epoch {epoch}: the loss is NaN/Inf "
+                                "(try a lower learning rate); earlier checkpoints are intact")
+        test_loss, test_acc = evaluate(self.net, d.x_test, d.y_test)
+        times = sorted(step_times)
+        rec.update(train_loss=train_loss, train_acc=int(correct) / len(d.x_train),
+                   test_loss=test_loss, test_acc=test_acc,
+                   step_time_ms=1000 * times[len(times) // 2],
+                   epoch_time_s=time.perf_counter() - t_epoch)
+        rec.update(self.rule.epoch_stats(self.net))
+        return rec
+
+    def fit(self, resume: bool = False) -> dict:
+        if resume:
+            if self.out is None:
+                raise NeurosalError("--resume needs an output folder")
+            last = checkpoint.latest(self.out)
+            if last is None:
+                raise NeurosalError(f"nothing to resume: no checkpoint in {self.out}")
+            self.restore(last)
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write_text(self.out / "config.json",
+                                         json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
+            rec = self.train_epoch(epoch)
+            self.history.append(rec)
+            self.epoch = epoch
+            if self.out is not None:
+                checkpoint.save(checkpoint.epoch_path(self.out, epoch), self.state())
+                checkpoint.prune(self.out, self.cfg.keep_checkpoints)
+                self.write_metrics()
+            if self.cfg.progress:
+                print(f"[{self.cfg.rule}] epoch {epoch}: loss {rec['train_loss']:.4f} "
+                      f"test acc {100 * rec['test_acc']:.2f}% step {rec['step_time_ms']:.2f} ms", flush=True)
+        return self.summary()
+
+    def summary(self) -> dict:
+        return {"config": dataclasses.asdict(self.cfg), "device": str(self.device),
+                "n_params": sum(p.numel() for p in self.net.parameters()), "epochs": self.history}
+
+    def write_metrics(self) -> None:
+        from .report import plot_curves
+
+        checkpoint.atomic_write_text(self.out / "metrics.json", json.dumps(self.summary(), indent=2))
+        plot_curves({self.cfg.rule: self.history}, self.out / "curves.png",
+                    title=f"{self.cfg.rule} | {self.cfg.model} | {self.cfg.data}")
+
+
+def load_run(run_dir: str | Path, accel: str = "cpu"):
+    """Rebuild ``(net, rule, config, checkpoint)`` from a run folder's latest checkpoint (for export)."""
+    run_dir = Path(run_dir)
+    path = run_dir if run_dir.is_file() else checkpoint.latest(run_dir)
+    if path is None:
+        raise NeurosalError(f"no checkpoint in {run_dir}")
+    st = checkpoint.load(path)
+    cfg = TrainConfig(**{k: v for k, v in st["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    device = resolve_device(accel)
+    rule = make_rule(cfg.rule, **cfg.rule_options)
+    shape = tuple(st["input_shape"])
+    net = build_model(cfg.model, shape, st["n_classes"], rule.hidden_layer)
+    net.load_state_dict(st["net"])
+    return net.to(device).eval(), rule, cfg, st
