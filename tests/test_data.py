@@ -1,0 +1,84 @@
+"""Offline datasets and the loaders for files a user points to."""
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from neurosal.data import FASHION_MNIST_DIR, load_dataset, read_idx
+from neurosal.errors import NeurosalError
+
+
+def write_idx(path, arr, gz=False):
+    codes = {np.uint8: 0x08, np.float32: 0x0D}
+    header = bytes([0, 0, codes[arr.dtype.type], arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    raw = header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(raw)
+
+
+def test_idx_round_trip_and_truncation(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.idx", arr)
+    write_idx(tmp_path / "b.idx.gz", arr.astype(np.float32), gz=True)
+    assert np.array_equal(read_idx(tmp_path / "a.idx"), arr)
+    assert np.array_equal(read_idx(tmp_path / "b.idx.gz"), arr.astype(np.float32))
+    (tmp_path / "c.idx").write_bytes((tmp_path / "a.idx").read_bytes()[:-5])
+    with pytest.raises(NeurosalError, match="truncated"):
+        read_idx(tmp_path / "c.idx")
+
+
+def test_mnist_folder_of_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 30), ("t10k", 10)):
+        write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz=True)
+        write_idx(tmp_path / f"{stem}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
+    ds = load_dataset("mnist", root=str(tmp_path))
+    assert ds.x_train.shape == (30, 1, 28, 28) and ds.x_test.shape == (10, 1, 28, 28)
+    assert float(ds.x_train.max()) <= 1.0 and ds.n_classes == 10
+
+
+def test_cifar10_binary_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}.bin", 4) for i in range(1, 6)] + [("test_batch.bin", 3)]:
+        rec = np.concatenate([rng.integers(0, 10, (n, 1)), rng.integers(0, 256, (n, 3072))], 1)
+        rec.astype(np.uint8).tofile(tmp_path / name)
+    ds = load_dataset("cifar10", root=str(tmp_path))
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (3, 3, 32, 32)
+    os.truncate(tmp_path / "test_batch.bin", 3073 * 2 + 7)
+    with pytest.raises(NeurosalError, match="truncated"):
+        load_dataset("cifar10", root=str(tmp_path))
+
+
+def test_csv_with_header(tmp_path):
+    rows = ["a,b,label"] + [f"{i},{i * 2},{i % 2}" for i in range(20)]
+    (tmp_path / "t.csv").write_text("\n".join(rows))
+    ds = load_dataset(str(tmp_path / "t.csv"))
+    assert ds.x_train.shape[1:] == (2,) and len(ds.x_train) + len(ds.x_test) == 20 and ds.n_classes == 2
+
+
+@pytest.mark.parametrize("name,shape,n_train", [("digits", (1, 8, 8), 1258), ("iris", (4,), 105),
+                                                ("wine", (13,), 125), ("breast-cancer", (30,), 398),
+                                                ("mnist1d", (40,), 4000), ("mnist-5k", (1, 28, 28), 4000)])
+def test_offline_datasets(name, shape, n_train):
+    ds = load_dataset(name)
+    assert ds.input_shape == shape and len(ds.x_train) == n_train
+    assert set(ds.y_train.unique().tolist()) == set(range(ds.n_classes))
+
+
+def test_split_does_not_depend_on_anything_but_the_data():
+    a, b = load_dataset("digits"), load_dataset("digits")
+    assert np.array_equal(a.x_test.numpy(), b.x_test.numpy())
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
+                    reason="Debian package dataset-fashion-mnist not installed (make setup installs it)")
+def test_fashion_mnist_from_debian_package():
+    ds = load_dataset("fashion-mnist")
+    assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
+    with pytest.raises(NeurosalError, match="apt-get install -y dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", root=str(tmp_path / "nowhere"))
