@@ -46,14 +46,13 @@ def worker(job: dict) -> dict:
     import torch
 
     from neurosal.engine import block_output_shapes, train_step
-    from neurosal.models import build_model
     from neurosal.rules import make_rule
 
     torch.manual_seed(0)
     dev = torch.device(job["device"])
     shape, n_classes = tuple(job["input_shape"]), 10
     rule = make_rule(job["rule"])
-    net = build_model(job["model"], shape, n_classes, rule.hidden_layer).to(dev)
+    net = rule.build(job["model"], shape, n_classes).to(dev)
     rule.setup(net, block_output_shapes(net, shape), n_classes, torch.Generator().manual_seed(1))
     rule.to(dev)
     params = list(net.parameters()) + [p for p in rule.parameters() if p.numel()]

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import NeurosalError
-from .layers import apply_local_update, output_error, post_kind, post_state, post_vjp
+from .layers import apply_local_update, output_error, post_state, post_vjp
 from .models import Net
 
 MEMORY_MODES = ("cache", "recompute")
@@ -56,7 +56,7 @@ def run_op(op: nn.Module, h: torch.Tensor):
 def block_step(blk, h: torch.Tensor):
     a, ctx = run_op(blk.op, h)
     out = blk.post(a)
-    kind = post_kind(blk.post)
+    kind = blk.post_kind
     return out, LayerCache(blk.op, blk.post, kind, h, a.shape, post_state(kind, a, out), ctx)
 
 
@@ -146,7 +146,10 @@ def alignment(net: Net, rule, reference, x: torch.Tensor, y: torch.Tensor, n_cla
 
     Read-only: nothing is updated (learned-feedback rules get their factor grads cleared again).
     """
+    was_training = net.training
+    net.eval()  # no running statistics (routing centres) move during a read-only probe
     logits, cache = forward_cached(net, x)
+    net.train(was_training)
     _, e = output_error(logits, y)
     target = _onehot(y, n_classes, e.dtype)
     ours = dict(rule.teach(net, cache, e, target))

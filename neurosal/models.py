@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .errors import NeurosalError
+from .layers import post_kind
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -34,6 +35,14 @@ class Block(nn.Module):
 
     def forward(self, x):
         return self.post(self.op(x))
+
+    @property
+    def post_kind(self) -> str:
+        """How the tail is differentiated (see :func:`neurosal.layers.post_kind`), computed once."""
+        kind = self.__dict__.get("_post_kind")
+        if kind is None:
+            kind = self.__dict__["_post_kind"] = post_kind(self.post)
+        return kind
 
 
 class Net(nn.Module):
@@ -94,11 +103,13 @@ def parse_spec(spec: str) -> ModelSpec:
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], n_classes: int,
-                linear: Callable[[int, int], nn.Module] = nn.Linear) -> Net:
-    """Build a model; ``linear(n_in, n_out)`` makes each *hidden* fully connected layer.
+                linear: Callable[[int, int], nn.Module] = nn.Linear,
+                tail: Callable[[nn.Module], nn.Module] = lambda act: act) -> Net:
+    """Build a model; ``linear(n_in, n_out)`` makes each *hidden* fully connected layer and
+    ``tail(activation)`` its parameter-free tail.
 
-    The factory is how area-partitioned layers (SAL) or other layer kinds slot in; the output layer is
-    always a plain ``nn.Linear``.
+    The factories are how area-partitioned layers (SAL) or other layer kinds slot in; the output layer
+    is always a plain ``nn.Linear``.
     """
     s = parse_spec(spec)
     act = ACTIVATIONS[s.activation]
@@ -126,7 +137,7 @@ def build_model(spec: str, input_shape: tuple[int, ...], n_classes: int,
         else:
             stem = nn.Flatten()
     for width in s.hidden:
-        blocks.append(Block(linear(n_in, width), act()))
+        blocks.append(Block(linear(n_in, width), tail(act())))
         n_in = width
     blocks.append(Block(nn.Linear(n_in, n_classes)))
     return Net(stem, blocks, spec)

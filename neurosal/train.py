@@ -21,7 +21,7 @@ from . import checkpoint
 from .data import Dataset, load_dataset
 from .engine import MEMORY_MODES, alignment, block_output_shapes, train_step
 from .errors import NeurosalError
-from .models import Net, build_model
+from .models import Net
 from .rules import make_rule
 from .rules.base import Rule
 
@@ -117,7 +117,7 @@ class Trainer:
         self.data = ds.to(self.device)
         torch.manual_seed(cfg.seed)
         self.rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
-        self.net = build_model(cfg.model, ds.input_shape, ds.n_classes, self.rule.hidden_layer).to(self.device)
+        self.net = self.rule.build(cfg.model, ds.input_shape, ds.n_classes).to(self.device)
         gen = torch.Generator().manual_seed(cfg.seed + 7919)
         self.rule.setup(self.net, block_output_shapes(self.net, ds.input_shape), ds.n_classes, gen)
         self.rule.to(self.device)
@@ -258,6 +258,6 @@ def load_run(run_dir: str | Path, accel: str = "cpu"):
     device = resolve_device(accel)
     rule = make_rule(cfg.rule, **cfg.rule_options)
     shape = tuple(st["input_shape"])
-    net = build_model(cfg.model, shape, st["n_classes"], rule.hidden_layer)
+    net = rule.build(cfg.model, shape, st["n_classes"])
     net.load_state_dict(st["net"])
     return net.to(device).eval(), rule, cfg, st

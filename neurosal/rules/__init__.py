@@ -1,7 +1,7 @@
 """Learning rules, selectable by name: ``make_rule("dfa")``."""
 
 from .base import REGISTRY, Rule, make_rule, parse_options
-from . import direct, layerwise  # noqa: F401  (registers the rules)
+from . import direct, layerwise, sal  # noqa: F401  (registers the rules)
 
 __all__ = ["REGISTRY", "Rule", "make_rule", "parse_options", "rule_names"]
 

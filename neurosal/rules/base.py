@@ -55,6 +55,16 @@ class Rule(nn.Module):
         """The layer used for hidden fully connected blocks (SAL overrides: area-partitioned)."""
         return nn.Linear(n_in, n_out)
 
+    def hidden_tail(self, activation: nn.Module) -> nn.Module:
+        """The parameter-free tail of hidden fully connected blocks (SAL adds RMS scaling)."""
+        return activation
+
+    def build(self, spec: str, input_shape, n_classes: int):
+        """The model ``spec`` with this rule's hidden layers and tails."""
+        from ..models import build_model
+
+        return build_model(spec, input_shape, n_classes, self.hidden_layer, self.hidden_tail)
+
     def setup(self, net, out_shapes: list[tuple[int, ...]], n_classes: int, generator: torch.Generator):
         """Create feedback state for ``net``; ``out_shapes[l]`` is block l's per-sample output shape."""
 

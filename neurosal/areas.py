@@ -1,0 +1,179 @@
+"""Area-partitioned fully connected layer: the parameter structure of SAL (arXiv 2601.21561).
+
+The layer holds K mutually exclusive *areas*, each a full ``(n_out, n_in)`` weight and bias. A sample
+``x`` is routed to exactly one area by *learned-frozen decoupled routing*:
+
+    z = R (x - mu)                         learnable projection R (route_dim x n_in); mu a running mean
+    k(x) = argmax_k cos(z, p_k)            frozen prototypes p_k (orthonormal when K <= route_dim)
+    a = W_k(x) x + b_k(x)                  only the chosen area computes
+
+Samples are grouped by area once per batch and each group runs one matmul (a loop over the K areas,
+never over samples; no K-times dense compute). The same grouping serves the local weight update:
+``dW_k = delta_k^T x_k`` for the samples routed to area k. Areas that no sample chose get no gradient
+at all (``.grad`` stays ``None``), so no optimiser -- momentum, Adam moments, weight decay -- touches
+them: their update is exactly zero.
+
+The router's projection learns locally from the layer's own input: it is pulled towards the
+prototype each sample chose (routing sharpens and stays stable, since the targets are frozen) and
+pushed towards balanced use of the areas by a Switch-style load term
+``K * sum_k f_k * mean_b softmax(cos/tau)_k`` (f_k the fraction of the batch routed to k). Without the
+balance term areas die; usage per area is counted for the epoch metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import NeurosalError
+
+
+@dataclass
+class Route:
+    """What a forward pass decided: the area of every sample and the grouping that follows from it."""
+
+    area: torch.Tensor  # (B,) chosen area per sample
+    order: torch.Tensor  # (B,) sample indices sorted by area (stable)
+    counts: list[int]  # samples per area, length K
+
+
+class AreaLinear(nn.Module):
+    def __init__(self, n_in: int, n_out: int, areas: int = 4, route_dim: int = 16,
+                 balance: float = 0.01, temperature: float = 0.1, center_momentum: float = 0.01):
+        super().__init__()
+        if areas < 1:
+            raise NeurosalError(f"SAL needs at least one area per layer, got {areas}")
+        if route_dim < 1:
+            raise NeurosalError(f"SAL routing dimension must be >= 1, got {route_dim}")
+        self.in_features, self.out_features, self.areas = n_in, n_out, areas
+        self.balance, self.temperature, self.center_momentum = balance, temperature, center_momentum
+        dense = [nn.Linear(n_in, n_out) for _ in range(areas)]  # torch's default init, per area
+        self.area_weight = nn.ParameterList([nn.Parameter(d.weight.detach().clone()) for d in dense])
+        self.area_bias = nn.ParameterList([nn.Parameter(d.bias.detach().clone()) for d in dense])
+        self.router = nn.Parameter(torch.randn(route_dim, n_in) / math.sqrt(n_in))
+        protos = torch.randn(max(route_dim, areas), max(route_dim, areas))
+        if areas <= route_dim:
+            protos = torch.linalg.qr(protos)[0][:areas, :route_dim]  # orthonormal, frozen
+        else:
+            protos = F.normalize(torch.randn(areas, route_dim), dim=1)
+        self.register_buffer("prototypes", protos.contiguous())
+        self.register_buffer("center", torch.zeros(n_in))
+        self.register_buffer("center_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("usage", torch.zeros(areas, dtype=torch.long), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """All areas stacked, ``(K, n_out, n_in)`` (for export and reference computations)."""
+        return torch.stack(list(self.area_weight))
+
+    @property
+    def bias_stacked(self) -> torch.Tensor:
+        return torch.stack(list(self.area_bias))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, areas={self.areas}, route_dim={self.router.shape[0]}"
+
+    # ------------------------------------------------------------------ routing
+    def route_scores(self, x: torch.Tensor, router: torch.Tensor | None = None) -> torch.Tensor:
+        z = (x - self.center) @ (self.router if router is None else router).t()
+        return F.normalize(z, dim=1) @ self.prototypes.t()
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> Route:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise NeurosalError(f"AreaLinear expects (batch, {self.in_features}) inputs, got {tuple(x.shape)}")
+        if self.training:
+            mean = x.mean(0)
+            if not bool(self.center_ready):
+                self.center.copy_(mean)
+                self.center_ready.fill_(True)
+            else:
+                self.center.lerp_(mean, self.center_momentum)
+        if self.areas == 1:
+            area = torch.zeros(len(x), dtype=torch.long, device=x.device)
+            return Route(area, torch.arange(len(x), device=x.device), [len(x)])
+        area = self.route_scores(x).argmax(1)
+        counts = torch.bincount(area, minlength=self.areas)
+        if self.training:
+            self.usage += counts
+        return Route(area, torch.argsort(area, stable=True), counts.tolist())
+
+    # ------------------------------------------------------------------ grouped compute
+    def _grouped(self, rows: torch.Tensor, route: Route, fn) -> torch.Tensor:
+        """Apply ``fn(k, rows_of_area_k)`` per area on the area-sorted rows; return in sample order."""
+        if self.areas == 1:
+            return fn(0, rows)
+        parts = rows.index_select(0, route.order).split(route.counts)
+        out_sorted = torch.cat([fn(k, p) for k, p in enumerate(parts)])
+        out = torch.empty_like(out_sorted)
+        out.index_copy_(0, route.order, out_sorted)
+        return out
+
+    def forward_ctx(self, x: torch.Tensor):
+        route = self.route(x)
+        w, b = self.area_weight, self.area_bias
+        return self._grouped(x, route, lambda k, p: F.linear(p, w[k], b[k])), route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_ctx(x)[0]
+
+    def feedback_input(self, delta: torch.Tensor, weight: torch.Tensor, route: Route) -> torch.Tensor:
+        """Signal on the input through per-area matrices ``weight`` (K, n_out, n_in)."""
+        return self._grouped(delta, route, lambda k, p: p @ weight[k])
+
+    # ------------------------------------------------------------------ local plasticity
+    def local_update(self, x: torch.Tensor, delta: torch.Tensor, route: Route) -> None:
+        if self.areas == 1:
+            parts_x, parts_d = [x], [delta]
+        else:
+            parts_x = x.index_select(0, route.order).split(route.counts)
+            parts_d = delta.index_select(0, route.order).split(route.counts)
+        for k, (xk, dk) in enumerate(zip(parts_x, parts_d)):
+            if route.counts[k] == 0:
+                continue  # untouched: .grad stays None, so no optimiser moves this area
+            _add_grad(self.area_weight[k], dk.t() @ xk)
+            _add_grad(self.area_bias[k], dk.sum(0))
+        if self.areas > 1:
+            self._learn_router(x, route)
+
+    def _learn_router(self, x: torch.Tensor, route: Route) -> None:
+        with torch.enable_grad():
+            r = self.router.detach().requires_grad_(True)
+            cos = self.route_scores(x, r)
+            pull = -cos.gather(1, route.area[:, None]).mean()
+            frac = torch.tensor(route.counts, dtype=cos.dtype, device=cos.device) / len(x)
+            soft = torch.softmax(cos / self.temperature, dim=1).mean(0)
+            loss = pull + self.balance * self.areas * (frac * soft).sum()
+            (g,) = torch.autograd.grad(loss, r)
+        _add_grad(self.router, g)
+
+    def take_usage(self) -> list[int]:
+        counts = self.usage.tolist()
+        self.usage.zero_()
+        return counts
+
+
+def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    if p.grad is None:
+        p.grad = g.detach()
+    else:
+        p.grad.add_(g)
+
+
+class RMSScale(nn.Module):
+    """Parameter-free RMS normalisation over features: ``a / sqrt(mean(a^2) + eps)``.
+
+    Put before the activation of deep SAL blocks, it bounds every hidden activation (each sample's
+    pre-activation has unit RMS whatever the weights do), which is what keeps 128-layer stacks finite.
+    """
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return a * torch.rsqrt(a.pow(2).mean(dim=-1, keepdim=True) + self.eps)
