@@ -39,11 +39,13 @@ class Route:
     area: torch.Tensor  # (B,) chosen area per sample
     order: torch.Tensor  # (B,) sample indices sorted by area (stable)
     counts: list[int]  # samples per area, length K
+    z: torch.Tensor | None = None  # (B, route_dim) projection into the routing space
+    cos: torch.Tensor | None = None  # (B, K) cosine to each prototype
 
 
 class AreaLinear(nn.Module):
     def __init__(self, n_in: int, n_out: int, areas: int = 4, route_dim: int = 16,
-                 balance: float = 0.01, temperature: float = 0.1, center_momentum: float = 0.01):
+                 balance: float = 0.1, temperature: float = 0.1, center_momentum: float = 0.01):
         super().__init__()
         if areas < 1:
             raise NeurosalError(f"SAL needs at least one area per layer, got {areas}")
@@ -78,9 +80,12 @@ class AreaLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, areas={self.areas}, route_dim={self.router.shape[0]}"
 
     # ------------------------------------------------------------------ routing
-    def route_scores(self, x: torch.Tensor, router: torch.Tensor | None = None) -> torch.Tensor:
-        z = (x - self.center) @ (self.router if router is None else router).t()
-        return F.normalize(z, dim=1) @ self.prototypes.t()
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """z = R (x - mu), without materialising x - mu."""
+        return torch.addmm(-(self.router @ self.center), x, self.router.t())
+
+    def route_scores(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.project(x), dim=1) @ self.prototypes.t()
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> Route:
@@ -96,11 +101,13 @@ class AreaLinear(nn.Module):
         if self.areas == 1:
             area = torch.zeros(len(x), dtype=torch.long, device=x.device)
             return Route(area, torch.arange(len(x), device=x.device), [len(x)])
-        area = self.route_scores(x).argmax(1)
+        z = self.project(x)
+        cos = F.normalize(z, dim=1) @ self.prototypes.t()
+        area = cos.argmax(1)
         counts = torch.bincount(area, minlength=self.areas)
         if self.training:
             self.usage += counts
-        return Route(area, torch.argsort(area, stable=True), counts.tolist())
+        return Route(area, torch.argsort(area, stable=True), counts.tolist(), z, cos)
 
     # ------------------------------------------------------------------ grouped compute
     def _grouped(self, rows: torch.Tensor, route: Route, fn) -> torch.Tensor:
@@ -140,16 +147,32 @@ class AreaLinear(nn.Module):
         if self.areas > 1:
             self._learn_router(x, route)
 
+    def router_loss(self, x: torch.Tensor, route: Route, router: torch.Tensor) -> torch.Tensor:
+        """The router's local objective (pull to the chosen prototype + load balance), differentiable
+        in ``router``; training uses its closed-form gradient :meth:`router_grad`."""
+        z = torch.addmm(-(router @ self.center), x, router.t())
+        cos = F.normalize(z, dim=1) @ self.prototypes.t()
+        pull = -cos.gather(1, route.area[:, None]).mean()
+        frac = torch.tensor(route.counts, dtype=cos.dtype, device=cos.device) / len(x)
+        soft = torch.softmax(cos / self.temperature, dim=1).mean(0)
+        return pull + self.balance * self.areas * (frac * soft).sum()
+
+    def router_grad(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """d router_loss / d R in closed form, reusing the forward pass's z and cosines."""
+        n, z, cos = len(x), route.z, route.cos
+        frac = torch.tensor(route.counts, dtype=cos.dtype, device=cos.device) / n
+        s = torch.softmax(cos / self.temperature, dim=1)
+        c = (self.balance * self.areas / n) * frac  # d balance / d soft_bk, per area
+        g_cos = s * (c - (s * c).sum(1, keepdim=True)) / self.temperature
+        g_cos.scatter_add_(1, route.area[:, None], torch.full((n, 1), -1.0 / n, dtype=cos.dtype, device=cos.device))
+        norm = z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        u = z / norm
+        g_u = g_cos @ self.prototypes
+        g_z = (g_u - u * (u * g_u).sum(1, keepdim=True)) / norm
+        return g_z.t() @ x - torch.outer(g_z.sum(0), self.center)
+
     def _learn_router(self, x: torch.Tensor, route: Route) -> None:
-        with torch.enable_grad():
-            r = self.router.detach().requires_grad_(True)
-            cos = self.route_scores(x, r)
-            pull = -cos.gather(1, route.area[:, None]).mean()
-            frac = torch.tensor(route.counts, dtype=cos.dtype, device=cos.device) / len(x)
-            soft = torch.softmax(cos / self.temperature, dim=1).mean(0)
-            loss = pull + self.balance * self.areas * (frac * soft).sum()
-            (g,) = torch.autograd.grad(loss, r)
-        _add_grad(self.router, g)
+        _add_grad(self.router, self.router_grad(x, route))
 
     def take_usage(self) -> list[int]:
         counts = self.usage.tolist()
@@ -162,18 +185,3 @@ def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         p.grad = g.detach()
     else:
         p.grad.add_(g)
-
-
-class RMSScale(nn.Module):
-    """Parameter-free RMS normalisation over features: ``a / sqrt(mean(a^2) + eps)``.
-
-    Put before the activation of deep SAL blocks, it bounds every hidden activation (each sample's
-    pre-activation has unit RMS whatever the weights do), which is what keeps 128-layer stacks finite.
-    """
-
-    def __init__(self, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return a * torch.rsqrt(a.pow(2).mean(dim=-1, keepdim=True) + self.eps)

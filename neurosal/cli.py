@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", default="Adam", help="any torch.optim class name (SGD, Adam, AdamW, ...)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                   help="learning rate per epoch: constant or cosine decay")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -43,7 +45,7 @@ def _config(args, rule: str, options: dict):
 
     return TrainConfig(rule=rule, rule_options=options, model=args.model, data=args.data,
                        data_root=args.data_root, limit=args.limit, epochs=args.epochs,
-                       batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                       batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
                        momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
                        accel=args.accel, memory=args.memory, alignment=args.alignment,
                        progress=not args.no_progress)

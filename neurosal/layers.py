@@ -84,6 +84,20 @@ def apply_local_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor, ctx=
 
 # ----------------------------------------------------------------------------- non-parametric "post" ops
 
+class RMSScale(nn.Module):
+    """Parameter-free RMS normalisation over features: ``a / sqrt(mean(a^2) + eps)``.
+
+    Put before the activation of deep SAL blocks, it bounds every hidden activation (each sample's
+    pre-activation has unit RMS whatever the weights do), which is what keeps 128-layer stacks finite.
+    """
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return a * torch.rsqrt(a.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
+
+
+
+RMS_EPS = 1e-6
+
 ELEMENTWISE = {
     nn.ReLU: "relu",
     nn.Tanh: "tanh",
@@ -100,6 +114,8 @@ def post_kind(post: nn.Module) -> str:
         return "identity"
     if len(mods) == 1 and type(mods[0]) in ELEMENTWISE:
         return ELEMENTWISE[type(mods[0])]
+    if len(mods) == 2 and type(mods[0]) is RMSScale and type(mods[1]) is nn.ReLU:
+        return "rms_relu"
     for m in post.modules():
         if any(True for _ in m.parameters(recurse=False)):
             raise NeurosalError(f"{type(m).__name__} in a block's tail has parameters; "
@@ -113,6 +129,8 @@ def post_state(kind: str, a: torch.Tensor, h: torch.Tensor):
         return None
     if kind in ("relu", "tanh", "sigmoid"):
         return h  # the output is the next block's input, kept anyway: no extra memory
+    if kind == "rms_relu":
+        return a, h
     return a
 
 
@@ -122,6 +140,13 @@ def post_vjp(kind: str, post: nn.Module, state, g: torch.Tensor, a_shape) -> tor
         return g.reshape(a_shape)
     if kind == "relu":  # h > 0 exactly where a > 0; the same fused kernel autograd uses
         return torch.ops.aten.threshold_backward(g.reshape(a_shape), state, 0)
+    if kind == "rms_relu":
+        # y = a r, r = (mean(a^2) + eps)^-1/2, h = relu(y):  dL/da = r (g_y - y mean(g_y y))
+        a, h = state
+        g_y = torch.ops.aten.threshold_backward(g.reshape(a_shape), h, 0)
+        r = torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+        s = (g_y * h).mean(-1, keepdim=True)  # g_y vanishes where h = 0, so g_y*h == g_y*y
+        return r * (g_y - (a * r) * s)
     if kind == "tanh":
         return g.reshape(a_shape) * (1 - state * state)
     if kind == "sigmoid":

@@ -38,6 +38,7 @@ class TrainConfig:
     batch_size: int = 128
     optimizer: str = "Adam"
     lr: float = 1e-3
+    schedule: str = "constant"  # or "cosine": lr * (1 + cos(pi * (epoch-1) / epochs)) / 2 per epoch
     momentum: float = 0.9  # used by optimisers that take it (SGD, RMSprop)
     weight_decay: float = 0.0
     seed: int = 0
@@ -57,6 +58,8 @@ class TrainConfig:
             raise NeurosalError("batch size must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise NeurosalError(f"learning rate must be a positive number, got {self.lr}")
+        if self.schedule not in ("constant", "cosine"):
+            raise NeurosalError(f"unknown lr schedule {self.schedule!r}; use constant or cosine")
         if self.memory not in MEMORY_MODES:
             raise NeurosalError(f"unknown memory mode {self.memory!r}; use one of {MEMORY_MODES}")
 
@@ -168,12 +171,20 @@ class Trainer:
         bs = self.cfg.batch_size
         return [perm[i:i + bs] for i in range(0, n, bs)]
 
+    def lr_at(self, epoch: int) -> float:
+        if self.cfg.schedule == "cosine":
+            return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / self.cfg.epochs))
+        return self.cfg.lr
+
     def train_epoch(self, epoch: int) -> dict:
         from tqdm.auto import tqdm
 
         d, cfg = self.data, self.cfg
         batches = self._batches(epoch)
-        rec: dict = {"epoch": epoch}
+        lr = self.lr_at(epoch)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        rec: dict = {"epoch": epoch, "lr": lr}
         if self.reference is not None:
             idx = batches[0]
             rec["alignment_deg"] = alignment(self.net, self.rule, self.reference,

@@ -29,7 +29,8 @@ import dataclasses
 
 import torch.nn as nn
 
-from ..areas import AreaLinear, RMSScale
+from ..areas import AreaLinear
+from ..layers import RMSScale
 from ..errors import NeurosalError
 from .base import register
 from .direct import DirectConfig, DirectRule
@@ -42,7 +43,7 @@ class SALConfig(DirectConfig):
     #: dimension of the routing space (learned projection target, where the prototypes live)
     route_dim: int = 16
     #: weight of the router's load-balance term (0 lets areas die)
-    balance: float = 0.01
+    balance: float = 0.1
     #: softmax temperature of the soft assignment used by the balance term
     temperature: float = 0.1
     #: EMA momentum of the routing input's running mean
