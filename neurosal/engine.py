@@ -36,12 +36,15 @@ class LayerCache:
     post: nn.Module
     kind: str
     x: torch.Tensor  # the block's input
+    residual: float  # 0, or the branch scale alpha of h_out = h_in + alpha * post(a)
     a_shape: torch.Size
     state: Any  # what post_vjp needs (mask / output / pre-activation)
     ctx: Any = None  # what the op itself reported (e.g. the area each sample was routed to)
 
     def delta_from_output(self, g: torch.Tensor) -> torch.Tensor:
         """Teaching signal on the pre-activation from a signal on the block's output."""
+        if self.residual:
+            g = g * self.residual
         return post_vjp(self.kind, self.post, self.state, g, self.a_shape)
 
 
@@ -57,7 +60,8 @@ def block_step(blk, h: torch.Tensor):
     a, ctx = run_op(blk.op, h)
     out = blk.post(a)
     kind = blk.post_kind
-    return out, LayerCache(blk.op, blk.post, kind, h, a.shape, post_state(kind, a, out), ctx)
+    entry = LayerCache(blk.op, blk.post, kind, h, blk.residual, a.shape, post_state(kind, a, out), ctx)
+    return (torch.add(h, out, alpha=blk.residual) if blk.residual else out), entry
 
 
 @torch.no_grad()
@@ -73,11 +77,14 @@ def forward_cached(net: Net, x: torch.Tensor):
 @torch.no_grad()
 def block_output_shapes(net: Net, input_shape) -> list[tuple[int, ...]]:
     p = next(net.parameters())
+    was_training = net.training
+    net.eval()  # a shape probe must not move running statistics (routing centres, usage counts)
     h = net.stem(torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype))
     shapes = []
     for blk in net.blocks:
         h = blk(h)
         shapes.append(tuple(h.shape[1:]))
+    net.train(was_training)
     return shapes
 
 

@@ -9,6 +9,10 @@ Spec strings::
     mlp:256x256          two hidden layers of 256 (ReLU)
     mlp:256*8            eight hidden layers of 256
     mlp:100x100:tanh     activation: relu (default), tanh, sigmoid
+    mlp:64*128:relu:res  residual: every hidden block whose input and output widths match adds its
+                         input to its output, h_l = h_{l-1} + alpha f(a_l), alpha = 1/sqrt(number of
+                         residual blocks) so the stream's scale stays O(1) at any depth; the skip has
+                         no parameters
     cnn  / cnn:lenet     LeNet-like: conv(6,5x5)-pool-conv(16,5x5)-pool-fc120-fc84
     cnn:32,64/128        conv channels / fully connected widths (5x5 'same' convs, 2x2 max-pool)
 """
@@ -28,13 +32,15 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
 class Block(nn.Module):
-    def __init__(self, op: nn.Module, post: nn.Module | None = None):
+    def __init__(self, op: nn.Module, post: nn.Module | None = None, residual: float = 0.0):
         super().__init__()
         self.op = op
         self.post = post if post is not None else nn.Identity()
+        self.residual = float(residual)  # 0: plain block; else the branch scale alpha
 
     def forward(self, x):
-        return self.post(self.op(x))
+        out = self.post(self.op(x))
+        return torch.add(x, out, alpha=self.residual) if self.residual else out
 
     @property
     def post_kind(self) -> str:
@@ -67,6 +73,7 @@ class ModelSpec:
     hidden: list[int]
     conv: list[int]
     activation: str
+    residual: bool = False
 
 
 def parse_spec(spec: str) -> ModelSpec:
@@ -75,8 +82,11 @@ def parse_spec(spec: str) -> ModelSpec:
     if kind not in ("mlp", "cnn"):
         raise NeurosalError(f"unknown model {spec!r}: use mlp:WxW..., mlp:W*DEPTH or cnn[:C,C/F,F]")
     act = "relu"
+    residual = len(parts) > 3 and parts[3] == "res"
+    if len(parts) > 4 or (len(parts) > 3 and not residual):
+        raise NeurosalError(f"cannot parse model spec {spec!r}: the 4th field may only be 'res'")
     if len(parts) > 2:
-        act = parts[2]
+        act = parts[2] or "relu"
     if act not in ACTIVATIONS:
         raise NeurosalError(f"unknown activation {act!r} in {spec!r}; known: {', '.join(ACTIVATIONS)}")
     body = parts[1] if len(parts) > 1 else ("lenet" if kind == "cnn" else "")
@@ -99,7 +109,7 @@ def parse_spec(spec: str) -> ModelSpec:
         raise NeurosalError(f"cannot parse model spec {spec!r}") from None
     if any(v <= 0 for v in hidden + conv):
         raise NeurosalError(f"model {spec!r}: layer sizes must be positive")
-    return ModelSpec(kind, hidden, conv, act)
+    return ModelSpec(kind, hidden, conv, act, residual)
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], n_classes: int,
@@ -125,19 +135,22 @@ def build_model(spec: str, input_shape: tuple[int, ...], n_classes: int,
         stem = nn.Identity()
         c, hgt, wid = input_shape
         for ch in s.conv:
-            tail: list[nn.Module] = [act()]
+            conv_tail: list[nn.Module] = [act()]
             if min(hgt, wid) >= 2:
-                tail.append(nn.MaxPool2d(2))
+                conv_tail.append(nn.MaxPool2d(2))
                 hgt, wid = hgt // 2, wid // 2
-            blocks.append(Block(nn.Conv2d(c, ch, 5, padding=2), nn.Sequential(*tail)))
+            blocks.append(Block(nn.Conv2d(c, ch, 5, padding=2), nn.Sequential(*conv_tail)))
             c = ch
         n_in = c * hgt * wid
         if blocks:
             blocks[-1].post.append(nn.Flatten())
         else:
             stem = nn.Flatten()
+    widths = [n_in] + s.hidden
+    n_res = sum(1 for a, b in zip(widths, widths[1:]) if a == b) if s.residual else 0
     for width in s.hidden:
-        blocks.append(Block(linear(n_in, width), tail(act())))
+        alpha = n_res ** -0.5 if n_res and n_in == width else 0.0
+        blocks.append(Block(linear(n_in, width), tail(act()), residual=alpha))
         n_in = width
     blocks.append(Block(nn.Linear(n_in, n_classes)))
     return Net(stem, blocks, spec)

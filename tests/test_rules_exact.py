@@ -163,3 +163,15 @@ def test_unknown_rule_and_bad_options_are_refused():
         make_rule("nope")
     with pytest.raises(NeurosalError, match="no option"):
         make_rule("dfa", rank=3)
+
+
+def test_fa_with_transposed_weights_is_backprop_on_residual_nets():
+    net, x, y = tiny("mlp:6*4:relu:res", (1, 3, 3))
+    assert [b.residual for b in net.blocks] == [0, 3 ** -0.5, 3 ** -0.5, 3 ** -0.5, 0]
+    ref = autograd_bp(net, x, y)
+    fa = setup_rule("fa", net, (1, 3, 3), 4)
+    for l, blk in enumerate(net.blocks):
+        if l:
+            fa.set_feedback(l, blk.op.weight.detach())
+    for g, r in zip(rule_grads(net, fa, x, y, 4), ref):
+        assert torch.allclose(g, r, rtol=0, atol=1e-13)

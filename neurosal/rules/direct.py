@@ -7,6 +7,11 @@ when the output is still near zero). The output layer always learns from its own
 All hidden layers' ``B_l`` are column blocks of one matrix ``B`` (n_classes x sum of layer sizes), so
 the projections for all layers are one matmul (Launay et al. 2020) -- or, in the engine's low-memory
 mode, one slice at a time while the forward pass is recomputed.
+
+Residual blocks write into one shared stream, which the head reads; the error direction that helps
+is the same for every block writing to it. With ``share_stream`` (default) all blocks of a residual
+stream get the stream's one feedback matrix, so their updates pull the same way instead of 127
+independent random ways.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ class DirectConfig(RuleConfig):
     #: "gaussian" N(0, scale^2/n_classes) or "uniform" with the same variance
     init: str = "gaussian"
     scale: float = 1.0
+    #: residual blocks use the feedback matrix of the stream they add to
+    share_stream: bool = True
 
 
 class DirectRule(Rule):
@@ -34,12 +41,16 @@ class DirectRule(Rule):
     def setup(self, net, out_shapes, n_classes, generator):
         if self.config.init not in ("gaussian", "uniform"):
             raise NeurosalError(f"{self.name}: init must be 'gaussian' or 'uniform'")
-        sizes = [math.prod(s) for s in out_shapes[:-1]]
-        self.offsets = [0]
-        for n in sizes:
-            self.offsets.append(self.offsets[-1] + n)
+        self.spans: list[tuple[int, int]] = []
+        width = 0
+        for l, shape in enumerate(out_shapes[:-1]):
+            if l and net.blocks[l].residual and self.config.share_stream:
+                self.spans.append(self.spans[-1])  # same stream, same feedback
+            else:
+                self.spans.append((width, width + math.prod(shape)))
+                width += math.prod(shape)
         std = self.config.scale / math.sqrt(n_classes)
-        shape = (n_classes, self.offsets[-1])
+        shape = (n_classes, width)
         b = gaussian(shape, std, generator) if self.config.init == "gaussian" else uniform(
             shape, std * math.sqrt(3), generator)
         p = next(net.parameters())
@@ -49,7 +60,8 @@ class DirectRule(Rule):
         raise NotImplementedError
 
     def feedback_slice(self, l: int) -> torch.Tensor:
-        return self.B[:, self.offsets[l]:self.offsets[l + 1]]
+        start, end = self.spans[l]
+        return self.B[:, start:end]
 
     def signal(self, l: int, e, target) -> torch.Tensor:
         """The signal on hidden block ``l``'s output alone (low-memory path)."""
@@ -62,7 +74,8 @@ class DirectRule(Rule):
             return
         g_all = self.source(e, target) @ self.B  # every hidden layer's projection in one matmul
         for l in range(last - 1, -1, -1):
-            yield l, cache[l].delta_from_output(g_all[:, self.offsets[l]:self.offsets[l + 1]])
+            start, end = self.spans[l]
+            yield l, cache[l].delta_from_output(g_all[:, start:end])
 
 
 @register

@@ -1,7 +1,8 @@
 """Rules that carry the teaching signal down block by block: bp, fa, usf, ldef.
 
-``delta_l = post_l'(a_l) * (B_{l+1}^T delta_{l+1})`` with ``B`` shaped like the forward weight ``W``
-(for conv layers the product is the transposed convolution with kernel ``B``). The rules differ only
+``delta_l = post_l'(a_l) * g_l`` with ``g_l = B_{l+1}^T delta_{l+1}`` (plus ``g_{l+1}`` when block l+1 is
+residual: the parameter-free skip carries the signal unchanged) and ``B`` shaped like the forward
+weight ``W`` (for conv layers the product is the transposed convolution with kernel ``B``). The rules differ only
 in ``B``: the true ``W`` (bp), a fixed random matrix (fa), ``sign(W)`` (usf) or a learned low-rank
 matrix (ldef).
 """
@@ -29,13 +30,17 @@ class LayerwiseRule(Rule):
 
     def teach(self, net, cache, e, target):
         last = len(cache) - 1
-        delta = cache[last].delta_from_output(e)
+        g = e  # the signal on the current block's output
+        delta = cache[last].delta_from_output(g)
         yield last, delta
         for l in range(last - 1, -1, -1):
             above = cache[l + 1]
             op = net.blocks[l + 1].op
-            g = feedback(op, delta, self.feedback_weight(l + 1, op), above.x.shape, above.ctx)
+            g_below = feedback(op, delta, self.feedback_weight(l + 1, op), above.x.shape, above.ctx)
+            if above.residual:
+                g_below = g_below + g.reshape(g_below.shape)
             self.learn_feedback(l + 1, above, delta)
+            g = g_below
             delta = cache[l].delta_from_output(g)
             yield l, delta
 

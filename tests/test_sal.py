@@ -1,0 +1,219 @@
+"""SAL: routing, exclusivity, exact zeros, grouped == naive, K=1 == DFA, depth 128."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neurosal import engine
+from neurosal.areas import AreaLinear
+from neurosal.errors import NeurosalError
+from neurosal.models import build_model
+from neurosal.rules import make_rule
+
+from conftest import setup_rule
+
+
+def sal_net(spec="mlp:12x10", shape=(1, 3, 3), seed=0, **opt):
+    torch.manual_seed(seed)
+    rule = make_rule("sal", **opt)
+    net = rule.build(spec, shape, 4).double()
+    rule = setup_rule("sal", net, shape, 4, **opt)
+    return net, rule
+
+
+def batch(n=40, shape=(1, 3, 3), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_routing_is_deterministic_given_the_seed():
+    x, _ = batch()
+    a, _ = sal_net(seed=3)
+    b, _ = sal_net(seed=3)
+    c, _ = sal_net(seed=4)
+    ra = [blk.op.route(x.flatten(1)).area for blk in a.blocks[:1]]
+    rb = [blk.op.route(x.flatten(1)).area for blk in b.blocks[:1]]
+    rc = [blk.op.route(x.flatten(1)).area for blk in c.blocks[:1]]
+    assert all(torch.equal(p, q) for p, q in zip(ra, rb))
+    assert not all(torch.equal(p, q) for p, q in zip(ra, rc))
+    a.eval()
+    assert torch.equal(a(x), a(x))  # inference routing is a pure function of the input
+
+
+def naive_forward(layer: AreaLinear, x):
+    """Per-sample reference: the chosen area's weights, one sample at a time."""
+    area = layer.route_scores(x).argmax(1)
+    rows = [x[i] @ layer.area_weight[int(area[i])].T + layer.area_bias[int(area[i])] for i in range(len(x))]
+    return torch.stack(rows), area
+
+
+def test_each_sample_touches_exactly_one_area_and_grouped_equals_naive():
+    net, _ = sal_net(areas=5)
+    net.eval()
+    x, _ = batch()
+    h = x.flatten(1)
+    for blk in net.blocks[:-1]:
+        out, route = blk.op.forward_ctx(h)
+        ref, area = naive_forward(blk.op, h)
+        assert torch.equal(route.area, area)
+        assert route.area.shape == (len(h),) and sum(route.counts) == len(h)
+        assert torch.allclose(out, ref, rtol=0, atol=1e-13)
+        h = blk.post(out)
+
+
+def naive_grads(net, rule, x, y):
+    """Per-sample reference of SAL's update: DFA signal, delivered to the chosen area only."""
+    net.eval()
+    hs, areas, pre = [x.flatten(1)], [], []
+    for blk in net.blocks[:-1]:
+        out, area = naive_forward(blk.op, hs[-1])
+        pre.append(out)
+        areas.append(area)
+        hs.append(blk.post(out))
+    logits = net.blocks[-1].op(hs[-1])
+    e = (torch.softmax(logits, 1) - F.one_hot(y, 4)) / len(y)
+    grads = {}
+    for l, blk in enumerate(net.blocks[:-1]):
+        a = pre[l].detach().requires_grad_(True)
+        g_h = e @ rule.feedback_slice(l)
+        (delta,) = torch.autograd.grad(blk.post(a), a, g_h)
+        for k in range(blk.op.areas):
+            dw = torch.zeros_like(blk.op.area_weight[k])
+            for i in range(len(x)):
+                if int(areas[l][i]) == k:
+                    dw += torch.outer(delta[i], hs[l][i])
+            grads[(l, k)] = dw
+    return grads, areas
+
+
+def test_grouped_update_equals_naive_and_unselected_areas_get_nothing():
+    net, rule = sal_net(areas=6)
+    x, y = batch(n=9)  # 9 samples over 6 areas: some areas are left out
+    ref, areas = naive_grads(net, rule, x, y)
+    net.eval()  # same routing statistics as the reference
+    net.zero_grad(set_to_none=True)
+    engine.train_step(net, rule, x, y, 4)
+    some_unused = False
+    for l, blk in enumerate(net.blocks[:-1]):
+        used = set(areas[l].tolist())
+        for k in range(blk.op.areas):
+            g = blk.op.area_weight[k].grad
+            if k in used:
+                assert torch.allclose(g, ref[(l, k)], rtol=0, atol=1e-13)
+            else:
+                some_unused = True
+                assert g is None and blk.op.area_bias[k].grad is None
+    assert some_unused
+
+
+def test_unselected_areas_are_exactly_unchanged_by_adam_with_momentum():
+    net, rule = sal_net(areas=4)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-3)
+    x, y = batch(n=64)
+    for _ in range(3):  # build up Adam moments in every area
+        opt.zero_grad(set_to_none=True)
+        engine.train_step(net, rule, x, y, 4)
+        opt.step()
+    layer = net.blocks[0].op
+    net.eval()
+    area = layer.route(x.flatten(1)).area
+    keep = area == area[0]
+    xs, ys = x[keep], y[keep]  # a batch that uses a single area of layer 0
+    before = [w.detach().clone() for w in layer.area_weight]
+    net.train()
+    opt.zero_grad(set_to_none=True)
+    engine.train_step(net, rule, xs, ys, 4)
+    opt.step()
+    chosen = int(area[0])
+    for k, (w, w0) in enumerate(zip(layer.area_weight, before)):
+        assert torch.equal(w, w0) != (k == chosen), k
+
+
+def test_k1_is_exactly_dfa_on_the_same_network():
+    net, sal = sal_net(areas=1, spec="mlp:12x10x8")
+    shape = (1, 3, 3)
+    dense = build_model("mlp:12x10x8", shape, 4, tail=sal.hidden_tail).double()
+    for blk, dblk in zip(net.blocks, dense.blocks):
+        w = blk.op.weight[0] if isinstance(blk.op, AreaLinear) else blk.op.weight
+        b = blk.op.bias_stacked[0] if isinstance(blk.op, AreaLinear) else blk.op.bias
+        dblk.op.weight.data.copy_(w)
+        dblk.op.bias.data.copy_(b)
+    dfa = setup_rule("dfa", dense, shape, 4)
+    dfa.B.copy_(sal.B)
+    x, y = batch()
+    engine.train_step(net, sal, x, y, 4)
+    engine.train_step(dense, dfa, x, y, 4)
+    for blk, dblk in zip(net.blocks, dense.blocks):
+        if isinstance(blk.op, AreaLinear):
+            assert torch.equal(blk.op.area_weight[0].grad, dblk.op.weight.grad)
+            assert torch.equal(blk.op.area_bias[0].grad, dblk.op.bias.grad)
+            assert blk.op.router.grad is None  # nothing to route with one area
+        else:
+            assert torch.equal(blk.op.weight.grad, dblk.op.weight.grad)
+
+
+def test_router_gradient_is_the_gradient_of_its_objective():
+    layer = AreaLinear(9, 5, areas=3, route_dim=4).double()
+    x = torch.randn(30, 9, dtype=torch.float64)
+    layer.route(x)  # initialise the running centre
+    route = layer.route(x)
+    r = layer.router.detach().clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(layer.router_loss(x, route, r), r)
+    assert torch.allclose(layer.router_grad(x, route), auto, rtol=1e-10, atol=1e-14)
+
+
+def test_rms_relu_fast_path_equals_autograd():
+    from neurosal.layers import RMSScale, post_kind, post_state, post_vjp
+
+    post = torch.nn.Sequential(RMSScale(), torch.nn.ReLU())
+    a = torch.randn(6, 11, dtype=torch.float64)
+    g = torch.randn(6, 11, dtype=torch.float64)
+    kind = post_kind(post)
+    assert kind == "rms_relu"
+    fast = post_vjp(kind, post, post_state(kind, a, post(a)), g, a.shape)
+    assert torch.allclose(fast, post_vjp("generic", post, a, g, a.shape), rtol=0, atol=1e-14)
+
+
+def test_depth_128_stays_finite_bounded_and_learns():
+    """128 hidden SAL layers on a residual stream: finite, bounded, and learning.
+
+    Bound from the construction: every branch relu(rms(a)) has per-sample RMS <= 1 and is added with
+    alpha = 1/sqrt(127), so the stream's RMS can never exceed 1 + 127 * alpha = 1 + sqrt(127).
+    """
+    from neurosal.data import load_dataset
+    from neurosal.train import TrainConfig, Trainer
+
+    ds = load_dataset("digits")
+    cfg = TrainConfig(rule="sal", model="mlp:32*128:relu:res", epochs=4, batch_size=32, progress=False)
+    tr = Trainer(cfg, None, dataset=ds)
+    assert sum(1 for b in tr.net.blocks if b.residual) == 127
+    hist = tr.fit()["epochs"]
+    assert all(torch.isfinite(p).all() for p in tr.net.parameters())
+    tr.net.eval()
+    h = tr.net.stem(ds.x_test)
+    with torch.no_grad():
+        for blk in tr.net.blocks[:-1]:
+            h = blk(h)
+            assert torch.isfinite(h).all()
+            assert float(h.pow(2).mean(1).sqrt().max()) <= 1 + 127 ** 0.5
+    assert hist[-1]["test_acc"] >= 0.6, [r["test_acc"] for r in hist]  # chance is 0.1; measured 0.75
+
+
+def test_bad_sal_options_are_refused():
+    with pytest.raises(NeurosalError, match="areas"):
+        make_rule("sal", areas=0)
+    with pytest.raises(NeurosalError, match="norm"):
+        make_rule("sal", norm="batch")
+
+
+def test_area_usage_is_logged(tmp_path):
+    from neurosal.train import TrainConfig, Trainer
+
+    tr = Trainer(TrainConfig(rule="sal", model="mlp:32x32", epochs=1, progress=False,
+                             rule_options={"areas": 3}), tmp_path)
+    rec = tr.fit()["epochs"][0]
+    assert len(rec["area_usage"]) == 2 and all(len(u) == 3 for u in rec["area_usage"])
+    assert all(sum(u) == len(tr.data.x_train) for u in rec["area_usage"])
+    assert rec["dead_areas"] == [sum(c == 0 for c in u) for u in rec["area_usage"]]
