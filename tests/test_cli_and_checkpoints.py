@@ -32,7 +32,7 @@ def test_train_writes_metrics_plot_and_checkpoints(tmp_path):
     assert checkpoint.latest(out).name == "ckpt-epoch-0002.pt"
 
 
-@pytest.mark.parametrize("rule", ["bp", "ldef", "dfa"])
+@pytest.mark.parametrize("rule", ["bp", "ldef", "dfa", "sal"])
 def test_resume_continues_bit_for_bit(tmp_path, rule):
     def cfg(epochs):
         return TrainConfig(rule=rule, model="mlp:24x16", data="digits", epochs=epochs, batch_size=64,
