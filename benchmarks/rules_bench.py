@@ -47,6 +47,7 @@ def worker(job: dict) -> dict:
 
     from neurosal.engine import block_output_shapes, train_step
     from neurosal.rules import make_rule
+    from neurosal.substrates import finish_step
 
     torch.manual_seed(0)
     dev = torch.device(job["device"])
@@ -64,6 +65,7 @@ def worker(job: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         train_step(net, rule, x, y, n_classes, job["memory"])
         opt.step()
+        finish_step(net)
 
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":

@@ -1,4 +1,8 @@
-"""Hardware substrates (analog synapses, spiking networks) that learn with neurosal's rules.
+"""Hardware substrates that learn with neurosal's rules.
 
-Not implemented yet: see the open issues for the analog and spiking substrates.
+* :mod:`hw_models.devices`, :mod:`hw_models.array`, :mod:`hw_models.analog`, :mod:`hw_models.presets`:
+  limited-conductance analog synapses (differential pairs of resistive devices);
+* :mod:`hw_models.sweep`: the device report (accuracy vs levels, nonlinearity, variation).
+
+Spiking networks are planned (see the open issue).
 """

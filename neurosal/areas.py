@@ -52,6 +52,7 @@ class AreaLinear(nn.Module):
         if route_dim < 1:
             raise NeurosalError(f"SAL routing dimension must be >= 1, got {route_dim}")
         self.in_features, self.out_features, self.areas = n_in, n_out, areas
+        self.route_dim = route_dim
         self.balance, self.temperature, self.center_momentum = balance, temperature, center_momentum
         dense = [nn.Linear(n_in, n_out) for _ in range(areas)]  # torch's default init, per area
         self.area_weight = nn.ParameterList([nn.Parameter(d.weight.detach().clone()) for d in dense])
@@ -120,10 +121,13 @@ class AreaLinear(nn.Module):
         out.index_copy_(0, route.order, out_sorted)
         return out
 
+    def area_forward(self, k: int, rows: torch.Tensor) -> torch.Tensor:
+        """Area k's output for the rows routed to it (a substrate may override this)."""
+        return F.linear(rows, self.area_weight[k], self.area_bias[k])
+
     def forward_ctx(self, x: torch.Tensor):
         route = self.route(x)
-        w, b = self.area_weight, self.area_bias
-        return self._grouped(x, route, lambda k, p: F.linear(p, w[k], b[k])), route
+        return self._grouped(x, route, self.area_forward), route
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_ctx(x)[0]

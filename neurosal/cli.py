@@ -21,6 +21,9 @@ from .errors import NeurosalError
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mlp:256x256", help="mlp:256x256, mlp:256*8, cnn, cnn:6,16/120,84")
+    p.add_argument("--device", default=None,
+                   help="train on simulated hardware: a device preset, e.g. rram-like (see 'neurosal list')")
+    p.add_argument("--device-options", default=None, help="device parameter overrides, e.g. 'levels=32,ctoc=0'")
     p.add_argument("--data", default="digits", help="dataset name or path to .npz/.csv (see 'neurosal list')")
     p.add_argument("--data-root", default=None, help="folder with a dataset's files (mnist, cifar10, ...)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training samples")
@@ -43,7 +46,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _config(args, rule: str, options: dict):
     from .train import TrainConfig
 
+    from .rules import parse_options
+
     return TrainConfig(rule=rule, rule_options=options, model=args.model, data=args.data,
+                       device=args.device, device_options=parse_options(args.device_options),
                        data_root=args.data_root, limit=args.limit, epochs=args.epochs,
                        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
                        momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
@@ -113,7 +119,10 @@ def cmd_list(args) -> int:
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
         print(f"  {name:6s} {cls.summary}" + (f"  [options: {opts}]" if opts else ""))
     print("datasets:", ", ".join(dataset_names()), "or a path to .npz/.csv")
-    print("models:   mlp:256x256, mlp:256*8, mlp:100x100:tanh, cnn, cnn:6,16/120,84")
+    print("models:   mlp:256x256, mlp:256*8, mlp:100x100:tanh, mlp:64*32:relu:res, cnn, cnn:6,16/120,84")
+    from .substrates import device_names
+
+    print("devices: ", ", ".join(device_names()) or "none (install hw_models)")
     return 0
 
 
@@ -136,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("list", help="rules, datasets and model specs")
+    p = sub.add_parser("list", help="rules, datasets, model specs and hardware devices")
     p.set_defaults(func=cmd_list)
+    from .substrates import command_plugins
+
+    for add in command_plugins():
+        add(sub)
     return ap
 
 

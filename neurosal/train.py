@@ -24,6 +24,7 @@ from .errors import NeurosalError
 from .models import Net
 from .rules import make_rule
 from .rules.base import Rule
+from .substrates import apply_device, finish_step
 
 
 @dataclass
@@ -31,6 +32,8 @@ class TrainConfig:
     rule: str = "bp"
     rule_options: dict = field(default_factory=dict)
     model: str = "mlp:256x256"
+    device: str | None = None  # a hardware device preset (e.g. "rram-like"), from an installed substrate
+    device_options: dict = field(default_factory=dict)  # overrides of the device's parameters
     data: str = "digits"
     data_root: str | None = None
     limit: int | None = None  # keep only the first N training samples
@@ -118,9 +121,8 @@ class Trainer:
         self.device = resolve_device(cfg.accel)
         ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.data_root, cfg.limit)
         self.data = ds.to(self.device)
-        torch.manual_seed(cfg.seed)
         self.rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
-        self.net = self.rule.build(cfg.model, ds.input_shape, ds.n_classes).to(self.device)
+        self.net = build_net(cfg, self.rule, ds.input_shape, ds.n_classes, self.device)
         gen = torch.Generator().manual_seed(cfg.seed + 7919)
         self.rule.setup(self.net, block_output_shapes(self.net, ds.input_shape), ds.n_classes, gen)
         self.rule.to(self.device)
@@ -201,6 +203,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             loss, logits = train_step(self.net, self.rule, xb, yb, d.n_classes, cfg.memory)
             self.opt.step()
+            finish_step(self.net)
             self.rule.after_step(self.net)
             _sync(self.device)
             step_times.append(time.perf_counter() - t0)
@@ -268,7 +271,15 @@ def load_run(run_dir: str | Path, accel: str = "cpu"):
     cfg = TrainConfig(**{k: v for k, v in st["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
     device = resolve_device(accel)
     rule = make_rule(cfg.rule, **cfg.rule_options)
-    shape = tuple(st["input_shape"])
-    net = rule.build(cfg.model, shape, st["n_classes"])
+    net = build_net(cfg, rule, tuple(st["input_shape"]), st["n_classes"], device)
     net.load_state_dict(st["net"])
-    return net.to(device).eval(), rule, cfg, st
+    return net.eval(), rule, cfg, st
+
+
+def build_net(cfg: TrainConfig, rule: Rule, input_shape, n_classes: int, device: torch.device) -> Net:
+    """The rule's version of the model, on ``device``, moved onto hardware ``cfg.device`` if given."""
+    torch.manual_seed(cfg.seed)
+    net = rule.build(cfg.model, input_shape, n_classes).to(device)
+    if cfg.device:
+        net = apply_device(net, cfg.device, cfg.device_options, cfg.seed)
+    return net

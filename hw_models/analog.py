@@ -1,0 +1,212 @@
+"""Analog layers: ``nn.Linear`` / ``nn.Conv2d`` (and SAL's area layers) whose weights live in
+differential pairs of resistive devices. A substrate, not a rule.
+
+How a step works, for any rule and any optimiser:
+
+1. forward: inputs through the DAC (per-sample abs-max scaling, ``dac_bits``), the weights as the devices
+   hold them plus fresh read noise, the outputs through the ADC (``adc_bits``, clipped to its range);
+2. the rule's teaching signal lands in the float mirror ``weight.grad`` exactly as for float layers
+   (``dW = delta^T x``), and the optimiser proposes a new mirror value;
+3. :meth:`AnalogTiles.after_optimizer_step` turns the proposed change into pulses on the arrays and
+   writes back into ``weight`` what the devices actually hold (quantised, nonlinear, noisy, bounded).
+
+So FA/BP feedback, exports and evaluation all read the physical weights. The bias stays digital.
+For torch.autograd (the BP baseline) the forward is a straight-through estimator: the value is the
+analog one, the gradient that of the float layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from neurosal.areas import AreaLinear
+from neurosal.errors import NeurosalError
+
+from .array import DifferentialArray
+from .devices import DeviceConfig
+
+
+def _quantise(v: torch.Tensor, bits: int, full: float | torch.Tensor) -> torch.Tensor:
+    levels = 2 ** (bits - 1) - 1
+    return torch.round(v.clamp(-full, full) / full * levels) / levels * full
+
+
+def analog_mvm(x: torch.Tensor, w: torch.Tensor, fn, cfg: DeviceConfig, w_max: float, fan_in: int):
+    """``fn(x, w)`` (linear or conv, no bias) through DAC and ADC."""
+    if not (cfg.dac_bits or cfg.adc_bits):
+        return fn(x, w)
+    dims = tuple(range(1, x.dim()))
+    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)
+    xn = x / scale
+    if cfg.dac_bits:
+        xn = _quantise(xn, cfg.dac_bits, 1.0)
+    y = fn(xn, w)
+    if cfg.adc_bits:
+        y = _quantise(y, cfg.adc_bits, cfg.adc_range * w_max * math.sqrt(fan_in))
+    out_scale = scale.reshape(scale.shape[0], *([1] * (y.dim() - 1)))
+    return y * out_scale
+
+
+class AnalogTiles:
+    """The arrays behind a module's weight parameters, and the sync after each optimiser step."""
+
+    def __init__(self, cfg: DeviceConfig, params: list[nn.Parameter], fan_in: int, seed: int):
+        self.cfg = cfg
+        self.w_max = cfg.w_range / math.sqrt(fan_in)
+        self.fan_in = fan_in
+        self.params = params
+        self.arrays = []
+        for i, p in enumerate(params):
+            gen = torch.Generator().manual_seed(seed * 7919 + i)
+            arr = DifferentialArray(cfg, p.shape, self.w_max, gen, device=p.device, dtype=p.dtype)
+            arr.program(p.detach())  # the float init, as the devices can hold it
+            self.arrays.append(arr)
+            with torch.no_grad():
+                p.copy_(arr.weights())
+        self.held = [p.detach().clone() for p in params]
+
+    def noisy(self, i: int) -> torch.Tensor:
+        return self.arrays[i].weights(noisy=True) if self.cfg.read_noise > 0 else self.params[i]
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        for p, arr, held in zip(self.params, self.arrays, self.held):
+            request = p - held
+            if torch.count_nonzero(request):
+                if not torch.isfinite(request).all():
+                    raise NeurosalError("the optimiser proposed a NaN/Inf weight change for an analog layer")
+                arr.apply(request)
+            w = arr.weights()
+            p.copy_(w)
+            held.copy_(w)
+
+    @torch.no_grad()
+    def drift(self, t: float) -> None:
+        for p, arr, held in zip(self.params, self.arrays, self.held):
+            arr.drift(t)
+            p.copy_(arr.weights())
+            held.copy_(p)
+
+    def state(self) -> dict:
+        return {"arrays": [a.state() for a in self.arrays], "held": self.held}
+
+    def load(self, st: dict) -> None:
+        for a, s in zip(self.arrays, st["arrays"]):
+            a.load(s)
+        for h, s in zip(self.held, st["held"]):
+            h.copy_(s)
+
+    @property
+    def resets(self) -> int:
+        return sum(a.resets for a in self.arrays)
+
+
+class _AnalogMixin:
+    """Shared plumbing: the tiles, the post-step sync, checkpoint state."""
+
+    tiles: AnalogTiles
+
+    def after_optimizer_step(self) -> None:
+        self.tiles.sync()
+
+    def get_extra_state(self):
+        return self.tiles.state()
+
+    def set_extra_state(self, state):
+        self.tiles.load(state)
+
+    def _straight_through(self, x, y_hw, y_float_fn):
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            y_f = y_float_fn(x)
+            return y_f + (y_hw - y_f).detach()
+        return y_hw
+
+
+class AnalogLinear(_AnalogMixin, nn.Linear):
+    @classmethod
+    def from_float(cls, layer: nn.Linear, cfg: DeviceConfig, seed: int) -> "AnalogLinear":
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                  device=layer.weight.device, dtype=layer.weight.dtype)
+        new.load_state_dict(layer.state_dict(), strict=False)
+        new.tiles = AnalogTiles(cfg, [new.weight], layer.in_features, seed)
+        return new
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = analog_mvm(x, self.tiles.noisy(0), F.linear, self.tiles.cfg, self.tiles.w_max, self.in_features)
+            if self.bias is not None:
+                y = y + self.bias
+        return self._straight_through(x, y, lambda v: F.linear(v, self.weight, self.bias))
+
+
+class AnalogConv2d(_AnalogMixin, nn.Conv2d):
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d, cfg: DeviceConfig, seed: int) -> "AnalogConv2d":
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
+                  device=layer.weight.device, dtype=layer.weight.dtype)
+        new.load_state_dict(layer.state_dict(), strict=False)
+        fan_in = layer.weight[0].numel()
+        new.tiles = AnalogTiles(cfg, [new.weight], fan_in, seed)
+        return new
+
+    def forward(self, x):
+        conv = lambda v, w: F.conv2d(v, w, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
+        with torch.no_grad():
+            y = analog_mvm(x, self.tiles.noisy(0), conv, self.tiles.cfg, self.tiles.w_max, self.weight[0].numel())
+            if self.bias is not None:
+                y = y + self.bias.view(1, -1, 1, 1)
+        return self._straight_through(x, y, lambda v: self._conv_forward(v, self.weight, self.bias))
+
+
+class AnalogAreaLinear(_AnalogMixin, AreaLinear):
+    """SAL's area layer on devices: one array per area; routing (a small projection) stays digital."""
+
+    @classmethod
+    def from_float(cls, layer: AreaLinear, cfg: DeviceConfig, seed: int) -> "AnalogAreaLinear":
+        new = cls(layer.in_features, layer.out_features, layer.areas, layer.route_dim, layer.balance,
+                  layer.temperature, layer.center_momentum)
+        new.load_state_dict(layer.state_dict(), strict=False)
+        new.to(layer.router.device, layer.router.dtype)
+        new.tiles = AnalogTiles(cfg, list(new.area_weight), layer.in_features, seed)
+        return new
+
+    def area_forward(self, k: int, rows: torch.Tensor) -> torch.Tensor:
+        t = self.tiles
+        return analog_mvm(rows, t.noisy(k), F.linear, t.cfg, t.w_max, self.in_features) + self.area_bias[k]
+
+
+def convert(net: nn.Module, cfg: DeviceConfig, seed: int = 0, include_output: bool = True) -> nn.Module:
+    """Replace every Linear/Conv2d/AreaLinear op of ``net`` by its analog twin (in place)."""
+    cfg.validate()
+    blocks = list(getattr(net, "blocks", []))
+    if not blocks:
+        raise NeurosalError("convert expects a neurosal Net (blocks of op + tail)")
+    for i, blk in enumerate(blocks):
+        if not include_output and i == len(blocks) - 1:
+            continue
+        op = blk.op
+        if isinstance(op, AreaLinear):
+            blk.op = AnalogAreaLinear.from_float(op, cfg, seed * 1000 + i)
+        elif isinstance(op, nn.Conv2d):
+            blk.op = AnalogConv2d.from_float(op, cfg, seed * 1000 + i)
+        elif isinstance(op, nn.Linear):
+            blk.op = AnalogLinear.from_float(op, cfg, seed * 1000 + i)
+        else:
+            raise NeurosalError(f"no analog version of {type(op).__name__}")
+    return net
+
+
+def drift(net: nn.Module, t: float) -> None:
+    """Let every analog array of ``net`` drift for time ``t`` (seconds, t0 = 1 s)."""
+    for m in net.modules():
+        if isinstance(m, _AnalogMixin):
+            m.tiles.drift(t)
+
+
+def resets(net: nn.Module) -> int:
+    return sum(m.tiles.resets for m in net.modules() if isinstance(m, _AnalogMixin))

@@ -1,0 +1,141 @@
+"""Resistive device models: how a conductance answers a train of programming pulses.
+
+Every model is written in closed form for p pulses at once (p may differ per device), so an update of a
+whole array is a handful of elementwise tensor ops on CPU or CUDA. Notation: a device lives in
+``[g_min, g_max]`` (range ``R``), has ``N`` nominal levels (pulses from bound to bound for the linear
+device), nominal step ``s = R / N``.
+
+``linear``      G' = clamp(G +- p s)                                   (ideal / ConstantStep-like)
+``lim``         Lim et al.: potentiation G(u) = g_min + B (1 - exp(-u / nl_p)), u = pulses / N,
+                B = R / (1 - exp(-1 / nl_p)); depression mirrored from g_max with nl_d. Small nl: strongly
+                nonlinear (large steps near one bound, tiny near the other); nl -> inf: linear.
+                nl_p != nl_d makes the device asymmetric.
+``softbounds``  per-pulse step shrinks linearly towards the bound it approaches (aihwkit SoftBounds):
+                G' = g_max - (g_max - G) exp(-p s / R) up, mirrored down
+``pow``         dG/dp = s ((g_max - G) / R)^gamma up (mirrored down), aihwkit PowStep's law
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from neurosal.errors import NeurosalError
+
+MODELS = ("linear", "lim", "softbounds", "pow")
+UPDATES = ("bidirectional", "unidirectional")
+PULSE_MODES = ("round", "stochastic")
+
+
+@dataclass
+class DeviceConfig:
+    """One resistive device type and its periphery. Every field has a physical meaning and a check."""
+
+    model: str = "linear"
+    levels: float = 1000  # N: pulses from g_min to g_max for the linear device
+    g_min: float = 0.0  # conductance bounds (arbitrary units, e.g. uS)
+    g_max: float = 1.0
+    nl_p: float = 1.0  # lim: potentiation nonlinearity (A / N); larger = more linear
+    nl_d: float = 1.0  # lim: depression nonlinearity
+    gamma: float = 1.0  # pow: exponent of the state dependence
+    dtod_step: float = 0.0  # device-to-device spread of the step size (relative std)
+    dtod_bounds: float = 0.0  # device-to-device shrink of each device's bounds (relative to R)
+    ctoc: float = 0.0  # cycle-to-cycle noise per pulse (std, in units of the nominal step)
+    read_noise: float = 0.0  # std of conductance read noise (relative to R), fresh at every read
+    dac_bits: int = 0  # input quantisation (0 = off); per-sample abs-max scaling
+    adc_bits: int = 0  # output quantisation (0 = off)
+    adc_range: float = 4.0  # ADC full scale in units of w_max * sqrt(fan_in) for unit-range inputs
+    update: str = "bidirectional"  # or "unidirectional" (Lim et al.: potentiation only + refresh)
+    refresh_at: float = 0.9  # unidirectional: refresh a pair when a device passes this fraction of R
+    pulses: str = "stochastic"  # pulse count from the requested change: unbiased "stochastic" or "round"
+    max_pulses: int = 0  # cap per update and device (0 = none)
+    w_range: float = 4.0  # weight range w_max = w_range / sqrt(fan_in) (layer's init bound is 1/sqrt)
+    drift_nu: float = 0.0  # PCM-like drift exponent: G(t) = g_min + (G - g_min) (t / t0)^-nu
+    drift_nu_dtod: float = 0.0  # device-to-device spread of nu (relative std)
+
+    def validate(self) -> "DeviceConfig":
+        err = []
+        if self.model not in MODELS:
+            err.append(f"model must be one of {MODELS}, not {self.model!r}")
+        if not (math.isfinite(self.g_min) and math.isfinite(self.g_max)) or self.g_min >= self.g_max:
+            err.append(f"g_min ({self.g_min}) must be below g_max ({self.g_max})")
+        if not self.levels >= 2:
+            err.append(f"levels must be >= 2, got {self.levels}")
+        for name in ("nl_p", "nl_d", "gamma", "w_range", "adc_range"):
+            if not getattr(self, name) > 0:
+                err.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("dtod_step", "dtod_bounds", "ctoc", "read_noise", "drift_nu", "drift_nu_dtod"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                err.append(f"{name} must be a non-negative number, got {v}")
+        if self.dtod_bounds >= 0.5:
+            err.append("dtod_bounds must be below 0.5 (devices would have no range left)")
+        for name in ("dac_bits", "adc_bits", "max_pulses"):
+            if getattr(self, name) < 0:
+                err.append(f"{name} must be >= 0")
+        if self.update not in UPDATES:
+            err.append(f"update must be one of {UPDATES}, not {self.update!r}")
+        if self.pulses not in PULSE_MODES:
+            err.append(f"pulses must be one of {PULSE_MODES}, not {self.pulses!r}")
+        if not 0 < self.refresh_at <= 1:
+            err.append("refresh_at must be in (0, 1]")
+        if err:
+            raise NeurosalError("bad device parameters: " + "; ".join(err))
+        return self
+
+    def replace(self, **changes) -> "DeviceConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise NeurosalError(f"unknown device parameter(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes).validate()
+
+
+def _lim_b(nl: float, r: torch.Tensor) -> torch.Tensor:
+    return r / (-math.expm1(-1.0 / nl))
+
+
+def potentiate(cfg: DeviceConfig, g, p, lo, hi, step_scale):
+    """Conductance after ``p`` (>= 0) potentiation pulses, per device (all arguments broadcast)."""
+    r = hi - lo
+    s = r / cfg.levels * step_scale  # per-device step (device-to-device spread)
+    if cfg.model == "linear":
+        out = g + p * s
+    elif cfg.model == "lim":
+        b = _lim_b(cfg.nl_p, r)
+        frac = ((g - lo) / b).clamp(max=1 - 1e-12)
+        u = -cfg.nl_p * torch.log1p(-frac) + p * s / r
+        out = lo + b * (-torch.expm1(-u / cfg.nl_p))
+    elif cfg.model == "softbounds":
+        out = hi - (hi - g) * torch.exp(-p * s / r)
+    else:  # pow
+        out = hi - r * _pow_decay((hi - g) / r, p * s / r, cfg.gamma)
+    return torch.minimum(torch.maximum(out, lo), hi)
+
+
+def depress(cfg: DeviceConfig, g, p, lo, hi, step_scale):
+    """Conductance after ``p`` (>= 0) depression pulses (the mirror image with ``nl_d``)."""
+    r = hi - lo
+    s = r / cfg.levels * step_scale
+    if cfg.model == "linear":
+        out = g - p * s
+    elif cfg.model == "lim":
+        b = _lim_b(cfg.nl_d, r)
+        frac = ((hi - g) / b).clamp(max=1 - 1e-12)
+        v = -cfg.nl_d * torch.log1p(-frac) + p * s / r
+        out = hi - b * (-torch.expm1(-v / cfg.nl_d))
+    elif cfg.model == "softbounds":
+        out = lo + (g - lo) * torch.exp(-p * s / r)
+    else:
+        out = lo + r * _pow_decay((g - lo) / r, p * s / r, cfg.gamma)
+    return torch.minimum(torch.maximum(out, lo), hi)
+
+
+def _pow_decay(w, t, gamma):
+    """Solution of dw/dt = -w^gamma from w(0) = w, at time t (w in [0, 1])."""
+    if abs(gamma - 1.0) < 1e-9:
+        return w * torch.exp(-t)
+    base = w.clamp_min(0).pow(1 - gamma) - (1 - gamma) * t
+    return base.clamp_min(0).pow(1 / (1 - gamma))
