@@ -30,7 +30,7 @@ AXES = {
 
 def device_overrides(axis: str, value: float) -> dict:
     if axis == "levels":
-        return {"levels": value}
+        return {"levels": int(value)}
     if axis == "nonlinearity":
         return {"model": "linear"} if math.isinf(value) else {"model": "lim", "nl_p": value, "nl_d": value}
     if axis == "variation":
@@ -91,13 +91,33 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def parse_axes(text: str | None) -> dict:
+    """``"levels=8,256;nonlinearity=inf,0.03"`` -> {"levels": [8, 256], "nonlinearity": [inf, 0.03]}."""
+    if not text:
+        return dict(AXES)
+    axes = {}
+    for part in text.split(";"):
+        name, _, values = part.partition("=")
+        name = name.strip()
+        if name not in AXES:
+            raise NeurosalError(f"unknown sweep axis {name!r}; known: {', '.join(AXES)}")
+        try:
+            axes[name] = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise NeurosalError(f"cannot parse values of sweep axis {name!r}: {values!r}") from None
+        if not axes[name]:
+            raise NeurosalError(f"sweep axis {name!r} has no values")
+    return axes
+
+
 def cmd_sweep(args) -> int:
     from neurosal.rules import parse_options
 
     rules = [r for r in args.rules.split(",") if r]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run_sweep(rules, args.data, args.model, args.epochs, args.device, seed=args.seed,
+    rows = run_sweep(rules, args.data, args.model, args.epochs, args.device, axes=parse_axes(args.axes),
+                     seed=args.seed,
                      batch_size=args.batch_size, lr=args.lr, extra_device=parse_options(args.device_options),
                      progress=True)
     write_csv(out / "sweep.csv", rows)
@@ -118,5 +138,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="linear-256", help="base device preset the axes modify")
     p.add_argument("--device-options", default=None, help="fixed overrides of the base device")
+    p.add_argument("--axes", default=None,
+                   help="axes and values, e.g. 'levels=8,256;nonlinearity=inf,0.03' (default: all)")
     p.add_argument("--out", default="runs/sweep")
     p.set_defaults(func=cmd_sweep)

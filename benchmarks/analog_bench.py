@@ -1,0 +1,83 @@
+"""Analog-training throughput (samples/s) against float training of the same net, in one run.
+
+A training step on an analog substrate = forward through DAC / noisy devices / ADC, the rule's
+teaching signals, the optimiser, and the pulse programming of every array. Target (issue 4): at most
+3x slower than float on CPU.
+
+    python benchmarks/analog_bench.py --small --out results/analog_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.rules_bench import machine_info  # noqa: E402
+from neurosal.engine import block_output_shapes, train_step  # noqa: E402
+from neurosal.rules import make_rule  # noqa: E402
+from neurosal.substrates import apply_device, finish_step  # noqa: E402
+
+DEVICES = [None, "ideal", "linear-256", "rram-like", "pcm-like"]
+
+
+def measure(rule_name, device_name, model, batch, device, steps, warmup=3):
+    torch.manual_seed(0)
+    shape = (1, 28, 28)
+    rule = make_rule(rule_name)
+    net = rule.build(model, shape, 10).to(device)
+    if device_name:
+        net = apply_device(net, device_name, {}, 0)
+    rule.setup(net, block_output_shapes(net, shape), 10, torch.Generator().manual_seed(1))
+    rule.to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        train_step(net, rule, x, y, 10)
+        opt.step()
+        finish_step(net)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="results/analog_bench.json")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, batch, steps = ("mlp:256x256", 128, 20) if args.small else ("mlp:2048x2048", 1024, 30)
+    rows = []
+    for rule in ("bp", "dfa", "sal"):
+        base = None
+        for name in DEVICES:
+            sps = measure(rule, name, model, batch, dev, steps)
+            base = sps if name is None else base
+            row = {"rule": rule, "device": name or "float", "model": model, "batch": batch,
+                   "samples_per_s": sps, "slowdown_vs_float": base / sps}
+            rows.append(row)
+            print(f"{rule:4s} {row['device']:11s} {sps:10.0f} samples/s  x{row['slowdown_vs_float']:.2f} slower", flush=True)
+    out = {"benchmark": "analog_bench", "machine": machine_info(str(dev)), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
