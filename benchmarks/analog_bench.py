@@ -25,16 +25,17 @@ from neurosal.engine import block_output_shapes, train_step  # noqa: E402
 from neurosal.rules import make_rule  # noqa: E402
 from neurosal.substrates import apply_device, finish_step  # noqa: E402
 
-DEVICES = [None, "ideal", "linear-256", "rram-like", "pcm-like"]
+DEVICES = [(None, {}), ("ideal", {}), ("linear-256", {}), ("rram-like", {}), ("pcm-like", {}),
+           ("linear-256", {"fused": True}), ("rram-like", {"fused": True}), ("pcm-like", {"fused": True})]
 
 
-def measure(rule_name, device_name, model, batch, device, steps, warmup=3):
+def measure(rule_name, device_name, options, model, batch, device, steps, warmup=3):
     torch.manual_seed(0)
     shape = (1, 28, 28)
     rule = make_rule(rule_name)
     net = rule.build(model, shape, 10).to(device)
     if device_name:
-        net = apply_device(net, device_name, {}, 0)
+        net = apply_device(net, device_name, options, 0)
     rule.setup(net, block_output_shapes(net, shape), 10, torch.Generator().manual_seed(1))
     rule.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -65,13 +66,14 @@ def main(argv=None) -> int:
     rows = []
     for rule in ("bp", "dfa", "sal"):
         base = None
-        for name in DEVICES:
-            sps = measure(rule, name, model, batch, dev, steps)
+        for name, options in DEVICES:
+            sps = measure(rule, name, options, model, batch, dev, steps)
             base = sps if name is None else base
-            row = {"rule": rule, "device": name or "float", "model": model, "batch": batch,
+            label = (name or "float") + ("[fused]" if options.get("fused") else "")
+            row = {"rule": rule, "device": label, "model": model, "batch": batch,
                    "samples_per_s": sps, "slowdown_vs_float": base / sps}
             rows.append(row)
-            print(f"{rule:4s} {row['device']:11s} {sps:10.0f} samples/s  x{row['slowdown_vs_float']:.2f} slower", flush=True)
+            print(f"{rule:4s} {row['device']:18s} {sps:10.0f} samples/s  x{row['slowdown_vs_float']:.2f} slower", flush=True)
     out = {"benchmark": "analog_bench", "machine": machine_info(str(dev)), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -76,10 +76,9 @@ class AnalogTiles:
     def sync(self) -> None:
         for p, arr, held in zip(self.params, self.arrays, self.held):
             request = p - held
-            if torch.count_nonzero(request):
-                if not torch.isfinite(request).all():
-                    raise NeurosalError("the optimiser proposed a NaN/Inf weight change for an analog layer")
-                arr.apply(request)
+            if not torch.isfinite(request).all():
+                raise NeurosalError("the optimiser proposed a NaN/Inf weight change for an analog layer")
+            arr.apply(request)
             w = arr.weights()
             p.copy_(w)
             held.copy_(w)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .devices import DeviceConfig, depress, potentiate
+from .devices import DeviceConfig, Response
 
 
 class DifferentialArray:
@@ -49,13 +49,20 @@ class DifferentialArray:
         self.nu = (cfg.drift_nu * (1 + spread(cfg.drift_nu_dtod))).clamp_min(0)
         self.g = self.lo.clone()
         self.resets = 0  # pairs refreshed so far (unidirectional)
+        self._bind()
+
+    def _bind(self) -> None:
+        """Precompute each device's response constants (after creation or loading state)."""
+        self.response = [Response(self.cfg, self.lo[i], self.hi[i], self.step_scale[i]) for i in (0, 1)]
 
     # ------------------------------------------------------------------ reading
     def weights(self, noisy: bool = False) -> torch.Tensor:
-        g = self.g
+        w = (self.g[0] - self.g[1]) * (self.w_max / self.r_nominal)
         if noisy and self.cfg.read_noise > 0:
-            g = g + self._randn(g.shape) * (self.cfg.read_noise * self.r_nominal)
-        return (g[0] - g[1]) * (self.w_max / self.r_nominal)
+            # independent read noise on G+ and G- (std sigma each) is one draw of std sigma*sqrt(2)
+            sigma = self.cfg.read_noise * 2 ** 0.5 * self.w_max
+            w = w + self._randn(w.shape) * sigma
+        return w
 
     # ------------------------------------------------------------------ randomness
     def _randn(self, shape):
@@ -77,36 +84,23 @@ class DifferentialArray:
             p = p.clamp(max=self.cfg.max_pulses)
         return p
 
-    def _noise(self, p, i):
-        if self.cfg.ctoc == 0:
-            return 0.0
-        s = (self.hi[i] - self.lo[i]) / self.cfg.levels * self.step_scale[i]
-        return self._randn(p.shape) * (self.cfg.ctoc * s) * p.sqrt()
-
-    def _move(self, i: int, p: torch.Tensor, up: bool) -> torch.Tensor:
-        """Device i of every pair after p pulses; devices that get no pulse stay exactly as they are."""
-        fn = potentiate if up else depress
-        g = fn(self.cfg, self.g[i], p, self.lo[i], self.hi[i], self.step_scale[i])
-        g = g + self._noise(p, i)
-        g = torch.minimum(torch.maximum(g, self.lo[i]), self.hi[i])
-        return torch.where(p > 0, g, self.g[i])
+    def _step(self, i: int, dp: torch.Tensor) -> None:
+        """Device i of every pair after signed pulse counts dp (> 0 potentiation, < 0 depression)."""
+        z = self._randn(dp.shape) if self.cfg.ctoc > 0 else None  # cycle-to-cycle noise source
+        self.g[i] = self.response[i].step_signed(self.g[i], dp, z)
 
     def apply(self, dw: torch.Tensor) -> torch.Tensor:
         """Program a requested weight change; returns the pulse counts used (before refresh)."""
         p = self.pulse_counts(dw)
-        pos = dw > 0
-        zero = torch.zeros_like(p)
+        sgn = torch.sign(dw)
         if self.cfg.update == "unidirectional":
-            self.g[0] = self._move(0, torch.where(pos, p, zero), True)
-            self.g[1] = self._move(1, torch.where(pos, zero, p), True)
+            self._step(0, p * (sgn > 0))
+            self._step(1, p * (sgn < 0))
             self.refresh()
         else:  # the device that should rise gets ceil(p/2) up-pulses, its partner floor(p/2) down-pulses
             a = torch.ceil(p / 2)
-            b = p - a
-            self.g[0] = self._move(0, torch.where(pos, a, zero), True)
-            self.g[0] = self._move(0, torch.where(pos, zero, b), False)
-            self.g[1] = self._move(1, torch.where(pos, zero, a), True)
-            self.g[1] = self._move(1, torch.where(pos, b, zero), False)
+            self._step(0, sgn * a)
+            self._step(1, sgn * (a - p))
         return p
 
     def refresh(self) -> int:
@@ -119,10 +113,9 @@ class DifferentialArray:
             self.g[0] = torch.where(full, self.lo[0], self.g[0])
             self.g[1] = torch.where(full, self.lo[1], self.g[1])
             target = torch.where(full, w, torch.zeros_like(w))
-            p = self.pulse_counts(target)
-            zero = torch.zeros_like(p)
-            self.g[0] = torch.where(full, self._move(0, torch.where(target > 0, p, zero), True), self.g[0])
-            self.g[1] = torch.where(full, self._move(1, torch.where(target < 0, p, zero), True), self.g[1])
+            p = self.pulse_counts(target)  # zero outside the refreshed pairs: they do not move
+            self._step(0, p * (target > 0))
+            self._step(1, p * (target < 0))
             self.resets += n
         return n
 
@@ -136,9 +129,8 @@ class DifferentialArray:
         if self.cfg.update == "unidirectional":
             self.g = self.lo.clone()
             p = self.pulse_counts(w)
-            zero = torch.zeros_like(p)
-            self.g[0] = self._move(0, torch.where(w > 0, p, zero), True)
-            self.g[1] = self._move(1, torch.where(w < 0, p, zero), True)
+            self._step(0, p * (w > 0))
+            self._step(1, p * (w < 0))
         else:
             self.g = (self.lo + self.hi) / 2
             self.apply(w)
@@ -160,3 +152,4 @@ class DifferentialArray:
             setattr(self, k, st[k].to(dev, dt))
         self.resets = int(st["resets"])
         self.gen.set_state(st["rng"])
+        self._bind()

@@ -7,9 +7,9 @@ device), nominal step ``s = R / N``.
 
 ``linear``      G' = clamp(G +- p s)                                   (ideal / ConstantStep-like)
 ``lim``         Lim et al.: potentiation G(u) = g_min + B (1 - exp(-u / nl_p)), u = pulses / N,
-                B = R / (1 - exp(-1 / nl_p)); depression mirrored from g_max with nl_d. Small nl: strongly
-                nonlinear (large steps near one bound, tiny near the other); nl -> inf: linear.
-                nl_p != nl_d makes the device asymmetric.
+                B = R / (1 - exp(-1 / nl_p)) (N pulses span the range exactly); depression mirrored from
+                g_max with nl_d. Small nl: strongly nonlinear (large steps near one bound, tiny near the
+                other); nl -> inf: linear. nl_p != nl_d makes the device asymmetric.
 ``softbounds``  per-pulse step shrinks linearly towards the bound it approaches (aihwkit SoftBounds):
                 G' = g_max - (g_max - G) exp(-p s / R) up, mirrored down
 ``pow``         dG/dp = s ((g_max - G) / R)^gamma up (mirrored down), aihwkit PowStep's law
@@ -55,6 +55,8 @@ class DeviceConfig:
     w_range: float = 4.0  # weight range w_max = w_range / sqrt(fan_in) (layer's init bound is 1/sqrt)
     drift_nu: float = 0.0  # PCM-like drift exponent: G(t) = g_min + (G - g_min) (t / t0)^-nu
     drift_nu_dtod: float = 0.0  # device-to-device spread of nu (relative std)
+    fused: bool = False  # execution, not physics: run the update as one torch.compile'd kernel
+                         # (about 10x faster per step on CPU, ~15 s to compile on first use)
 
     def validate(self) -> "DeviceConfig":
         err = []
@@ -93,44 +95,111 @@ class DeviceConfig:
         return dataclasses.replace(self, **changes).validate()
 
 
-def _lim_b(nl: float, r: torch.Tensor) -> torch.Tensor:
-    return r / (-math.expm1(-1.0 / nl))
+class Response:
+    """A device model bound to per-device bounds and step scales, with its constants precomputed.
+
+    The ``lim`` and ``softbounds`` models are exponential relaxations: p pulses move G towards an
+    asymptote, ``G' = g_sat - (g_sat - G) exp(-p k)``. For ``lim`` potentiation ``g_sat = g_min + B``
+    and ``k = 1 / (N nl_p)`` -- the closed form of B (1 - exp(-u / nl_p)) continued by p pulses -- and
+    mirrored for depression; for soft bounds ``g_sat`` is the bound itself and ``k = 1 / N``.
+    :meth:`step_signed` applies signed pulse counts (> 0 potentiation, < 0 depression) in one pass;
+    devices that get no pulse come back exactly unchanged.
+    """
+
+    def __init__(self, cfg: DeviceConfig, lo, hi, step_scale):
+        self.cfg, self.lo, self.hi = cfg, lo, hi
+        self.r = hi - lo
+        self.step = self.r * (step_scale / cfg.levels)  # per-device step size (linear model)
+        self.du = step_scale / cfg.levels  # one pulse in normalised pulse time (u = pulses / N)
+        if cfg.model == "lim":
+            self.sat_p = lo + self.r / (-math.expm1(-1.0 / cfg.nl_p))
+            self.sat_d = hi - self.r / (-math.expm1(-1.0 / cfg.nl_d))
+            self.k_p, self.k_d = self.du / cfg.nl_p, self.du / cfg.nl_d
+        elif cfg.model == "softbounds":
+            self.sat_p, self.sat_d, self.k_p, self.k_d = hi, lo, self.du, self.du
+
+    def _relax(self, g, p, sat, k):
+        return sat - (sat - g) * torch.exp(-p * k)
+
+    def up(self, g, p):
+        cfg, lo, hi = self.cfg, self.lo, self.hi
+        if cfg.model == "linear":
+            out = g + p * self.step
+        elif cfg.model == "pow":
+            out = hi - self.r * _pow_decay((hi - g) / self.r, p * self.du, cfg.gamma)
+        else:
+            out = self._relax(g, p, self.sat_p, self.k_p)
+        return torch.clamp(out, lo, hi)
+
+    def down(self, g, p):
+        cfg, lo, hi = self.cfg, self.lo, self.hi
+        if cfg.model == "linear":
+            out = g - p * self.step
+        elif cfg.model == "pow":
+            out = lo + self.r * _pow_decay((g - lo) / self.r, p * self.du, cfg.gamma)
+        else:
+            out = self._relax(g, p, self.sat_d, self.k_d)
+        return torch.clamp(out, lo, hi)
+
+    def step_signed(self, g, dp, z=None):
+        """G after signed pulses dp. ``z`` (standard normal, same shape) drives cycle-to-cycle noise:
+        |dp| pulses add ``z * ctoc * step * sqrt(|dp|)``, then G is clamped again."""
+        c = self.cfg
+        if c.fused and c.model in ("linear", "lim", "softbounds"):
+            return _fused()(g, dp, z, c.model == "linear", self.step, getattr(self, "sat_p", 0.0),
+                            getattr(self, "sat_d", 0.0), getattr(self, "k_p", 0.0), getattr(self, "k_d", 0.0),
+                            self.lo, self.hi, c.ctoc)
+        out = self._step_eager(g, dp)
+        if z is not None:
+            noisy = torch.clamp(out + z * (c.ctoc * self.step) * dp.abs().sqrt(), self.lo, self.hi)
+            out = torch.where(dp == 0, out, noisy)
+        return out
+
+    def _step_eager(self, g, dp):
+        model = self.cfg.model
+        if model == "linear":  # one pass; dp == 0 adds exactly zero
+            return torch.clamp(g + dp * self.step, self.lo, self.hi)
+        p = dp.abs()
+        if model == "pow":
+            moved = torch.where(dp > 0, self.up(g, p), self.down(g, p))
+        else:
+            pos = dp > 0
+            moved = torch.clamp(self._relax(g, p, torch.where(pos, self.sat_p, self.sat_d),
+                                            torch.where(pos, self.k_p, self.k_d)), self.lo, self.hi)
+        return torch.where(dp == 0, g, moved)
+
+
+def _step_kernel(g, dp, z, linear: bool, step, sat_p, sat_d, k_p, k_d, lo, hi, ctoc: float):
+    """The same maths as :meth:`Response.step_signed`, written as one expression for torch.compile."""
+    if linear:
+        out = g + dp * step
+    else:
+        pos = dp > 0
+        sat = torch.where(pos, sat_p, sat_d)
+        out = sat - (sat - g) * torch.exp(-dp.abs() * torch.where(pos, k_p, k_d))
+    out = torch.clamp(out, lo, hi)
+    if z is not None:  # noise on the moved value, clamped again: exactly the eager order
+        out = torch.clamp(out + z * (ctoc * step) * dp.abs().sqrt(), lo, hi)
+    return torch.where(dp == 0, g, out)
+
+
+_COMPILED: dict = {}
+
+
+def _fused():
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(_step_kernel, dynamic=True)
+    return _COMPILED["step"]
 
 
 def potentiate(cfg: DeviceConfig, g, p, lo, hi, step_scale):
     """Conductance after ``p`` (>= 0) potentiation pulses, per device (all arguments broadcast)."""
-    r = hi - lo
-    s = r / cfg.levels * step_scale  # per-device step (device-to-device spread)
-    if cfg.model == "linear":
-        out = g + p * s
-    elif cfg.model == "lim":
-        b = _lim_b(cfg.nl_p, r)
-        frac = ((g - lo) / b).clamp(max=1 - 1e-12)
-        u = -cfg.nl_p * torch.log1p(-frac) + p * s / r
-        out = lo + b * (-torch.expm1(-u / cfg.nl_p))
-    elif cfg.model == "softbounds":
-        out = hi - (hi - g) * torch.exp(-p * s / r)
-    else:  # pow
-        out = hi - r * _pow_decay((hi - g) / r, p * s / r, cfg.gamma)
-    return torch.minimum(torch.maximum(out, lo), hi)
+    return Response(cfg, lo, hi, step_scale).up(g, p)
 
 
 def depress(cfg: DeviceConfig, g, p, lo, hi, step_scale):
     """Conductance after ``p`` (>= 0) depression pulses (the mirror image with ``nl_d``)."""
-    r = hi - lo
-    s = r / cfg.levels * step_scale
-    if cfg.model == "linear":
-        out = g - p * s
-    elif cfg.model == "lim":
-        b = _lim_b(cfg.nl_d, r)
-        frac = ((hi - g) / b).clamp(max=1 - 1e-12)
-        v = -cfg.nl_d * torch.log1p(-frac) + p * s / r
-        out = hi - b * (-torch.expm1(-v / cfg.nl_d))
-    elif cfg.model == "softbounds":
-        out = lo + (g - lo) * torch.exp(-p * s / r)
-    else:
-        out = lo + r * _pow_decay((g - lo) / r, p * s / r, cfg.gamma)
-    return torch.minimum(torch.maximum(out, lo), hi)
+    return Response(cfg, lo, hi, step_scale).down(g, p)
 
 
 def _pow_decay(w, t, gamma):
