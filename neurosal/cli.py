@@ -62,11 +62,13 @@ def cmd_train(args) -> int:
     from .train import Trainer
 
     cfg = _config(args, args.rule, parse_options(args.rule_options))
+    cfg.fsdp = args.fsdp
     trainer = Trainer(cfg, args.out)
     summary = trainer.fit(resume=args.resume)
     last = summary["epochs"][-1] if summary["epochs"] else {}
-    print(json.dumps({"out": str(args.out), "epochs": trainer.epoch,
-                      "test_acc": last.get("test_acc"), "train_loss": last.get("train_loss")}))
+    if trainer.main:
+        print(json.dumps({"out": str(args.out), "epochs": trainer.epoch,
+                          "test_acc": last.get("test_acc"), "train_loss": last.get("train_loss")}))
     return 0
 
 
@@ -109,6 +111,34 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _ints(text):
+    return [int(float(v)) for v in text.split(",") if v] if text else []
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, run
+
+    cfg = BenchConfig.small() if args.small else BenchConfig.full()
+    if args.rules:
+        cfg.rules = [r for r in args.rules.split(",") if r]
+    for name in ("widths", "depths"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, _ints(getattr(args, name)))
+    if args.params is not None:
+        cfg.params = [float(v) for v in args.params.split(",") if v]
+    for name in ("width", "depth", "batch", "steps"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.devices:
+        cfg.devices = [None] + [d for d in args.devices.split(",") if d]
+    cfg.accel, cfg.compile = args.accel, args.compile
+    if args.dtype:
+        cfg.dtype = args.dtype
+    run(cfg, args.out)
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .data import dataset_names
     from .rules import REGISTRY
@@ -135,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule-options", default=None, help="e.g. 'rank=10' (see 'neurosal list')")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.json, curves.png)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 (bp)")
     _common(p)
     p.set_defaults(func=cmd_train)
 
@@ -144,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare")
     _common(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="step time, memory and FLOP/s of rules over width/depth/size sweeps")
+    p.add_argument("--small", action="store_true", help="preset that finishes in minutes on 2 CPU cores")
+    p.add_argument("--rules", default=None, help="e.g. bp,fa,dfa,sal,dfa[recompute]")
+    p.add_argument("--widths", default=None, help="width sweep at --depth, e.g. 256,1024")
+    p.add_argument("--depths", default=None, help="depth sweep at --width, e.g. 2,8,32,128")
+    p.add_argument("--params", default=None, help="parameter-count sweep at --depth, e.g. 1e8,1e9")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--devices", default=None, help="analog device presets to add, e.g. rram-like")
+    p.add_argument("--dtype", default=None, choices=["float32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the BP baseline")
+    p.add_argument("--accel", default="auto")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("list", help="rules, datasets, model specs and hardware devices")
     p.set_defaults(func=cmd_list)

@@ -98,10 +98,12 @@ def _check_finite(loss: torch.Tensor) -> None:
 
 
 def train_step(net: Net, rule, x: torch.Tensor, y: torch.Tensor, n_classes: int,
-               memory: str = "cache"):
+               memory: str = "cache", on_layer=None):
     """Fill ``.grad`` of the net (and of the rule's learned feedback) for one batch.
 
     Returns ``(loss, logits)``; the caller zeroes grads before and steps the optimiser after.
+    ``on_layer(op)`` is called as soon as a layer's update is in its ``.grad`` (non-BP rules), e.g. to
+    start that layer's gradient all-reduce while the other layers are still computing.
     """
     if rule.autograd:
         logits = net(x)
@@ -111,7 +113,7 @@ def train_step(net: Net, rule, x: torch.Tensor, y: torch.Tensor, n_classes: int,
     if memory not in MEMORY_MODES:
         raise NeurosalError(f"unknown memory mode {memory!r}; use one of {MEMORY_MODES}")
     if memory == "recompute" and rule.direct:
-        return _direct_recompute_step(net, rule, x, y, n_classes)
+        return _direct_recompute_step(net, rule, x, y, n_classes, on_layer)
     logits, cache = forward_cached(net, x)
     with torch.no_grad():
         loss, e = output_error(logits, y)
@@ -119,13 +121,15 @@ def train_step(net: Net, rule, x: torch.Tensor, y: torch.Tensor, n_classes: int,
         for l, delta in rule.teach(net, cache, e, target):
             entry = cache[l]
             apply_local_update(entry.op, entry.x, delta, entry.ctx)
+            if on_layer is not None:
+                on_layer(entry.op)
             if l + 1 < len(cache):
                 cache[l + 1] = None  # the block above has served its feedback: free its input
     return loss, logits
 
 
 @torch.no_grad()
-def _direct_recompute_step(net, rule, x, y, n_classes):
+def _direct_recompute_step(net, rule, x, y, n_classes, on_layer=None):
     logits = net(x)
     loss, e = output_error(logits, y)
     target = _onehot(y, n_classes, e.dtype)
@@ -135,6 +139,8 @@ def _direct_recompute_step(net, rule, x, y, n_classes):
         out, entry = block_step(blk, h)
         g = e if l == last else rule.signal(l, e, target)
         apply_local_update(entry.op, entry.x, entry.delta_from_output(g), entry.ctx)
+        if on_layer is not None:
+            on_layer(entry.op)
         h = out
     return loss, logits
 

@@ -19,6 +19,7 @@ import torch
 
 from . import checkpoint
 from .data import Dataset, load_dataset
+from .distributed import DistContext, LayerwiseAllReduce, average_buffers, reduce_learned_feedback
 from .engine import MEMORY_MODES, alignment, block_output_shapes, train_step
 from .errors import NeurosalError
 from .models import Net
@@ -48,6 +49,7 @@ class TrainConfig:
     accel: str = "auto"  # torch device: auto, cpu, cuda, cuda:1, ...
     memory: str = "cache"  # direct rules: "cache" or "recompute" (low memory)
     alignment: bool = False  # log per-layer angle to the BP signal each epoch
+    fsdp: bool = False  # under torchrun, shard the model with FSDP2 (bp only; for very large models)
     keep_checkpoints: int = 3
     progress: bool = True
 
@@ -117,8 +119,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: str | Path | None, dataset: Dataset | None = None):
         cfg.validate()
         self.cfg = cfg
+        self.dist = DistContext.from_env()  # set when launched by torchrun with more than one process
+        self.main = self.dist is None or self.dist.main
         self.out = Path(out_dir) if out_dir is not None else None
         self.device = resolve_device(cfg.accel)
+        if self.dist is not None and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.data_root, cfg.limit)
         self.data = ds.to(self.device)
         self.rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
@@ -126,6 +132,27 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed + 7919)
         self.rule.setup(self.net, block_output_shapes(self.net, ds.input_shape), ds.n_classes, gen)
         self.rule.to(self.device)
+        self.model = self.net  # what the autograd path calls (DDP-wrapped when distributed)
+        self.reducer = None
+        if cfg.fsdp:
+            if not self.rule.autograd:
+                raise NeurosalError("--fsdp shards parameters across ranks; the local rules update whole "
+                                    "layers in place, so use plain data parallelism (no --fsdp) for them")
+            if self.dist is None:
+                raise NeurosalError("--fsdp needs a multi-process launch: torchrun --nproc_per_node N ...")
+            from torch.distributed.fsdp import fully_shard
+
+            for blk in self.net.blocks:
+                fully_shard(blk)
+            fully_shard(self.net)
+        elif self.dist is not None:
+            if self.rule.autograd:
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.model = DistributedDataParallel(self.net, device_ids=ids)
+            else:
+                self.reducer = LayerwiseAllReduce(self.dist)
         params = list(self.net.parameters()) + [p for p in self.rule.parameters() if p.numel()]
         self.opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.reference = make_rule("bp") if cfg.alignment and cfg.rule != "bp" else None
@@ -140,12 +167,39 @@ class Trainer:
             "epoch": self.epoch,
             "input_shape": list(self.data.input_shape),
             "n_classes": self.data.n_classes,
-            "net": self.net.state_dict(),
+            "net": self._net_state(),
             "rule": self.rule.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "optimizer": self._opt_state(),
             "history": self.history,
             "torch_rng": torch.get_rng_state(),
         }
+
+    def _net_state(self) -> dict:
+        if not self.cfg.fsdp:
+            return self.net.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _opt_state(self) -> dict:
+        if not self.cfg.fsdp:
+            return self.opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.net, self.opt,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_net_and_opt(self, st: dict) -> None:
+        if not self.cfg.fsdp:
+            self.net.load_state_dict(st["net"])
+            self.opt.load_state_dict(st["optimizer"])
+            return
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                              set_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.net, st["net"], options=opts)
+        set_optimizer_state_dict(self.net, self.opt, st["optimizer"], options=opts)
 
     def restore(self, path: Path) -> None:
         st = checkpoint.load(path)
@@ -156,9 +210,8 @@ class Trainer:
             raise NeurosalError(f"cannot resume {path}: settings differ from the checkpoint's: "
                                 + ", ".join(f"{k} ({old.get(k)!r} -> {now[k]!r})" for k in diff))
         try:
-            self.net.load_state_dict(st["net"])
+            self._load_net_and_opt(st)
             self.rule.load_state_dict(st["rule"])
-            self.opt.load_state_dict(st["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise NeurosalError(f"checkpoint {path} does not fit this model: {exc}") from exc
         torch.set_rng_state(st["torch_rng"])
@@ -194,16 +247,24 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         step_times = []
-        bar = tqdm(batches, desc=f"{cfg.rule} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress,
+        bar = tqdm(batches, desc=f"{cfg.rule} epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and self.main),
                    leave=False, unit="batch")
         t_epoch = time.perf_counter()
         for idx in bar:
+            if self.dist is not None:
+                idx = self.dist.shard(idx)
             xb, yb = d.x_train[idx], d.y_train[idx]
             t0 = time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
-            loss, logits = train_step(self.net, self.rule, xb, yb, d.n_classes, cfg.memory)
+            net = self.model if self.rule.autograd else self.net
+            loss, logits = train_step(net, self.rule, xb, yb, d.n_classes, cfg.memory, self.reducer)
+            if self.reducer is not None:
+                self.reducer.wait()
+                reduce_learned_feedback(self.dist, self.rule)
             self.opt.step()
             finish_step(self.net)
+            if self.dist is not None:
+                average_buffers(self.dist, self.net)
             self.rule.after_step(self.net)
             _sync(self.device)
             step_times.append(time.perf_counter() - t0)
@@ -211,6 +272,8 @@ class Trainer:
             correct += (logits.argmax(1) == yb).sum()
             if len(step_times) % 50 == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
+        if self.dist is not None:  # metrics of the global batch
+            loss_sum, correct = self.dist.sum(loss_sum), self.dist.sum(correct)
         train_loss = float(loss_sum) / len(d.x_train)
         if not math.isfinite(train_loss):
             raise NeurosalError(f"training diverged in epoch {epoch}: the loss is NaN/Inf "
@@ -232,7 +295,7 @@ class Trainer:
             if last is None:
                 raise NeurosalError(f"nothing to resume: no checkpoint in {self.out}")
             self.restore(last)
-        if self.out is not None:
+        if self.out is not None and self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write_text(self.out / "config.json",
                                          json.dumps(dataclasses.asdict(self.cfg), indent=2))
@@ -240,11 +303,12 @@ class Trainer:
             rec = self.train_epoch(epoch)
             self.history.append(rec)
             self.epoch = epoch
-            if self.out is not None:
-                checkpoint.save(checkpoint.epoch_path(self.out, epoch), self.state())
+            state = self.state() if self.out is not None and (self.main or self.cfg.fsdp) else None  # collective
+            if self.out is not None and self.main:
+                checkpoint.save(checkpoint.epoch_path(self.out, epoch), state)
                 checkpoint.prune(self.out, self.cfg.keep_checkpoints)
                 self.write_metrics()
-            if self.cfg.progress:
+            if self.cfg.progress and self.main:
                 print(f"[{self.cfg.rule}] epoch {epoch}: loss {rec['train_loss']:.4f} "
                       f"test acc {100 * rec['test_acc']:.2f}% step {rec['step_time_ms']:.2f} ms", flush=True)
         return self.summary()

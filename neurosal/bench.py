@@ -1,0 +1,311 @@
+"""The benchmark runner behind ``neurosal bench`` and ``benchmarks/``.
+
+For each rule and model in a sweep (widths, depths up to 128, parameter counts up to 1B on a large GPU)
+it measures one training step -- forward, teaching signals, local updates, optimiser -- in a fresh
+subprocess, so peak memory is the case's own:
+
+* step time (median) and samples/s;
+* peak memory: CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the first step;
+  CPU: peak RSS above the RSS before the first step;
+* achieved FLOP/s -- the algorithm's own FLOPs (BP: forward + both backward matmuls; DFA/SAL: forward
+  + weight updates + the projections) over the step time -- as a fraction of a matmul peak measured on
+  the same device and dtype.
+
+Results: ``bench.json`` (machine, versions, settings, rows), ``bench.md`` (one table, with time and
+memory ratios against BP on the same model) and ``bench.png`` (memory and time vs depth).
+Rules may carry a memory mode: ``dfa[recompute]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import NeurosalError
+
+
+@dataclass
+class BenchConfig:
+    rules: list[str] = field(default_factory=lambda: ["bp", "fa", "dfa", "sal"])
+    widths: list[int] = field(default_factory=lambda: [256, 1024])  # at depth `depth`
+    depths: list[int] = field(default_factory=lambda: [2, 8, 32])  # at width `width`
+    params: list[float] = field(default_factory=list)  # target parameter counts at depth `depth`
+    models: list[str] = field(default_factory=list)  # extra model specs, e.g. "cnn" (28x28 inputs)
+    width: int = 256
+    depth: int = 4
+    batch: int = 256
+    steps: int = 10
+    warmup: int = 3
+    accel: str = "auto"
+    dtype: str = "float32"  # or "bf16": torch.autocast for the forward and the updates
+    compile: bool = False  # torch.compile the model (the BP baseline's path)
+    devices: list = field(default_factory=lambda: [None])  # analog device presets to include
+    input_dim: int = 784
+    n_classes: int = 10
+
+    @staticmethod
+    def small() -> "BenchConfig":
+        return BenchConfig(widths=[128, 512], depths=[2, 8, 32], params=[1e5, 1e6], width=256, depth=4,
+                           batch=128, steps=5, warmup=2)
+
+    @staticmethod
+    def full() -> "BenchConfig":
+        return BenchConfig(widths=[1024, 4096, 8192], depths=[2, 8, 32, 128], params=[1e7, 1e8, 1e9],
+                           width=2048, depth=8, batch=1024, steps=20, warmup=5, dtype="bf16")
+
+
+def parse_rule(text: str) -> tuple[str, str]:
+    if text.endswith("]") and "[" in text:
+        name, mode = text[:-1].split("[", 1)
+        return name, mode
+    return text, "cache"
+
+
+def cases(cfg: BenchConfig) -> list[dict]:
+    """Every (rule, device, model) of the sweep; each model is mlp:WIDTH*DEPTH."""
+    models = []
+    for w in cfg.widths:
+        models.append(("width", w, cfg.depth))
+    for d in cfg.depths:
+        models.append(("depth", cfg.width, d))
+    for p in cfg.params:
+        w = max(64, int(round(math.sqrt(p / cfg.depth) / 64)) * 64)
+        models.append(("params", w, cfg.depth))
+    specs = [(sweep, f"mlp:{w}*{d}", w, d) for sweep, w, d in models]
+    specs += [("model", spec, None, None) for spec in cfg.models]
+    seen, out = set(), []
+    for sweep, spec, w, d in specs:
+        for rule in cfg.rules:
+            for dev in cfg.devices:
+                key = (sweep, spec, rule, dev)
+                if key not in seen:
+                    seen.add(key)
+                    out.append({"sweep": sweep, "model": spec, "width": w, "depth": d, "rule": rule, "device": dev})
+    return out
+
+
+def mlp_flops(rule: str, batch: int, dims: list[int], n_classes: int) -> float:
+    """FLOPs of one training step of an MLP with layer sizes ``dims`` (input ... output)."""
+    mats = [a * b for a, b in zip(dims, dims[1:])]
+    fwd = 2 * batch * sum(mats)
+    name, _ = parse_rule(rule)
+    if name in ("bp", "fa", "usf", "ldef"):  # weight grads + signals carried down (not into the input)
+        return fwd + 2 * batch * sum(mats) + 2 * batch * sum(mats[1:])
+    proj = 2 * batch * n_classes * sum(dims[1:-1])  # DFA-family projections
+    extra = fwd if parse_rule(rule)[1] == "recompute" else 0
+    return fwd + 2 * batch * sum(mats) + proj + extra
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def matmul_peak(device, dtype, n: int | None = None) -> float:
+    """Measured FLOP/s of a square matmul (the roofline we compare against)."""
+    import torch
+
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reps = 10 if device.type == "cuda" else 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def resolve(accel: str):
+    import torch
+
+    return torch.device(accel if accel != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def measure(job: dict) -> dict:
+    """One case, in this process: build, warm up, time ``steps`` steps, read the peak memory."""
+    import torch
+
+    from .engine import block_output_shapes, train_step
+    from .rules import make_rule
+    from .substrates import apply_device, finish_step
+
+    torch.manual_seed(0)
+    dev = resolve(job["accel"])
+    name, memory = parse_rule(job["rule"])
+    n_classes = job["n_classes"]
+    shape = (job["input_dim"],) if job["model"].startswith("mlp") else (1, 28, 28)
+    rule = make_rule(name)
+    net = rule.build(job["model"], shape, n_classes).to(dev)
+    if job.get("device"):
+        net = apply_device(net, job["device"], {}, 0)
+    rule.setup(net, block_output_shapes(net, shape), n_classes, torch.Generator().manual_seed(1))
+    rule.to(dev)
+    model = torch.compile(net) if job.get("compile") and rule.autograd else net
+    opt = torch.optim.SGD(list(net.parameters()) + [p for p in rule.parameters() if p.numel()], lr=1e-3)
+    x = torch.randn(job["batch"], *shape, device=dev)
+    y = torch.randint(0, n_classes, (job["batch"],), device=dev)
+    amp = job.get("dtype") == "bf16"
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            if rule.autograd:
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+            else:
+                train_step(net, rule, x, y, n_classes, memory)
+        opt.step()
+        finish_step(net)
+
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    else:
+        base = _rss()
+    times = []
+    for i in range(job["warmup"] + job["steps"]):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        if i >= job["warmup"]:
+            times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    med = statistics.median(times)
+    res = {"step_ms": 1000 * med, "samples_per_s": job["batch"] / med, "peak_mem_mb": peak / 2 ** 20,
+           "params": sum(p.numel() for p in net.parameters())}
+    if job["width"]:  # analytic FLOPs for the mlp:W*D sweeps
+        dims = [job["input_dim"]] + [job["width"]] * job["depth"] + [n_classes]
+        res["flops_per_step"] = flops = mlp_flops(job["rule"], job["batch"], dims, n_classes)
+        res["achieved_flops"] = flops / med
+    return res
+
+
+def run_isolated(job: dict) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "neurosal.bench", json.dumps(job)], capture_output=True,
+                       text=True, env=env)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def machine_info(device) -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor(), "cpu_count": os.cpu_count(), "device": str(device),
+            "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    gpu_count=torch.cuda.device_count())
+    return info
+
+
+def run(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
+    import torch
+
+    if cfg.dtype not in ("float32", "bf16"):
+        raise NeurosalError(f"bench dtype must be float32 or bf16, not {cfg.dtype!r}")
+    dev = resolve(cfg.accel)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NeurosalError("--accel cuda asked for, but torch sees no CUDA device")
+    peak = matmul_peak(dev, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    rows = []
+    for case in cases(cfg):
+        job = {**case, "batch": cfg.batch, "steps": cfg.steps, "warmup": cfg.warmup, "accel": str(dev),
+               "dtype": cfg.dtype, "compile": cfg.compile, "input_dim": cfg.input_dim, "n_classes": cfg.n_classes}
+        res = run_isolated(job)
+        row = {**case, **res}
+        if "achieved_flops" in res:
+            row["flops_fraction"] = res["achieved_flops"] / peak
+        rows.append(row)
+        if progress:
+            frac = f"{100 * row['flops_fraction']:5.1f}% of peak" if "flops_fraction" in row else ""
+            msg = res.get("error") or f"{res['step_ms']:9.2f} ms {res['peak_mem_mb']:9.1f} MB {frac}"
+            print(f"{case['sweep']:6s} {case['model']:16s} {case['rule']:15s} "
+                  f"{case['device'] or 'float':10s} {msg}", flush=True)
+    _ratios(rows)
+    result = {"benchmark": "neurosal bench", "machine": machine_info(dev), "settings": asdict(cfg),
+              "matmul_peak_flops": peak, "rows": rows}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(markdown(result))
+    plot(rows, out / "bench.png")
+    return result
+
+
+def _ratios(rows: list[dict]) -> None:
+    base = {(r["sweep"], r["model"], r["device"]): r for r in rows if r["rule"] == "bp" and "step_ms" in r}
+    for r in rows:
+        b = base.get((r["sweep"], r["model"], r["device"]))
+        if b and "step_ms" in r:
+            r["time_vs_bp"] = r["step_ms"] / b["step_ms"]
+            r["mem_vs_bp"] = r["peak_mem_mb"] / b["peak_mem_mb"] if b["peak_mem_mb"] > 0 else None
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# neurosal bench — {m.get('gpu', m['processor'] or m['platform'])} ({m['device']}), torch {m['torch']}",
+             "", f"matmul peak: {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; dtype {result['settings']['dtype']}; "
+             f"batch {result['settings']['batch']}", "",
+             "| sweep | model | rule | device | step ms | samples/s | peak MB | GFLOP/s | % peak | time/BP | mem/BP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['sweep']} | {r['model']} | {r['rule']} | {r['device'] or 'float'} "
+                         f"| error: {r['error']} | | | | | | |")
+            continue
+        mem = r.get("mem_vs_bp")
+        gflops = f"{r['achieved_flops'] / 1e9:.1f} | {100 * r['flops_fraction']:.1f}" if "achieved_flops" in r else "– | –"
+        lines.append(f"| {r['sweep']} | {r['model']} | {r['rule']} | {r['device'] or 'float'} | "
+                     f"{r['step_ms']:.2f} | {r['samples_per_s']:.0f} | {r['peak_mem_mb']:.1f} | {gflops} | "
+                     f"{r.get('time_vs_bp', float('nan')):.2f} | {mem if mem is None else f'{mem:.2f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for rule in dict.fromkeys(r["rule"] for r in rows):
+        pts = sorted((r["depth"], r) for r in rows if r["rule"] == rule and r["sweep"] == "depth" and "step_ms" in r
+                     and not r["device"])
+        if pts:
+            a1.plot([d for d, _ in pts], [r["peak_mem_mb"] for _, r in pts], marker="o", label=rule)
+            a2.plot([d for d, _ in pts], [r["step_ms"] for _, r in pts], marker="o", label=rule)
+    a1.set(xlabel="depth", ylabel="peak memory of a step (MB)", xscale="log")
+    a2.set(xlabel="depth", ylabel="step time (ms)", xscale="log", yscale="log")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # worker mode: one case, JSON result on the last line
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

@@ -1,0 +1,95 @@
+"""Data-parallel training over processes, launched by ``torchrun`` (torch.distributed; gloo or NCCL).
+
+    torchrun --nproc_per_node 2 -m neurosal.cli train --rule dfa --data digits --out runs/ddp
+
+Every rank takes its equal share of each global batch (``--batch-size`` is the global batch), so the
+averaged gradient is the gradient of the global batch and the weights match a single process's.
+
+* ``bp`` trains through :class:`torch.nn.parallel.DistributedDataParallel`, whose reducer hooks
+  autograd's backward pass.
+* The other rules never run autograd's backward, so DDP's reducer would never fire. They use the same
+  collective DDP uses -- ``all_reduce`` of the gradients, averaged -- launched *per layer, asynchronously,
+  the moment that layer's local update is in .grad* (the engine's ``on_layer`` callback). With the
+  direct rules (DFA, SAL) each layer's update is independent of the others, so a layer's
+  communication overlaps the remaining layers' compute. Parameters without a gradient this step
+  (an SAL area no sample chose) join with zeros and get their ``None`` back when no rank used them.
+* Floating-point buffers (SAL's routing centres) are averaged after every step so ranks agree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world: int
+    local_rank: int
+
+    @staticmethod
+    def from_env() -> "DistContext | None":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return None
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+            dist.init_process_group(backend)
+        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a global batch of indices (equal contiguous chunks)."""
+        return idx.tensor_split(self.world)[self.rank]
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+
+class LayerwiseAllReduce:
+    """Average gradients over ranks, one layer at a time, as soon as each layer's update is ready."""
+
+    def __init__(self, ctx: DistContext):
+        self.ctx = ctx
+        self.pending: list = []
+
+    def __call__(self, op: torch.nn.Module) -> None:
+        for p in op.parameters():
+            if not p.requires_grad:
+                continue
+            was_none = p.grad is None
+            if was_none:
+                p.grad = torch.zeros_like(p)
+            self.pending.append((p, was_none, dist.all_reduce(p.grad, async_op=True)))
+
+    def wait(self) -> None:
+        for p, was_none, work in self.pending:
+            work.wait()
+            p.grad.div_(self.ctx.world)
+            if was_none and not torch.any(p.grad):
+                p.grad = None  # no rank used it: stays untouched by the optimiser
+        self.pending.clear()
+
+
+def reduce_learned_feedback(ctx: DistContext, rule) -> None:
+    """Average the grads of a rule's own learned parameters (ldef's feedback factors)."""
+    for p in rule.parameters():
+        if p.grad is not None and p.numel():
+            dist.all_reduce(p.grad)
+            p.grad.div_(ctx.world)
+
+
+def average_buffers(ctx: DistContext, net: torch.nn.Module) -> None:
+    for b in net.buffers():
+        if b.is_floating_point():
+            dist.all_reduce(b)
+            b.div_(ctx.world)

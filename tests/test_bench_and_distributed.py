@@ -1,0 +1,65 @@
+"""The bench runner's JSON on a tiny CPU sweep; 2-process gloo DDP equals one process."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neurosal.bench import BenchConfig, cases, mlp_flops, run
+
+
+def test_bench_runner_writes_a_valid_json_on_cpu(tmp_path):
+    cfg = BenchConfig(rules=["bp", "dfa", "dfa[recompute]"], widths=[32], depths=[2], params=[2e4],
+                      width=32, depth=2, batch=16, steps=2, warmup=1, models=["cnn:4/16"], accel="cpu")
+    res = run(cfg, tmp_path, progress=False)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["machine"]["device"] == "cpu" and data["machine"]["torch"] == torch.__version__
+    assert data["settings"]["batch"] == 16 and data["matmul_peak_flops"] > 0
+    assert len(data["rows"]) == len(cases(cfg)) == len(res["rows"])
+    for r in data["rows"]:
+        assert "error" not in r, r
+        assert r["step_ms"] > 0 and r["samples_per_s"] > 0 and r["params"] > 0
+        assert r["time_vs_bp"] > 0
+        if r["width"]:
+            assert 0 < r["flops_fraction"] < 5
+    assert any(r["model"] == "cnn:4/16" for r in data["rows"])
+    assert (tmp_path / "bench.md").read_text().count("\n| ") == len(data["rows"]) + 1
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_flop_counts():
+    # one hidden layer 4 -> 3 -> 2, batch 5: forward 2*5*(12+6) = 180
+    assert mlp_flops("bp", 5, [4, 3, 2], 2) == 180 + 180 + 2 * 5 * 6
+    assert mlp_flops("dfa", 5, [4, 3, 2], 2) == 180 + 180 + 2 * 5 * 2 * 3
+    assert mlp_flops("dfa[recompute]", 5, [4, 3, 2], 2) == 180 + 180 + 60 + 180
+
+
+def launch(tmp_path, name, rule, nproc, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
+        else [sys.executable]
+    cmd += ["-m", "neurosal.cli", "train", "--rule", rule, "--model", "mlp:32x16", "--epochs", "2",
+            "--batch-size", "64", "--out", str(tmp_path / name), "--no-progress", "--accel", "cpu", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return torch.load(tmp_path / name / "ckpt-epoch-0002.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("rule,extra", [("bp", ()), ("dfa", ()), ("bp", ("--fsdp",))])
+def test_two_process_gloo_run_equals_one_process_on_the_same_global_batch(tmp_path, rule, extra):
+    """DDP (bp), per-layer async all-reduce (dfa) and FSDP2 (bp) against one process."""
+    one = launch(tmp_path, "one", rule, 1)
+    two = launch(tmp_path, "two", rule, 2, *extra)
+    for k, v in one["net"].items():
+        assert torch.allclose(v, two["net"][k], rtol=0, atol=1e-6), k
+    assert two["history"][-1]["train_loss"] == pytest.approx(one["history"][-1]["train_loss"], rel=1e-6)
+
+
+def test_fsdp_refuses_local_rules_and_single_process(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "neurosal.cli", "train", "--rule", "bp", "--fsdp", "--out",
+                        str(tmp_path), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 2 and "torchrun" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "neurosal.cli", "train", "--rule", "dfa", "--fsdp", "--out",
+                        str(tmp_path), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 2 and "local rules" in r.stderr
