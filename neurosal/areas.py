@@ -1,6 +1,7 @@
 """Area-partitioned fully connected layer: the parameter structure of SAL (arXiv 2601.21561).
 
-The layer holds K mutually exclusive *areas*, each a full ``(n_out, n_in)`` weight and bias. A sample
+Inputs are ``(B, n_in)`` or spike trains ``(B, T, n_in)``; a spike train is routed by its time-averaged
+input and keeps its area for the whole window. The layer holds K mutually exclusive *areas*, each a full ``(n_out, n_in)`` weight and bias. A sample
 ``x`` is routed to exactly one area by *learned-frozen decoupled routing*:
 
     z = R (x - mu)                         learnable projection R (route_dim x n_in); mu a running mean
@@ -41,6 +42,7 @@ class Route:
     counts: list[int]  # samples per area, length K
     z: torch.Tensor | None = None  # (B, route_dim) projection into the routing space
     cos: torch.Tensor | None = None  # (B, K) cosine to each prototype
+    x: torch.Tensor | None = None  # (B, n_in) what was routed (time-averaged for spike trains)
 
 
 class AreaLinear(nn.Module):
@@ -90,8 +92,10 @@ class AreaLinear(nn.Module):
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> Route:
-        if x.dim() != 2 or x.shape[1] != self.in_features:
-            raise NeurosalError(f"AreaLinear expects (batch, {self.in_features}) inputs, got {tuple(x.shape)}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.in_features:
+            raise NeurosalError(f"AreaLinear expects (batch, [time,] {self.in_features}) inputs, got {tuple(x.shape)}")
+        if x.dim() == 3:
+            x = x.mean(1)
         if self.training:
             mean = x.mean(0)
             if not bool(self.center_ready):
@@ -101,14 +105,14 @@ class AreaLinear(nn.Module):
                 self.center.lerp_(mean, self.center_momentum)
         if self.areas == 1:
             area = torch.zeros(len(x), dtype=torch.long, device=x.device)
-            return Route(area, torch.arange(len(x), device=x.device), [len(x)])
+            return Route(area, torch.arange(len(x), device=x.device), [len(x)], x=x)
         z = self.project(x)
         cos = F.normalize(z, dim=1) @ self.prototypes.t()
         area = cos.argmax(1)
         counts = torch.bincount(area, minlength=self.areas)
         if self.training:
             self.usage += counts
-        return Route(area, torch.argsort(area, stable=True), counts.tolist(), z, cos)
+        return Route(area, torch.argsort(area, stable=True), counts.tolist(), z, cos, x)
 
     # ------------------------------------------------------------------ grouped compute
     def _grouped(self, rows: torch.Tensor, route: Route, fn) -> torch.Tensor:
@@ -146,10 +150,11 @@ class AreaLinear(nn.Module):
         for k, (xk, dk) in enumerate(zip(parts_x, parts_d)):
             if route.counts[k] == 0:
                 continue  # untouched: .grad stays None, so no optimiser moves this area
+            dk, xk = dk.reshape(-1, self.out_features), xk.reshape(-1, self.in_features)
             _add_grad(self.area_weight[k], dk.t() @ xk)
             _add_grad(self.area_bias[k], dk.sum(0))
         if self.areas > 1:
-            self._learn_router(x, route)
+            self._learn_router(route.x, route)
 
     def router_loss(self, x: torch.Tensor, route: Route, router: torch.Tensor) -> torch.Tensor:
         """The router's local objective (pull to the chosen prototype + load balance), differentiable

@@ -107,7 +107,10 @@ ELEMENTWISE = {
 
 
 def post_kind(post: nn.Module) -> str:
-    """How a block's non-parametric tail is differentiated: a fast path or generic autograd."""
+    """How a block's non-parametric tail is differentiated: a fast path, the tail's own *local* rule
+    (``local_state``/``local_vjp``, e.g. spiking neurons' eligibility traces), or generic autograd."""
+    if hasattr(post, "local_vjp"):
+        return "local"
     mods = [m for m in (post if isinstance(post, nn.Sequential) else [post])
             if not isinstance(m, nn.Identity)]
     if not mods:
@@ -129,7 +132,7 @@ def post_state(kind: str, a: torch.Tensor, h: torch.Tensor):
         return None
     if kind in ("relu", "tanh", "sigmoid"):
         return h  # the output is the next block's input, kept anyway: no extra memory
-    if kind == "rms_relu":
+    if kind in ("rms_relu", "local"):
         return a, h
     return a
 
@@ -138,6 +141,8 @@ def post_vjp(kind: str, post: nn.Module, state, g: torch.Tensor, a_shape) -> tor
     """Teaching signal on the pre-activation from a signal ``g`` on the block's output."""
     if kind == "identity":
         return g.reshape(a_shape)
+    if kind == "local":
+        return post.local_vjp(state, g.reshape(a_shape))
     if kind == "relu":  # h > 0 exactly where a > 0; the same fused kernel autograd uses
         return torch.ops.aten.threshold_backward(g.reshape(a_shape), state, 0)
     if kind == "rms_relu":

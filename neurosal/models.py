@@ -80,7 +80,8 @@ def parse_spec(spec: str) -> ModelSpec:
     parts = spec.strip().lower().split(":")
     kind = parts[0]
     if kind not in ("mlp", "cnn"):
-        raise NeurosalError(f"unknown model {spec!r}: use mlp:WxW..., mlp:W*DEPTH or cnn[:C,C/F,F]")
+        extra = "".join(f", {k}:..." for k in sorted(_model_plugins()))
+        raise NeurosalError(f"unknown model {spec!r}: use mlp:WxW..., mlp:W*DEPTH, cnn[:C,C/F,F]{extra}")
     act = "relu"
     residual = len(parts) > 3 and parts[3] == "res"
     if len(parts) > 4 or (len(parts) > 3 and not residual):
@@ -121,6 +122,9 @@ def build_model(spec: str, input_shape: tuple[int, ...], n_classes: int,
     The factories are how area-partitioned layers (SAL) or other layer kinds slot in; the output layer
     is always a plain ``nn.Linear``.
     """
+    plugin = _model_plugins().get(spec.split(":", 1)[0].strip().lower())
+    if plugin is not None:  # e.g. snn:... from hw_models
+        return plugin(spec, input_shape, n_classes, linear, tail)
     s = parse_spec(spec)
     act = ACTIVATIONS[s.activation]
     blocks: list[Block] = []
@@ -154,6 +158,13 @@ def build_model(spec: str, input_shape: tuple[int, ...], n_classes: int,
         n_in = width
     blocks.append(Block(nn.Linear(n_in, n_classes)))
     return Net(stem, blocks, spec)
+
+
+def _model_plugins() -> dict:
+    """Model families other packages provide (entry point group ``neurosal.models``)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load() for ep in entry_points(group="neurosal.models")}
 
 
 def layer_names(net: Net) -> list[str]:

@@ -42,8 +42,14 @@ class DirectRule(Rule):
         if self.config.init not in ("gaussian", "uniform"):
             raise NeurosalError(f"{self.name}: init must be 'gaussian' or 'uniform'")
         self.spans: list[tuple[int, int]] = []
+        self.time_steps: list[int | None] = []  # spiking layers share one projection across time
         width = 0
         for l, shape in enumerate(out_shapes[:-1]):
+            if getattr(net.blocks[l].post, "shares_feedback_over_time", False):
+                self.time_steps.append(shape[0])
+                shape = shape[1:]
+            else:
+                self.time_steps.append(None)
             if l and net.blocks[l].residual and self.config.share_stream:
                 self.spans.append(self.spans[-1])  # same stream, same feedback
             else:
@@ -63,9 +69,13 @@ class DirectRule(Rule):
         start, end = self.spans[l]
         return self.B[:, start:end]
 
+    def _over_time(self, l: int, g: torch.Tensor) -> torch.Tensor:
+        t = self.time_steps[l]
+        return g if t is None else g.unsqueeze(1).expand(g.shape[0], t, *g.shape[1:])
+
     def signal(self, l: int, e, target) -> torch.Tensor:
         """The signal on hidden block ``l``'s output alone (low-memory path)."""
-        return self.source(e, target) @ self.feedback_slice(l)
+        return self._over_time(l, self.source(e, target) @ self.feedback_slice(l))
 
     def teach(self, net, cache, e, target):
         last = len(cache) - 1
@@ -75,7 +85,7 @@ class DirectRule(Rule):
         g_all = self.source(e, target) @ self.B  # every hidden layer's projection in one matmul
         for l in range(last - 1, -1, -1):
             start, end = self.spans[l]
-            yield l, cache[l].delta_from_output(g_all[:, start:end])
+            yield l, cache[l].delta_from_output(self._over_time(l, g_all[:, start:end]))
 
 
 @register
