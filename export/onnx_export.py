@@ -1,0 +1,295 @@
+"""ONNX export of every trained model kind, verified in onnxruntime on the spot.
+
+Each trained net is first turned into an *inference twin* -- the same function, written with ops that
+export to one static ONNX graph with a dynamic batch axis:
+
+* float Linear / Conv2d blocks: as they are;
+* SAL area layers: routing as ONNX ops (projection, cosine to the frozen prototypes, ArgMax) and a
+  Gather of each sample's chosen area weights followed by a batched MatMul;
+* analog layers: the weights the devices hold, with the DAC/ADC quantisation (deterministic; read
+  noise, a random process, is left out of the graph);
+* spiking layers: the LIF recurrence unrolled over the T time steps, state carried in the graph,
+  spikes out; the input is the encoded spike train (B, T, n_in).
+
+:func:`export_onnx` writes the file, runs ``onnx.checker``, and compares onnxruntime against the
+original torch model on held-out inputs (max abs difference; an error above the tolerance).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from neurosal.areas import AreaLinear
+from neurosal.errors import NeurosalError
+from neurosal.models import Block, Net
+
+OPSET = 18
+
+
+def _quantise(v, bits, full):
+    levels = 2 ** (bits - 1) - 1
+    return torch.round(torch.clamp(v, -full, full) / full * levels) / levels * full
+
+
+class AnalogMVM(nn.Module):
+    """DAC -> matrix-vector product with fixed (device-held) weights -> ADC, as in ``hw_models.analog``."""
+
+    def __init__(self, dac_bits: int, adc_bits: int, adc_full: float):
+        super().__init__()
+        self.dac_bits, self.adc_bits, self.adc_full = dac_bits, adc_bits, adc_full
+
+    def forward(self, x, fn):
+        if not (self.dac_bits or self.adc_bits):
+            return fn(x)
+        dims = tuple(range(1, x.dim()))
+        scale = torch.clamp(x.abs().amax(dim=dims, keepdim=True), min=1e-12)
+        xn = x / scale
+        if self.dac_bits:
+            xn = _quantise(xn, self.dac_bits, 1.0)
+        y = fn(xn)
+        if self.adc_bits:
+            y = _quantise(y, self.adc_bits, self.adc_full)
+        return y * scale.reshape(scale.shape[0], *([1] * (y.dim() - 1)))
+
+
+def _analog_of(op) -> AnalogMVM | None:
+    tiles = getattr(op, "tiles", None)
+    if tiles is None:
+        return None
+    cfg = tiles.cfg
+    return AnalogMVM(cfg.dac_bits, cfg.adc_bits, cfg.adc_range * tiles.w_max * math.sqrt(tiles.fan_in))
+
+
+class LinearTwin(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.weight = nn.Parameter(op.weight.detach().clone(), requires_grad=False)
+        self.bias = None if op.bias is None else nn.Parameter(op.bias.detach().clone(), requires_grad=False)
+        self.analog = _analog_of(op)
+
+    def forward(self, x):
+        fn = lambda v: F.linear(v, self.weight)  # noqa: E731
+        y = fn(x) if self.analog is None else self.analog(x, fn)
+        return y if self.bias is None else y + self.bias
+
+
+class Conv2dTwin(nn.Module):
+    def __init__(self, op: nn.Conv2d):
+        super().__init__()
+        self.weight = nn.Parameter(op.weight.detach().clone(), requires_grad=False)
+        self.bias = None if op.bias is None else nn.Parameter(op.bias.detach().clone(), requires_grad=False)
+        self.kw = dict(stride=op.stride, padding=op.padding, dilation=op.dilation, groups=op.groups)
+        self.analog = _analog_of(op)
+
+    def forward(self, x):
+        fn = lambda v: F.conv2d(v, self.weight, None, **self.kw)  # noqa: E731
+        y = fn(x) if self.analog is None else self.analog(x, fn)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+
+class SALTwin(nn.Module):
+    """Routing + gather of the chosen area's weights: one graph, any batch size."""
+
+    def __init__(self, op: AreaLinear):
+        super().__init__()
+        self.weight = nn.Parameter(op.weight.detach().clone(), requires_grad=False)  # (K, out, in)
+        self.bias = nn.Parameter(op.bias_stacked.detach().clone(), requires_grad=False)  # (K, out)
+        self.router = nn.Parameter(op.router.detach().clone(), requires_grad=False)
+        self.register_buffer("offset", (op.router @ op.center).detach().clone())
+        self.register_buffer("prototypes", op.prototypes.detach().clone())
+        self.analog = _analog_of(op)
+
+    def forward(self, x):
+        return self.apply_routed(x)[0]
+
+    def apply_routed(self, x):
+        """(output, chosen area per sample)."""
+        xr = x.mean(1) if x.dim() == 3 else x
+        z = xr @ self.router.t() - self.offset
+        cos = F.normalize(z, dim=1) @ self.prototypes.t()
+        area = torch.argmax(cos, dim=1)
+        w = self.weight[area]  # (B, out, in): Gather
+        if x.dim() == 2:
+            fn = lambda v: torch.bmm(w, v.unsqueeze(2)).squeeze(2)  # noqa: E731
+        else:
+            fn = lambda v: torch.bmm(v, w.transpose(1, 2))  # noqa: E731
+        y = fn(x) if self.analog is None else self.analog(x, fn)
+        b = self.bias[area]
+        return y + (b if x.dim() == 2 else b.unsqueeze(1)), area
+
+
+class LIFTwin(nn.Module):
+    """The LIF population unrolled over time (snnTorch's arithmetic); returns the delayed spikes."""
+
+    def __init__(self, post):
+        super().__init__()
+        self.beta, self.theta, self.alpha, self.neuron = post.beta, post.theta, post.alpha, post.neuron
+
+    def forward(self, a):
+        return self.run(a)[0]
+
+    def run(self, a):
+        """(delayed spikes for the next layer, spikes as emitted)."""
+        m = torch.zeros_like(a[:, 0])
+        syn = torch.zeros_like(a[:, 0])
+        spikes = []
+        for t in range(a.shape[1]):
+            r = (m - self.theta > 0).to(a.dtype)
+            if self.neuron == "leaky":
+                u = self.beta * m + a[:, t] - r * self.theta
+            else:
+                syn = self.alpha * syn + a[:, t]
+                u = self.beta * m + syn - r * self.theta
+            s = (u - self.theta > 0).to(a.dtype)
+            m = u - (s - r) * self.theta
+            spikes.append(s)
+        s = torch.stack(spikes, 1)
+        return torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], 1), s
+
+
+@dataclass
+class ModelKind:
+    spiking: bool
+    sal: bool
+    analog: bool
+
+    @property
+    def name(self) -> str:
+        parts = ["spiking" if self.spiking else "float"] + (["sal"] if self.sal else []) + (["analog"] if self.analog else [])
+        return "+".join(parts)
+
+
+def kind_of(net: Net) -> ModelKind:
+    return ModelKind(spiking=any(hasattr(b.post, "local_vjp") for b in net.blocks),
+                     sal=any(isinstance(b.op, AreaLinear) for b in net.blocks),
+                     analog=any(hasattr(b.op, "tiles") for b in net.blocks))
+
+
+class InferenceTwin(nn.Module):
+    """The exportable twin of a trained :class:`neurosal.models.Net`. Outputs logits, and on request
+    each SAL layer's chosen area (int64) and each spiking layer's spike train."""
+
+    def __init__(self, net: Net, extra_outputs: bool = False):
+        super().__init__()
+        self.kind = kind_of(net)
+        self.stem = nn.Identity() if self.kind.spiking else net.stem  # spiking: input = spike trains
+        self.extra_outputs = extra_outputs
+        blocks = []
+        for blk in net.blocks:
+            op = blk.op
+            if isinstance(op, AreaLinear):
+                new_op = SALTwin(op)
+            elif isinstance(op, nn.Conv2d):
+                new_op = Conv2dTwin(op)
+            elif isinstance(op, nn.Linear):
+                new_op = LinearTwin(op)
+            else:
+                raise NeurosalError(f"cannot export layer type {type(op).__name__} to ONNX")
+            post = LIFTwin(blk.post) if hasattr(blk.post, "local_vjp") else blk.post
+            blocks.append(Block(new_op, post, blk.residual))
+        self.blocks = nn.ModuleList(blocks)
+
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        if self.extra_outputs:
+            names += [f"area_{i}" for i, b in enumerate(self.blocks) if isinstance(b.op, SALTwin)]
+            names += [f"spikes_{i}" for i, b in enumerate(self.blocks) if isinstance(b.post, LIFTwin)]
+        return names
+
+    def forward(self, x):
+        h = self.stem(x)
+        areas, spikes = [], []
+        for blk in self.blocks:
+            if isinstance(blk.op, SALTwin):
+                a, area = blk.op.apply_routed(h)
+                areas.append(area)
+            else:
+                a = blk.op(h)
+            if isinstance(blk.post, LIFTwin):
+                out, s = blk.post.run(a)
+                spikes.append(s)
+            else:
+                out = blk.post(a)
+            h = torch.add(h, out, alpha=blk.residual) if blk.residual else out
+        return (h, *areas, *spikes) if self.extra_outputs else h
+
+
+def export_onnx(net: Net, example: torch.Tensor, path: str | Path, opset: int = OPSET,
+                extra_outputs: bool = False) -> InferenceTwin:
+    """Write ``net`` (eval mode) as ONNX with a dynamic batch axis; returns the twin that was exported."""
+    import onnx
+
+    net = net.eval()
+    twin = InferenceTwin(net, extra_outputs).eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        torch.onnx.export(twin, (example,), str(path), input_names=["input"], output_names=twin.output_names(),
+                          opset_version=opset, dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
+                          verbose=False)
+    except NeurosalError:
+        raise
+    except Exception as exc:
+        raise NeurosalError(f"ONNX export of this {twin.kind.name} model failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        quiet.setLevel(level)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return twin
+
+
+@contextmanager
+def deterministic_devices(net: Net):
+    """Analog layers without read noise (a random process the exported graph leaves out)."""
+    tiles = [b.op.tiles for b in net.blocks if hasattr(b.op, "tiles")]
+    saved = [t.cfg for t in tiles]
+    try:
+        for t in tiles:
+            t.cfg = t.cfg.replace(read_noise=0.0)
+        yield
+    finally:
+        for t, cfg in zip(tiles, saved):
+            t.cfg = cfg
+
+
+def reference_outputs(net: Net, x: torch.Tensor) -> torch.Tensor:
+    """The original torch model's logits for the twin's input (spiking: spike trains, stem bypassed;
+    analog: the devices' deterministic function, without read noise)."""
+    net.eval()
+    with torch.no_grad(), deterministic_devices(net):
+        if kind_of(net).spiking:
+            h = x
+            for blk in net.blocks:
+                h = blk(h)
+            return h
+        return net(x)
+
+
+def run_onnxruntime(path, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.detach().cpu().numpy()})
+
+
+def verify(net: Net, path, x: torch.Tensor, tol: float = 1e-5) -> dict:
+    """onnxruntime vs the original torch model on ``x``: max abs difference of the logits and
+    argmax agreement; ``ok`` is False above ``tol``."""
+    outs = run_onnxruntime(path, x)
+    ref = reference_outputs(net, x).cpu()
+    got = torch.from_numpy(outs[0])
+    diff = float((got - ref).abs().max())
+    agree = float((got.argmax(1) == ref.argmax(1)).float().mean())
+    return {"max_abs_diff": diff, "argmax_agreement": agree, "tolerance": tol, "ok": diff <= tol,
+            "samples": len(x)}
