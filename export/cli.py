@@ -36,7 +36,7 @@ def cmd_export(args) -> int:
     x, y = graph_inputs(net, ds.x_test[:args.samples]), ds.y_test[:args.samples]
     report = {"run": str(args.run), "model": cfg.model, "rule": cfg.rule, "kind": kind_of(net).name}
     if args.onnx:
-        export_onnx(net, x[:2], args.onnx, opset=args.opset)
+        export_onnx(net, x[:2], args.onnx, opset=args.opset, sal_mode=args.sal_mode)
         rep = verify(net, args.onnx, x, args.tol)
         report["onnx"] = {"path": str(args.onnx), "opset": args.opset, **rep}
         print(f"{args.onnx}: onnx.checker ok; onnxruntime vs torch on {rep['samples']} held-out inputs: "
@@ -69,6 +69,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--int8", default=None, help="also write a static int8 quantised ONNX here")
     p.add_argument("--nir", default=None, help="NIR output path (spiking models)")
     p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--sal-mode", default="gather", choices=["gather", "dense"],
+                   help="SAL areas: gather the chosen weights (small batches) or compute all, then select")
     p.add_argument("--tol", type=float, default=1e-5, help="max abs difference allowed vs torch")
     p.add_argument("--samples", type=int, default=256, help="held-out inputs used to verify")
     p.add_argument("--report", default=None, help="write the verification report as JSON")

@@ -96,10 +96,19 @@ class Conv2dTwin(nn.Module):
 
 
 class SALTwin(nn.Module):
-    """Routing + gather of the chosen area's weights: one graph, any batch size."""
+    """Routing as ONNX ops, then the chosen area per sample, one graph for any batch size.
 
-    def __init__(self, op: AreaLinear):
+    ``mode="gather"``: Gather each sample's area weights and a batched MatMul -- the area's compute
+    only, best for small batches (edge inference); it materialises batch x out x in weights.
+    ``mode="dense"``: every area's output, then GatherElements of the chosen one -- K times the
+    compute but no weight copies, far faster for large batches.
+    """
+
+    def __init__(self, op: AreaLinear, mode: str = "gather"):
         super().__init__()
+        if mode not in ("gather", "dense"):
+            raise NeurosalError(f"SAL export mode must be 'gather' or 'dense', not {mode!r}")
+        self.mode = mode
         self.weight = nn.Parameter(op.weight.detach().clone(), requires_grad=False)  # (K, out, in)
         self.bias = nn.Parameter(op.bias_stacked.detach().clone(), requires_grad=False)  # (K, out)
         self.router = nn.Parameter(op.router.detach().clone(), requires_grad=False)
@@ -116,11 +125,20 @@ class SALTwin(nn.Module):
         z = xr @ self.router.t() - self.offset
         cos = F.normalize(z, dim=1) @ self.prototypes.t()
         area = torch.argmax(cos, dim=1)
-        w = self.weight[area]  # (B, out, in): Gather
-        if x.dim() == 2:
-            fn = lambda v: torch.bmm(w, v.unsqueeze(2)).squeeze(2)  # noqa: E731
+        if self.mode == "dense":
+            k, out = self.weight.shape[0], self.weight.shape[1]
+            flat = self.weight.reshape(k * out, -1)
+
+            def fn(v):
+                y_all = F.linear(v, flat).unflatten(-1, (k, out))  # (B, [T,] K, out)
+                idx = area.view(-1, *([1] * (y_all.dim() - 1))).expand(*y_all.shape[:-2], 1, out)
+                return torch.gather(y_all, -2, idx).squeeze(-2)
         else:
-            fn = lambda v: torch.bmm(v, w.transpose(1, 2))  # noqa: E731
+            w = self.weight[area]  # (B, out, in): Gather
+            if x.dim() == 2:
+                fn = lambda v: torch.bmm(w, v.unsqueeze(2)).squeeze(2)  # noqa: E731
+            else:
+                fn = lambda v: torch.bmm(v, w.transpose(1, 2))  # noqa: E731
         y = fn(x) if self.analog is None else self.analog(x, fn)
         b = self.bias[area]
         return y + (b if x.dim() == 2 else b.unsqueeze(1)), area
@@ -177,7 +195,7 @@ class InferenceTwin(nn.Module):
     """The exportable twin of a trained :class:`neurosal.models.Net`. Outputs logits, and on request
     each SAL layer's chosen area (int64) and each spiking layer's spike train."""
 
-    def __init__(self, net: Net, extra_outputs: bool = False):
+    def __init__(self, net: Net, extra_outputs: bool = False, sal_mode: str = "gather"):
         super().__init__()
         self.kind = kind_of(net)
         self.stem = nn.Identity() if self.kind.spiking else net.stem  # spiking: input = spike trains
@@ -186,7 +204,7 @@ class InferenceTwin(nn.Module):
         for blk in net.blocks:
             op = blk.op
             if isinstance(op, AreaLinear):
-                new_op = SALTwin(op)
+                new_op = SALTwin(op, sal_mode)
             elif isinstance(op, nn.Conv2d):
                 new_op = Conv2dTwin(op)
             elif isinstance(op, nn.Linear):
@@ -223,12 +241,12 @@ class InferenceTwin(nn.Module):
 
 
 def export_onnx(net: Net, example: torch.Tensor, path: str | Path, opset: int = OPSET,
-                extra_outputs: bool = False) -> InferenceTwin:
+                extra_outputs: bool = False, sal_mode: str = "gather") -> InferenceTwin:
     """Write ``net`` (eval mode) as ONNX with a dynamic batch axis; returns the twin that was exported."""
     import onnx
 
     net = net.eval()
-    twin = InferenceTwin(net, extra_outputs).eval()
+    twin = InferenceTwin(net, extra_outputs, sal_mode).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1)

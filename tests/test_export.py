@@ -54,10 +54,12 @@ def test_onnx_parity_for_every_model_kind(tmp_path, model, rule, device):
         assert run_onnxruntime(tmp_path / "m.onnx", x[:n])[0].shape == (n, 10)
 
 
-def test_sal_routing_is_identical_in_onnx(tmp_path):
+@pytest.mark.parametrize("mode", ["gather", "dense"])
+def test_sal_routing_is_identical_in_onnx(tmp_path, mode):
     net = trained("mlp:64x32", "sal", areas=4)
     x = inputs(net, 200)
-    export_onnx(net, x[:2], tmp_path / "sal.onnx", extra_outputs=True)
+    export_onnx(net, x[:2], tmp_path / "sal.onnx", extra_outputs=True, sal_mode=mode)
+    assert verify(net, tmp_path / "sal.onnx", x)["ok"]
     outs = run_onnxruntime(tmp_path / "sal.onnx", x)
     h = net.stem(x)
     for i, blk in enumerate(net.blocks[:-1]):
