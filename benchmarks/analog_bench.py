@@ -10,7 +10,6 @@ teaching signals, the optimiser, and the pulse programming of every array. Targe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from neurosal.bench import machine_info  # noqa: E402
+from neurosal.bench import save_result  # noqa: E402
 from neurosal.engine import block_output_shapes, train_step  # noqa: E402
 from neurosal.rules import make_rule  # noqa: E402
 from neurosal.substrates import apply_device, finish_step  # noqa: E402
@@ -74,10 +73,7 @@ def main(argv=None) -> int:
                    "samples_per_s": sps, "slowdown_vs_float": base / sps}
             rows.append(row)
             print(f"{rule:4s} {row['device']:18s} {sps:10.0f} samples/s  x{row['slowdown_vs_float']:.2f} slower", flush=True)
-    out = {"benchmark": "analog_bench", "machine": machine_info(dev), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    save_result(args.out, "analog_bench", dev, rows=rows)
     return 0
 
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from export.onnx_export import export_onnx, reference_outputs  # noqa: E402
-from neurosal.bench import machine_info  # noqa: E402
+from neurosal.bench import save_result  # noqa: E402
 from neurosal.train import TrainConfig, Trainer  # noqa: E402
 
 MODELS = [("mlp:256x256", "dfa", None, "gather"), ("cnn:6,16/120,84", "fa", None, "gather"),
@@ -68,10 +67,7 @@ def main(argv=None) -> int:
                 r = rows[-1]
                 print(f"{model:18s} {r['rule']:11s} {r['device']:9s} batch {b:4d}: torch {t_torch:8.3f} ms  "
                       f"onnxruntime {t_ort:8.3f} ms  x{r['speedup']:.2f}", flush=True)
-    out = {"benchmark": "export_bench", "machine": machine_info(torch.device("cpu")), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    save_result(args.out, "export_bench", torch.device("cpu"), rows=rows)
     return 0
 
 

@@ -16,7 +16,6 @@ areas. Target (issue 3): SAL layer step <= 1.3x the dense-active step on CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from neurosal.bench import machine_info  # noqa: E402
+from neurosal.bench import save_result  # noqa: E402
 from neurosal.areas import AreaLinear  # noqa: E402
 from neurosal.engine import block_output_shapes, run_op, train_step  # noqa: E402
 from neurosal.layers import apply_local_update  # noqa: E402
@@ -123,10 +122,7 @@ def main(argv=None) -> int:
                          "sal_vs_k1": t[key] / t["sal K=1"], "sal_vs_dfa": t[key] / t["dfa (dense)"]})
             print(f"{rows[-1]['level']:8s} B={batch} mlp:{width}*{depth}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
                   + f" | K={args.areas}/K=1 x{rows[-1]['sal_vs_k1']:.2f}")
-    res = {"benchmark": "sal_bench", "machine": machine_info(device), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {args.out}")
+    save_result(args.out, "sal_bench", device, rows=rows)
     return 0
 
 

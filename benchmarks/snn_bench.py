@@ -11,7 +11,6 @@ does. Cython's one-off compilation is excluded (a warm-up run first).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch  # noqa: E402
 
 from hw_models.brian import simulate  # noqa: E402
 from hw_models.snn import build_snn  # noqa: E402
-from neurosal.bench import machine_info  # noqa: E402
+from neurosal.bench import save_result  # noqa: E402
 from neurosal.engine import forward_cached  # noqa: E402
 
 
@@ -73,11 +72,8 @@ def main(argv=None) -> int:
             r["slowdown_vs_tensor"] = r["seconds"] / base
         print(f"{r['path']:16s} " + (f"{r['seconds']:8.3f} s  {r['samples_per_s']:9.1f} samples/s  "
                                      f"x{r['slowdown_vs_tensor']:.1f} vs tensor" if "seconds" in r else r["error"]))
-    out = {"benchmark": "snn_bench", "machine": machine_info(torch.device("cpu")),
-           "network": {"inputs": n_in, "hidden": list(widths), "steps": steps, "samples": samples}, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    save_result(args.out, "snn_bench", torch.device("cpu"),
+                network={"inputs": n_in, "hidden": list(widths), "steps": steps, "samples": samples}, rows=rows)
     return 0
 
 

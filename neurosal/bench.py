@@ -221,6 +221,16 @@ def machine_info(device) -> dict:
     return info
 
 
+def save_result(path: str | Path, name: str, device, **payload) -> dict:
+    """Write a benchmark's JSON: its name, the machine it ran on, and its payload (rows, settings...)."""
+    result = {"benchmark": name, "machine": machine_info(device), **payload}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return result
+
+
 def run(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
     import torch
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from hw_models.analog import AnalogLinear, convert, drift
+from hw_models.analog import AnalogLinear, drift
 from hw_models.array import DifferentialArray
 from hw_models.devices import DeviceConfig, depress, potentiate
 from hw_models.presets import PRESETS, get_device

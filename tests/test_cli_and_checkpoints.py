@@ -1,7 +1,6 @@
 """The command line, run folders, resumption and bad input."""
 
 import json
-import os
 import subprocess
 import sys
 

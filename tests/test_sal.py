@@ -1,6 +1,5 @@
 """SAL: routing, exclusivity, exact zeros, grouped == naive, K=1 == DFA, depth 128."""
 
-import copy
 
 import pytest
 import torch

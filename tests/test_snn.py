@@ -1,6 +1,5 @@
 """Spiking networks: LIF dynamics, eligibility traces, tensor vs Brian2, online learning on digits."""
 
-import math
 
 import pytest
 import torch
