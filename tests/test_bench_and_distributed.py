@@ -63,3 +63,24 @@ def test_fsdp_refuses_local_rules_and_single_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "neurosal.cli", "train", "--rule", "dfa", "--fsdp", "--out",
                         str(tmp_path), "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 2 and "local rules" in r.stderr
+
+
+def test_retained_activations_grow_with_depth_except_in_recompute_mode():
+    """The memory count behind the bench's act MB column: BP and cached DFA keep every layer's
+    activations (linear in depth), DFA's recompute mode keeps about one block's whatever the depth."""
+    from neurosal.bench import retained_activation_bytes
+    from neurosal.engine import block_output_shapes
+    from neurosal.rules import make_rule
+
+    def count(rule_name, memory, depth):
+        torch.manual_seed(0)
+        rule = make_rule(rule_name)
+        net = rule.build(f"mlp:32*{depth}", (16,), 10)
+        rule.setup(net, block_output_shapes(net, (16,)), 10, torch.Generator().manual_seed(1))
+        x, y = torch.randn(8, 16), torch.randint(0, 10, (8,))
+        return retained_activation_bytes(net, rule, x, y, 10, memory)
+
+    for rule, memory in (("bp", "cache"), ("dfa", "cache")):
+        assert count(rule, memory, 16) > 3 * count(rule, memory, 4)
+    assert count("dfa", "recompute", 16) == count("dfa", "recompute", 4)
+    assert count("dfa", "recompute", 16) < 0.2 * count("bp", "cache", 16)
