@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import NeurosalError
+from .layers import accumulate_grad
 
 
 @dataclass
@@ -97,7 +98,7 @@ class AreaLinear(nn.Module):
         if x.dim() == 3:
             x = x.mean(1)
         if self.training:
-            mean = x.mean(0)
+            mean = x.mean(0).to(self.center.dtype)  # autocast may hand us bf16
             if not bool(self.center_ready):
                 self.center.copy_(mean)
                 self.center_ready.fill_(True)
@@ -151,8 +152,8 @@ class AreaLinear(nn.Module):
             if route.counts[k] == 0:
                 continue  # untouched: .grad stays None, so no optimiser moves this area
             dk, xk = dk.reshape(-1, self.out_features), xk.reshape(-1, self.in_features)
-            _add_grad(self.area_weight[k], dk.t() @ xk)
-            _add_grad(self.area_bias[k], dk.sum(0))
+            accumulate_grad(self.area_weight[k], dk.t() @ xk)
+            accumulate_grad(self.area_bias[k], dk.sum(0))
         if self.areas > 1:
             self._learn_router(route.x, route)
 
@@ -181,16 +182,9 @@ class AreaLinear(nn.Module):
         return g_z.t() @ x - torch.outer(g_z.sum(0), self.center)
 
     def _learn_router(self, x: torch.Tensor, route: Route) -> None:
-        _add_grad(self.router, self.router_grad(x, route))
+        accumulate_grad(self.router, self.router_grad(x, route))
 
     def take_usage(self) -> list[int]:
         counts = self.usage.tolist()
         self.usage.zero_()
         return counts
-
-
-def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
-    if p.grad is None:
-        p.grad = g.detach()
-    else:
-        p.grad.add_(g)

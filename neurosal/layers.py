@@ -61,7 +61,8 @@ def feedback(op: nn.Module, delta: torch.Tensor, weight: torch.Tensor, input_sha
     raise NeurosalError(f"no feedback pathway defined for layer type {type(op).__name__}")
 
 
-def _accumulate(p: torch.Tensor | None, g: torch.Tensor | None) -> None:
+def accumulate_grad(p: torch.Tensor | None, g: torch.Tensor | None) -> None:
+    """Add ``g`` to ``p.grad`` (creating it), in the parameter's dtype (autocast may compute in bf16)."""
     if p is None or g is None:
         return
     g = g.to(p.dtype)
@@ -78,8 +79,8 @@ def apply_local_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor, ctx=
         custom(x, delta, ctx)
         return
     dw, db = weight_update(op, x, delta)
-    _accumulate(op.weight, dw)
-    _accumulate(op.bias, db)
+    accumulate_grad(op.weight, dw)
+    accumulate_grad(op.bias, db)
 
 
 # ----------------------------------------------------------------------------- non-parametric "post" ops

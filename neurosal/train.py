@@ -311,6 +311,9 @@ class Trainer:
             if self.cfg.progress and self.main:
                 print(f"[{self.cfg.rule}] epoch {epoch}: loss {rec['train_loss']:.4f} "
                       f"test acc {100 * rec['test_acc']:.2f}% step {rec['step_time_ms']:.2f} ms", flush=True)
+            if self.main and sum(rec.get("dead_areas", [])):
+                print(f"warning: epoch {epoch}: dead areas per layer {rec['dead_areas']} (no sample routed "
+                      "to them; raise the rule's balance option)", flush=True)
         return self.summary()
 
     def summary(self) -> dict:

@@ -84,3 +84,10 @@ def test_retained_activations_grow_with_depth_except_in_recompute_mode():
         assert count(rule, memory, 16) > 3 * count(rule, memory, 4)
     assert count("dfa", "recompute", 16) == count("dfa", "recompute", 4)
     assert count("dfa", "recompute", 32) < 0.2 * count("bp", "cache", 32)
+
+
+def test_bench_runs_under_bf16_autocast(tmp_path):
+    cfg = BenchConfig(rules=["bp", "dfa", "sal"], widths=[], depths=[2], width=32, batch=16, steps=1, warmup=1,
+                      accel="cpu", dtype="bf16")
+    rows = run(cfg, tmp_path, progress=False)["rows"]
+    assert all("error" not in r for r in rows), rows
