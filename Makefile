@@ -26,8 +26,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/neurosal compare --rules bp,fa,usf,dfa,drtp,ldef --data fashion-mnist --model mlp:256x256:tanh \
-	  --epochs 3 --out runs/demo
+	$(BIN)/neurosal compare --rules bp,fa,usf,dfa,drtp,ldef,sal --data fashion-mnist --model mlp:256x256:tanh \
+	  --epochs 3 --schedule cosine --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

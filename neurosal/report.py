@@ -21,7 +21,11 @@ def plot_curves(histories: dict[str, list[dict]], path: Path, title: str = "") -
         ep = [r["epoch"] for r in hist]
         ax1.plot(ep, [r["train_loss"] for r in hist], marker="o", label=name)
         ax2.plot(ep, [100 * r["test_acc"] for r in hist], marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator
+
     ax1.set(xlabel="epoch", ylabel="train loss", yscale="log")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set(xlabel="epoch", ylabel="test accuracy (%)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
