@@ -161,7 +161,8 @@ def alignment(net: Net, rule, reference, x: torch.Tensor, y: torch.Tensor, n_cla
     """
     was_training = net.training
     net.eval()  # no running statistics (routing centres) move during a read-only probe
-    logits, cache = forward_cached(net, x)
+    with torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []):  # nor the RNG (encoders draw)
+        logits, cache = forward_cached(net, x)
     net.train(was_training)
     _, e = output_error(logits, y)
     target = _onehot(y, n_classes, e.dtype)
