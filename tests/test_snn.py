@@ -142,3 +142,17 @@ def test_snn_cli_train_plot_and_crosscheck(tmp_path):
                         "--samples", "1", "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "OK" in r.stdout and (tmp_path / "x.json").exists()
+
+
+def test_alignment_logging_does_not_change_training():
+    ds = load_dataset("digits", limit=256)
+
+    def weights(alignment):
+        cfg = TrainConfig(rule="dfa", model="snn:16:T=6", epochs=2, batch_size=64, progress=False, alignment=alignment)
+        tr = Trainer(cfg, None, dataset=ds)
+        hist = tr.fit()["epochs"]
+        return tr.net.state_dict(), hist
+
+    (a, _), (b, hist) = weights(False), weights(True)
+    assert "alignment_deg" in hist[-1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
