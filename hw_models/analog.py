@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
+from neurosal.layers import accumulate_grad, weight_update
 
 from .array import DifferentialArray
 from .devices import DeviceConfig
@@ -68,20 +69,44 @@ class AnalogTiles:
             with torch.no_grad():
                 p.copy_(arr.weights())
         self.held = [p.detach().clone() for p in params]
+        self.pending: list = []  # coincidence mode: this step's (x, delta) per parameter
 
     def noisy(self, i: int) -> torch.Tensor:
         return self.arrays[i].weights(noisy=True) if self.cfg.read_noise > 0 else self.params[i]
 
     @torch.no_grad()
     def sync(self) -> None:
-        for p, arr, held in zip(self.params, self.arrays, self.held):
+        coincidence = self.cfg.pulses == "coincidence"
+        for k, (p, arr, held) in enumerate(zip(self.params, self.arrays, self.held)):
             request = p - held
             if not torch.isfinite(request).all():
                 raise NeurosalError("the optimiser proposed a NaN/Inf weight change for an analog layer")
-            arr.apply(request)
+            if coincidence:
+                if not self.pending:
+                    raise NeurosalError("pulses=coincidence needs the layer's inputs and teaching signal, which "
+                                        "the bp rule's autograd path does not hand to the layer; use another rule")
+                x, d = self.pending[k]
+                arr.apply_pulses(arr.coincidence_pulses(x, d, self._sgd_rate(request, p.grad)))
+            else:
+                arr.apply(request)
             w = arr.weights()
             p.copy_(w)
             held.copy_(w)
+        self.pending.clear()
+
+    @staticmethod
+    def _sgd_rate(request: torch.Tensor, grad: torch.Tensor | None) -> float:
+        """The learning rate of a plain SGD step ``request = -lr * grad`` (coincidence needs it)."""
+        if grad is None or not torch.any(grad):
+            return 0.0
+        g = grad.reshape(-1)
+        lr = -float(request.reshape(-1) @ g) / float(g @ g)
+        resid = float((request.reshape(-1) + lr * g).norm()) / max(float(request.norm()), 1e-30)
+        if lr < 0 or resid > 1e-3:
+            raise NeurosalError("pulses=coincidence realises -lr * delta^T x by pulse trains and needs plain "
+                                "SGD (no momentum, weight decay or adaptive steps); use --optimizer SGD "
+                                "--momentum 0, or pulses=stochastic")
+        return lr
 
     @torch.no_grad()
     def drift(self, t: float) -> None:
@@ -108,6 +133,20 @@ class _AnalogMixin:
     """Shared plumbing: the tiles, the post-step sync, checkpoint state."""
 
     tiles: AnalogTiles
+
+    def local_update(self, x, delta, ctx=None):
+        """The float update into .grad; coincidence mode also keeps (x, delta) for the pulse trains."""
+        if self.tiles.cfg.pulses == "coincidence":
+            if not isinstance(self, nn.Linear) or isinstance(self, AreaLinear):
+                raise NeurosalError(f"pulses=coincidence is defined for Linear layers, not {type(self).__name__}")
+            self.tiles.pending.append((x, delta))
+        parent = getattr(super(), "local_update", None)
+        if parent is not None:
+            parent(x, delta, ctx)
+            return
+        dw, db = weight_update(self, x, delta)
+        accumulate_grad(self.weight, dw)
+        accumulate_grad(self.bias, db)
 
     def after_optimizer_step(self) -> None:
         self.tiles.sync()

@@ -19,6 +19,8 @@ is part of the array's state: same seed, same result, and checkpoints resume bit
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .devices import DeviceConfig, Response
@@ -91,8 +93,34 @@ class DifferentialArray:
 
     def apply(self, dw: torch.Tensor) -> torch.Tensor:
         """Program a requested weight change; returns the pulse counts used (before refresh)."""
-        p = self.pulse_counts(dw)
-        sgn = torch.sign(dw)
+        return self.apply_pulses(torch.sign(dw) * self.pulse_counts(dw))
+
+    def coincidence_pulses(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> torch.Tensor:
+        """Signed pulse counts for the update ``-lr * d^T x`` by stochastic pulse coincidence.
+
+        Each sample drives a train of ``bl`` slots per row (input i fires with probability |x_i| / max|x|)
+        and per column (error j with probability c |d_j| / max|d|); a device gets a pulse where both fire,
+        in the direction of sign(-x_i d_j). With c = lr max|x| max|d| / (dw_min bl) the expected count is
+        exactly the requested change in pulses; ``bl`` grows when one update needs more than bl pulses.
+        """
+        x = x.reshape(-1, x.shape[-1])
+        d = d.reshape(-1, d.shape[-1])
+        xmax, dmax = x.abs().max(), d.abs().max()
+        if xmax == 0 or dmax == 0 or lr == 0:
+            return torch.zeros(self.shape, dtype=self.g.dtype, device=self.g.device)
+        need = float(lr * xmax * dmax * self.cfg.levels / self.w_max)  # pulses per slot at full activity
+        bl = max(self.cfg.bl, math.ceil(need))
+        c = need / bl
+        px = (x.abs() / xmax).repeat(bl, 1)
+        pd = (d.abs() / dmax * c).repeat(bl, 1)
+        xs = (self._rand(px.shape) < px).to(x.dtype) * torch.sign(x).repeat(bl, 1)
+        ds = (self._rand(pd.shape) < pd).to(d.dtype) * torch.sign(-d).repeat(bl, 1)
+        return ds.t() @ xs
+
+    def apply_pulses(self, sp: torch.Tensor) -> torch.Tensor:
+        """Apply signed pulse counts (> 0: raise the weight); returns their magnitudes."""
+        p = sp.abs()
+        sgn = torch.sign(sp)
         if self.cfg.update == "unidirectional":
             self._step(0, p * (sgn > 0))
             self._step(1, p * (sgn < 0))

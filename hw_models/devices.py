@@ -27,7 +27,7 @@ from neurosal.errors import NeurosalError
 
 MODELS = ("linear", "lim", "softbounds", "pow")
 UPDATES = ("bidirectional", "unidirectional")
-PULSE_MODES = ("round", "stochastic")
+PULSE_MODES = ("round", "stochastic", "coincidence")
 
 
 @dataclass
@@ -50,7 +50,9 @@ class DeviceConfig:
     adc_range: float = 4.0  # ADC full scale in units of w_max * sqrt(fan_in) for unit-range inputs
     update: str = "bidirectional"  # or "unidirectional" (Lim et al.: potentiation only + refresh)
     refresh_at: float = 0.9  # unidirectional: refresh a pair when a device passes this fraction of R
-    pulses: str = "stochastic"  # pulse count from the requested change: unbiased "stochastic" or "round"
+    pulses: str = "stochastic"  # pulse count from the requested change: unbiased "stochastic" rounding,
+                                # "round", or "coincidence" of stochastic pulse trains (Linear, plain SGD)
+    bl: int = 31  # coincidence: pulse-train length (slots per update), raised when one update needs more
     max_pulses: int = 0  # cap per update and device (0 = none)
     w_range: float = 4.0  # weight range w_max = w_range / sqrt(fan_in) (layer's init bound is 1/sqrt)
     drift_nu: float = 0.0  # PCM-like drift exponent: G(t) = g_min + (G - g_min) (t / t0)^-nu
@@ -75,6 +77,8 @@ class DeviceConfig:
                 err.append(f"{name} must be a non-negative number, got {v}")
         if self.dtod_bounds >= 0.5:
             err.append("dtod_bounds must be below 0.5 (devices would have no range left)")
+        if self.bl < 1:
+            err.append("bl must be >= 1")
         for name in ("dac_bits", "adc_bits", "max_pulses"):
             if getattr(self, name) < 0:
                 err.append(f"{name} must be >= 0")

@@ -215,3 +215,32 @@ def test_fused_kernel_matches_eager_update():
             for a in arrays:
                 a.apply(dw)
         assert torch.allclose(arrays[0].g, arrays[1].g, rtol=1e-5, atol=1e-6), name
+
+
+def test_coincidence_pulses_hand_worked_and_unbiased():
+    """One input x=1 and one error d=-1 with lr chosen for an expected 3 pulses: the pulse count is a
+    sum of Bernoulli coincidences, averaging 3 over many trains; signs follow -x*d."""
+    cfg = DeviceConfig(levels=10, pulses="coincidence", bl=31)
+    arr = DifferentialArray(cfg, (2, 1), 1.0, torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.tensor([[1.0]], dtype=torch.float64)
+    d = torch.tensor([[-1.0, 0.5]], dtype=torch.float64)
+    counts = torch.stack([arr.coincidence_pulses(x, d, lr=0.3) for _ in range(4000)])
+    # requested change -lr * d^T x = [+0.3, -0.15] weight units = [+3, -1.5] pulses of 0.1
+    assert torch.allclose(counts.mean(0)[:, 0], torch.tensor([3.0, -1.5], dtype=torch.float64), atol=0.06)
+    assert (counts[:, 0, 0] >= 0).all() and (counts[:, 1, 0] <= 0).all()
+    assert torch.equal(counts, counts.round())  # whole pulses
+    # one update needing more than bl pulses gets a longer train instead of being cut
+    big = torch.stack([arr.coincidence_pulses(x, d, lr=6.0) for _ in range(500)]).mean(0)[0, 0]
+    assert big.item() == pytest.approx(60.0, rel=0.03)
+
+
+def test_coincidence_training_needs_plain_sgd_and_learns():
+    ds = load_dataset("digits")
+    cfg = TrainConfig(rule="dfa", model="mlp:64", epochs=6, batch_size=32, optimizer="SGD", momentum=0.0, lr=0.1,
+                      device="linear-256", device_options={"pulses": "coincidence"}, progress=False)
+    acc = Trainer(cfg, None, dataset=ds).fit()["epochs"][-1]["test_acc"]
+    assert acc > 0.85, acc
+    bad = TrainConfig(rule="dfa", model="mlp:16", epochs=1, device="linear-256", progress=False,
+                      device_options={"pulses": "coincidence"})  # Adam
+    with pytest.raises(NeurosalError, match="needs plain SGD"):
+        Trainer(bad, None, dataset=ds).fit()
