@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import NeurosalError
-from .layers import apply_local_update, output_error, post_state, post_vjp
+from .layers import apply_local_update, output_error, post_forward, post_vjp
 from .models import Net
 
 MEMORY_MODES = ("cache", "recompute")
@@ -58,9 +58,9 @@ def run_op(op: nn.Module, h: torch.Tensor):
 
 def block_step(blk, h: torch.Tensor):
     a, ctx = run_op(blk.op, h)
-    out = blk.post(a)
     kind = blk.post_kind
-    entry = LayerCache(blk.op, blk.post, kind, h, blk.residual, a.shape, post_state(kind, a, out), ctx)
+    out, state = post_forward(kind, blk.post, a)
+    entry = LayerCache(blk.op, blk.post, kind, h, blk.residual, a.shape, state, ctx)
     return (torch.add(h, out, alpha=blk.residual) if blk.residual else out), entry
 
 

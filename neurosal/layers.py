@@ -120,11 +120,35 @@ def post_kind(post: nn.Module) -> str:
         return ELEMENTWISE[type(mods[0])]
     if len(mods) == 2 and type(mods[0]) is RMSScale and type(mods[1]) is nn.ReLU:
         return "rms_relu"
+    if (len(mods) in (2, 3) and type(mods[0]) is nn.ReLU and _simple_pool(mods[1])
+            and (len(mods) == 2 or type(mods[2]) is nn.Flatten)):
+        return "relu_pool"
     for m in post.modules():
         if any(True for _ in m.parameters(recurse=False)):
             raise NeurosalError(f"{type(m).__name__} in a block's tail has parameters; "
                                 "only parametric Linear/Conv2d layers may learn")
     return "generic"
+
+
+def _simple_pool(m: nn.Module) -> bool:
+    """Non-overlapping max-pooling, whose gradient is a scatter to the stored argmax positions."""
+    if type(m) is not nn.MaxPool2d:
+        return False
+    k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
+    s = m.stride if isinstance(m.stride, tuple) else (m.stride,) * 2
+    return k == s and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1)) and not m.ceil_mode
+
+
+def post_forward(kind: str, post: nn.Module, a: torch.Tensor):
+    """The tail's output and the state its derivative needs. ReLU + max-pool keeps the pool's argmax
+    indices from the forward pass instead of recomputing the pooling to differentiate it."""
+    if kind != "relu_pool":
+        out = post(a)
+        return out, post_state(kind, a, out)
+    pool = post[1]
+    pooled, idx = F.max_pool2d(torch.relu(a), pool.kernel_size, pool.stride, return_indices=True)
+    out = pooled.flatten(1) if len(post) == 3 else pooled
+    return out, (pooled, idx, pool.kernel_size)
 
 
 def post_state(kind: str, a: torch.Tensor, h: torch.Tensor):
@@ -146,6 +170,10 @@ def post_vjp(kind: str, post: nn.Module, state, g: torch.Tensor, a_shape) -> tor
         return post.local_vjp(state, g.reshape(a_shape))
     if kind == "relu":  # h > 0 exactly where a > 0; the same fused kernel autograd uses
         return torch.ops.aten.threshold_backward(g.reshape(a_shape), state, 0)
+    if kind == "relu_pool":  # to each window's argmax, where relu was active (pooled > 0 there)
+        pooled, idx, k = state
+        g = torch.ops.aten.threshold_backward(g.reshape(pooled.shape), pooled, 0)
+        return F.max_unpool2d(g, idx, k, output_size=a_shape[-2:])
     if kind == "rms_relu":
         # y = a r, r = (mean(a^2) + eps)^-1/2, h = relu(y):  dL/da = r (g_y - y mean(g_y y))
         a, h = state

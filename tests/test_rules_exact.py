@@ -175,3 +175,20 @@ def test_fa_with_transposed_weights_is_backprop_on_residual_nets():
             fa.set_feedback(l, blk.op.weight.detach())
     for g, r in zip(rule_grads(net, fa, x, y, 4), ref):
         assert torch.allclose(g, r, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_relu_pool_fast_path_equals_autograd(flatten):
+    from neurosal.layers import post_forward, post_kind, post_vjp
+
+    mods = [torch.nn.ReLU(), torch.nn.MaxPool2d(2)] + ([torch.nn.Flatten()] if flatten else [])
+    post = torch.nn.Sequential(*mods)
+    a = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    a[0, 0, :2, :2] = -1.0  # a window where relu is off everywhere
+    kind = post_kind(post)
+    assert kind == "relu_pool"
+    out, state = post_forward(kind, post, a)
+    assert torch.equal(out, post(a))
+    g = torch.randn_like(out)
+    assert torch.allclose(post_vjp(kind, post, state, g, a.shape), post_vjp("generic", post, a, g, a.shape),
+                          rtol=0, atol=0)
