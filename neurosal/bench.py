@@ -223,8 +223,7 @@ def retained_activation_bytes(net, rule, x, y, n_classes: int, memory: str) -> i
 
     if rule.autograd:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: (count(t), t)[1], lambda t: t):
-            loss = torch.nn.functional.cross_entropy(net(x), y)
-        del loss
+            torch.nn.functional.cross_entropy(net(x), y)  # the graph (and what it saved) is dropped at once
         return sum(seen.values())
     with torch.no_grad():
         _, cache = forward_cached(net, x)
