@@ -172,6 +172,7 @@ class Trainer:
             "optimizer": self._opt_state(),
             "history": self.history,
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
     def _net_state(self) -> dict:
@@ -215,6 +216,8 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise NeurosalError(f"checkpoint {path} does not fit this model: {exc}") from exc
         torch.set_rng_state(st["torch_rng"])
+        if self.device.type == "cuda" and st.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(st["cuda_rng"], self.device)
         self.epoch = int(st["epoch"])
         self.history = list(st["history"])
 
