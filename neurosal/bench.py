@@ -358,7 +358,8 @@ def plot(rows: list[dict], path: Path) -> None:
     a2.set(xlabel="depth", ylabel="step time (ms)", xscale="log", yscale="log")
     for a in (a1, a2):
         a.grid(alpha=0.3)
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

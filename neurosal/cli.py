@@ -129,6 +129,8 @@ def cmd_bench(args) -> int:
     for name in ("width", "depth", "batch", "steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    if args.models:
+        cfg.models = [m for m in args.models.split(";") if m]
     if args.devices:
         cfg.devices = [None] + [d for d in args.devices.split(",") if d]
     cfg.accel, cfg.compile = args.accel, args.compile
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", default=None, help="width sweep at --depth, e.g. 256,1024")
     p.add_argument("--depths", default=None, help="depth sweep at --width, e.g. 2,8,32,128")
     p.add_argument("--params", default=None, help="parameter-count sweep at --depth, e.g. 1e8,1e9")
+    p.add_argument("--models", default=None, help="extra model specs (28x28 inputs), e.g. 'cnn;snn:100:T=25'")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
