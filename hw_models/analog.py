@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import accumulate_grad, weight_update
+from neurosal.layers import float_update
 
 from .array import DifferentialArray
 from .devices import DeviceConfig
@@ -140,13 +140,11 @@ class _AnalogMixin:
             if not isinstance(self, nn.Linear) or isinstance(self, AreaLinear):
                 raise NeurosalError(f"pulses=coincidence is defined for Linear layers, not {type(self).__name__}")
             self.tiles.pending.append((x, delta))
-        parent = getattr(super(), "local_update", None)
+        parent = getattr(super(), "local_update", None)  # SAL's area layer has its own
         if parent is not None:
             parent(x, delta, ctx)
-            return
-        dw, db = weight_update(self, x, delta)
-        accumulate_grad(self.weight, dw)
-        accumulate_grad(self.bias, db)
+        else:
+            float_update(self, x, delta)
 
     def after_optimizer_step(self) -> None:
         self.tiles.sync()

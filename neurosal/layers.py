@@ -72,15 +72,20 @@ def accumulate_grad(p: torch.Tensor | None, g: torch.Tensor | None) -> None:
         p.grad.add_(g)
 
 
+def float_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> None:
+    """The float substrate: the local weight change into ``.grad``."""
+    dw, db = weight_update(op, x, delta)
+    accumulate_grad(op.weight, dw)
+    accumulate_grad(op.bias, db)
+
+
 def apply_local_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor, ctx=None) -> None:
     """Let the layer's substrate turn a teaching signal into a weight change (into ``.grad``)."""
     custom = getattr(op, "local_update", None)
     if custom is not None:
         custom(x, delta, ctx)
-        return
-    dw, db = weight_update(op, x, delta)
-    accumulate_grad(op.weight, dw)
-    accumulate_grad(op.bias, db)
+    else:
+        float_update(op, x, delta)
 
 
 # ----------------------------------------------------------------------------- non-parametric "post" ops
