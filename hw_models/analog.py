@@ -243,6 +243,3 @@ def drift(net: nn.Module, t: float) -> None:
         if isinstance(m, _AnalogMixin):
             m.tiles.drift(t)
 
-
-def resets(net: nn.Module) -> int:
-    return sum(m.tiles.resets for m in net.modules() if isinstance(m, _AnalogMixin))

@@ -92,11 +92,6 @@ def _onehot(y: torch.Tensor, n: int, dtype) -> torch.Tensor:
     return F.one_hot(y, n).to(dtype)
 
 
-def _check_finite(loss: torch.Tensor) -> None:
-    if not torch.isfinite(loss):
-        raise NeurosalError("training diverged: the loss is NaN/Inf (lower the learning rate)")
-
-
 def train_step(net: Net, rule, x: torch.Tensor, y: torch.Tensor, n_classes: int,
                memory: str = "cache", on_layer=None):
     """Fill ``.grad`` of the net (and of the rule's learned feedback) for one batch.

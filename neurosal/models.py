@@ -165,12 +165,3 @@ def _model_plugins() -> dict:
     from importlib.metadata import entry_points
 
     return {ep.name: ep.load() for ep in entry_points(group="neurosal.models")}
-
-
-def layer_names(net: Net) -> list[str]:
-    return [f"{i}:{type(b.op).__name__}" for i, b in enumerate(net.blocks)]
-
-
-def check_input(net: Net, x: torch.Tensor, input_shape: tuple[int, ...]) -> None:
-    if tuple(x.shape[1:]) != tuple(input_shape):
-        raise NeurosalError(f"input has per-sample shape {tuple(x.shape[1:])}, model expects {input_shape}")

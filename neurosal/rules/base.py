@@ -79,9 +79,6 @@ class Rule(nn.Module):
         """Extra per-epoch metrics for metrics.json (e.g. SAL's area usage); default none."""
         return {}
 
-    def describe(self) -> dict:
-        return {"rule": self.name, **dataclasses.asdict(self.config)}
-
 
 def make_rule(name: str, **options) -> Rule:
     """Build a registered rule; ``options`` fill its config dataclass (unknown keys are refused)."""
