@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from hw_models.brian import simulate  # noqa: E402
-from hw_models.snn import build_snn  # noqa: E402
+from hw_models.snn import build_snn, delay  # noqa: E402
 from neurosal.bench import save_result  # noqa: E402
 from neurosal.engine import forward_cached  # noqa: E402
+from neurosal.layers import weight_update  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,15 +38,14 @@ def main(argv=None) -> int:
     for blk in net.blocks[:-1]:
         blk.op.weight.data.mul_(3.0)
     raw = (torch.rand(samples, steps, n_in, dtype=torch.float64) < 0.2).double()
-    x = torch.cat([torch.zeros_like(raw[:, :1]), raw[:, :-1]], 1)
+    x = delay(raw)
     net.stem = torch.nn.Identity()
     third = [torch.randn(samples, steps, w, dtype=torch.float64) * 1e-3 for w in widths]
 
     def tensor_run():
         logits, cache = forward_cached(net, x)
         for l, c in enumerate(cache[:-1]):
-            delta = c.post.local_vjp(c.state, third[l])
-            delta.reshape(-1, widths[l]).t() @ c.x.reshape(-1, c.x.shape[-1])
+            weight_update(c.op, c.x, c.post.local_vjp(c.state, third[l]))
 
     tensor_run()
     t0 = time.perf_counter()

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hw_models.snn import delay, lif_membrane
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
 from neurosal.models import Block, Net
@@ -156,21 +157,9 @@ class LIFTwin(nn.Module):
 
     def run(self, a):
         """(delayed spikes for the next layer, spikes as emitted)."""
-        m = torch.zeros_like(a[:, 0])
-        syn = torch.zeros_like(a[:, 0])
-        spikes = []
-        for t in range(a.shape[1]):
-            r = (m - self.theta > 0).to(a.dtype)
-            if self.neuron == "leaky":
-                u = self.beta * m + a[:, t] - r * self.theta
-            else:
-                syn = self.alpha * syn + a[:, t]
-                u = self.beta * m + syn - r * self.theta
-            s = (u - self.theta > 0).to(a.dtype)
-            m = u - (s - r) * self.theta
-            spikes.append(s)
-        s = torch.stack(spikes, 1)
-        return torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], 1), s
+        u = lif_membrane(a, self.beta, self.theta, self.neuron, self.alpha)
+        s = (u - self.theta > 0).to(a.dtype)
+        return delay(s), s
 
 
 @dataclass

@@ -85,10 +85,10 @@ def cross_check(widths=(20, 10), n_in=16, steps=30, samples=2, beta=0.9, theta=1
                 target="numpy", rate=0.3) -> dict:
     """Tensor path vs Brian2 on the same weights, inputs and dt; DFA's broadcast error as third factor."""
     from neurosal.engine import block_output_shapes, forward_cached
-    from neurosal.layers import output_error
+    from neurosal.layers import output_error, weight_update
     from neurosal.rules import make_rule
 
-    from .snn import build_snn
+    from .snn import advance, build_snn, delay
 
     torch.manual_seed(seed)
     spec = f"snn:{'x'.join(map(str, widths))}:T={steps},beta={beta},theta={theta},slope={slope}"
@@ -100,7 +100,7 @@ def cross_check(widths=(20, 10), n_in=16, steps=30, samples=2, beta=0.9, theta=1
     rule.double()
     gen = torch.Generator().manual_seed(seed + 2)
     raw = (torch.rand(samples, steps, n_in, generator=gen, dtype=torch.float64) < rate).double()
-    x = torch.cat([torch.zeros_like(raw[:, :1]), raw[:, :-1]], 1)  # what the first layer receives
+    x = delay(raw)  # what the first layer receives
     y = torch.randint(0, 4, (samples,), generator=gen)
 
     # tensor path: the engine's forward and DFA's teaching signals through the LIF tails' local rule
@@ -113,13 +113,10 @@ def cross_check(widths=(20, 10), n_in=16, steps=30, samples=2, beta=0.9, theta=1
     t_tensor = time.perf_counter() - t0
     report = {"widths": list(widths), "n_in": n_in, "steps": steps, "samples": samples, "target": target,
               "layers": []}
-    tensor_dw = [deltas[l].reshape(-1, widths[l]).t() @ cache[l].x.reshape(-1, cache[l].x.shape[-1])
-                 for l in range(len(widths))]
-    tensor_db = [deltas[l].reshape(-1, widths[l]).sum(0) for l in range(len(widths))]
+    tensor_dw, tensor_db = zip(*(weight_update(cache[l].op, cache[l].x, deltas[l]) for l in range(len(widths))))
     tensor_spikes = [c.post.run(c.state[0])[0] for c in cache[:-1]]  # as emitted (before the delay)
     # the third factor each neuron sees at each step: the signal on its (delayed) output, one step on
-    third = [rule._over_time(l, e @ rule.feedback_slice(l)) for l in range(len(widths))]
-    third = [torch.cat([g[:, 1:], torch.zeros_like(g[:, :1])], 1) for g in third]
+    third = [advance(rule.signal(l, e, target_1h)) for l in range(len(widths))]
 
     t0 = time.perf_counter()
     b_dw = [np.zeros(w.shape) for w in tensor_dw]

@@ -50,6 +50,30 @@ def delay(s: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], dim=1)
 
 
+def advance(s: torch.Tensor) -> torch.Tensor:
+    """The inverse shift: what arrives at t + 1 belongs to step t (the last step's is lost)."""
+    return torch.cat([s[:, 1:], torch.zeros_like(s[:, :1])], dim=1)
+
+
+def lif_membrane(a, beta: float, theta: float, neuron: str = "leaky", alpha: float = 0.0):
+    """u(t), the membrane at the threshold check (before reset), for input currents ``a`` (B, T, n),
+    with snnTorch's arithmetic in the same order; the spikes are ``u > theta``."""
+    m = torch.zeros_like(a[:, 0])
+    syn = torch.zeros_like(a[:, 0])
+    out = []
+    for t in range(a.shape[1]):
+        r = (m - theta > 0).to(a.dtype)
+        if neuron == "leaky":
+            u = beta * m + a[:, t] - r * theta
+        else:
+            syn = alpha * syn + a[:, t]
+            u = beta * m + syn - r * theta
+        s = (u - theta > 0).to(a.dtype)
+        m = u - (s - r) * theta
+        out.append(u)
+    return torch.stack(out, 1)
+
+
 class RateEncoder(nn.Module):
     """Bernoulli spikes with probability ``gain * x`` per step (x clipped to [0, 1]); delayed by one
     step like every synaptic input. Uses torch's global generator (seeded, checkpointed)."""
@@ -123,30 +147,14 @@ class LIFTail(nn.Module):
 
     @torch.no_grad()
     def membrane(self, a):
-        """u(t), the membrane at the threshold check (before reset), recomputed with snnTorch's
-        arithmetic in the same order -- the state the surrogate derivative is taken at."""
-        b, th = self.beta, self.theta
-        m = torch.zeros_like(a[:, 0])
-        syn = torch.zeros_like(a[:, 0])
-        out = torch.empty_like(a)
-        for t in range(a.shape[1]):
-            r = (m - th > 0).to(a.dtype)
-            if self.neuron == "leaky":
-                u = b * m + a[:, t] - r * th
-            else:
-                syn = self.alpha * syn + a[:, t]
-                u = b * m + syn - r * th
-            s = (u - th > 0).to(a.dtype)
-            m = u - (s - r) * th
-            out[:, t] = u
-        return out
+        """u(t) before reset -- the state the surrogate derivative is taken at."""
+        return lif_membrane(a, self.beta, self.theta, self.neuron, self.alpha)
 
     def local_vjp(self, state, g):
         """The e-prop local rule: teaching signal x eligibility, as a signal on the input current."""
         a, _ = state
         psi = 1.0 / (1.0 + self.slope * (self.membrane(a) - self.theta).abs()) ** 2
-        g_spk = torch.cat([g[:, 1:], torch.zeros_like(g[:, :1])], 1)  # output at t+1 <- spike at t
-        delta = _reverse_filter(g_spk * psi, self.beta)
+        delta = _reverse_filter(advance(g) * psi, self.beta)  # output at t+1 <- spike at t
         if self.neuron == "synaptic":
             delta = _reverse_filter(delta, self.alpha)
         return delta
@@ -223,7 +231,7 @@ def record(net: Net, x: torch.Tensor) -> dict:
     was = net.training
     net.eval()
     h = net.stem(x)
-    out = {"input": delay_inverse(h), "layers": []}
+    out = {"input": advance(h), "layers": []}
     for blk in net.blocks[:-1]:
         a = blk.op(h)
         spikes, _ = blk.post.run(a)
@@ -231,10 +239,6 @@ def record(net: Net, x: torch.Tensor) -> dict:
         h = delay(spikes)
     net.train(was)
     return out
-
-
-def delay_inverse(s):
-    return torch.cat([s[:, 1:], torch.zeros_like(s[:, :1])], 1)
 
 
 def plot_activity(net: Net, x: torch.Tensor, path, sample: int = 0, neurons: int = 8) -> None:
