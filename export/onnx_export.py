@@ -18,7 +18,6 @@ original torch model on held-out inputs (max abs difference; an error above the 
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hw_models.analog import analog_mvm
 from hw_models.snn import delay, lif_membrane
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
@@ -35,38 +35,19 @@ from neurosal.models import Block, Net
 OPSET = 18
 
 
-def _quantise(v, bits, full):
-    levels = 2 ** (bits - 1) - 1
-    return torch.round(torch.clamp(v, -full, full) / full * levels) / levels * full
-
-
-class AnalogMVM(nn.Module):
-    """DAC -> matrix-vector product with fixed (device-held) weights -> ADC, as in ``hw_models.analog``."""
-
-    def __init__(self, dac_bits: int, adc_bits: int, adc_full: float):
-        super().__init__()
-        self.dac_bits, self.adc_bits, self.adc_full = dac_bits, adc_bits, adc_full
-
-    def forward(self, x, fn):
-        if not (self.dac_bits or self.adc_bits):
-            return fn(x)
-        dims = tuple(range(1, x.dim()))
-        scale = torch.clamp(x.abs().amax(dim=dims, keepdim=True), min=1e-12)
-        xn = x / scale
-        if self.dac_bits:
-            xn = _quantise(xn, self.dac_bits, 1.0)
-        y = fn(xn)
-        if self.adc_bits:
-            y = _quantise(y, self.adc_bits, self.adc_full)
-        return y * scale.reshape(scale.shape[0], *([1] * (y.dim() - 1)))
-
-
-def _analog_of(op) -> AnalogMVM | None:
+def _analog_of(op):
+    """(device config, w_max, fan_in) of an analog layer, or None for a float one."""
     tiles = getattr(op, "tiles", None)
-    if tiles is None:
-        return None
-    cfg = tiles.cfg
-    return AnalogMVM(cfg.dac_bits, cfg.adc_bits, cfg.adc_range * tiles.w_max * math.sqrt(tiles.fan_in))
+    return None if tiles is None else (tiles.cfg, tiles.w_max, tiles.fan_in)
+
+
+def _through_devices(analog, x, fn):
+    """``fn(x)`` -- through the layer's DAC and ADC when it is analog (the function the analog layers
+    themselves use, :func:`hw_models.analog.analog_mvm`)."""
+    if analog is None:
+        return fn(x)
+    cfg, w_max, fan_in = analog
+    return analog_mvm(x, None, lambda v, _w: fn(v), cfg, w_max, fan_in)
 
 
 class LinearTwin(nn.Module):
@@ -77,8 +58,7 @@ class LinearTwin(nn.Module):
         self.analog = _analog_of(op)
 
     def forward(self, x):
-        fn = lambda v: F.linear(v, self.weight)  # noqa: E731
-        y = fn(x) if self.analog is None else self.analog(x, fn)
+        y = _through_devices(self.analog, x, lambda v: F.linear(v, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -91,8 +71,7 @@ class Conv2dTwin(nn.Module):
         self.analog = _analog_of(op)
 
     def forward(self, x):
-        fn = lambda v: F.conv2d(v, self.weight, None, **self.kw)  # noqa: E731
-        y = fn(x) if self.analog is None else self.analog(x, fn)
+        y = _through_devices(self.analog, x, lambda v: F.conv2d(v, self.weight, None, **self.kw))
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
@@ -140,7 +119,7 @@ class SALTwin(nn.Module):
                 fn = lambda v: torch.bmm(w, v.unsqueeze(2)).squeeze(2)  # noqa: E731
             else:
                 fn = lambda v: torch.bmm(v, w.transpose(1, 2))  # noqa: E731
-        y = fn(x) if self.analog is None else self.analog(x, fn)
+        y = _through_devices(self.analog, x, fn)
         b = self.bias[area]
         return y + (b if x.dim() == 2 else b.unsqueeze(1)), area
 
