@@ -84,12 +84,15 @@ class AreaLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, areas={self.areas}, route_dim={self.router.shape[0]}"
 
     # ------------------------------------------------------------------ routing
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """z = R (x - mu), without materialising x - mu."""
-        return torch.addmm(-(self.router @ self.center), x, self.router.t())
+    def scores(self, x: torch.Tensor, router: torch.Tensor | None = None):
+        """(z, cos): z = R (x - mu) without materialising x - mu, and its cosine to each prototype.
+        ``router`` replaces R (the differentiable reference of the router's objective uses it)."""
+        r = self.router if router is None else router
+        z = torch.addmm(-(r @ self.center), x, r.t())
+        return z, F.normalize(z, dim=1) @ self.prototypes.t()
 
     def route_scores(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.project(x), dim=1) @ self.prototypes.t()
+        return self.scores(x)[1]
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> Route:
@@ -107,8 +110,7 @@ class AreaLinear(nn.Module):
         if self.areas == 1:
             area = torch.zeros(len(x), dtype=torch.long, device=x.device)
             return Route(area, torch.arange(len(x), device=x.device), [len(x)], x=x)
-        z = self.project(x)
-        cos = F.normalize(z, dim=1) @ self.prototypes.t()
+        z, cos = self.scores(x)
         area = cos.argmax(1)
         counts = torch.bincount(area, minlength=self.areas)
         if self.training:
@@ -160,8 +162,7 @@ class AreaLinear(nn.Module):
     def router_loss(self, x: torch.Tensor, route: Route, router: torch.Tensor) -> torch.Tensor:
         """The router's local objective (pull to the chosen prototype + load balance), differentiable
         in ``router``; training uses its closed-form gradient :meth:`router_grad`."""
-        z = torch.addmm(-(router @ self.center), x, router.t())
-        cos = F.normalize(z, dim=1) @ self.prototypes.t()
+        cos = self.scores(x, router)[1]
         pull = -cos.gather(1, route.area[:, None]).mean()
         frac = torch.tensor(route.counts, dtype=cos.dtype, device=cos.device) / len(x)
         soft = torch.softmax(cos / self.temperature, dim=1).mean(0)
