@@ -11,6 +11,16 @@ def _threads():
     torch.set_num_threads(2)
 
 
+def assert_close(actual, expected, ulps: float = 1e4, msg=None):
+    """Equal up to rounding: for two *different* computation orders of the same mathematics (kernels,
+    BLAS blockings and summation orders differ between CPUs, so bitwise equality is not portable).
+    Tolerance from the dtype: ``ulps`` machine epsilons relative, and as much again of the largest
+    magnitude as absolute slack (float64: ~2e-12)."""
+    eps = torch.finfo(expected.dtype).eps
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=ulps * eps, atol=ulps * eps * max(scale, 1e-30), msg=msg)
+
+
 def setup_rule(name, net, input_shape, n_classes=10, seed=1, **options):
     rule = make_rule(name, **options)
     rule.setup(net, block_output_shapes(net, input_shape), n_classes, torch.Generator().manual_seed(seed))

@@ -10,7 +10,7 @@ from neurosal import engine
 from neurosal.errors import NeurosalError
 from neurosal.rules import make_rule, rule_names
 
-from conftest import setup_rule, tiny
+from conftest import assert_close, setup_rule, tiny
 
 
 def grads(net):
@@ -140,8 +140,9 @@ def test_recompute_mode_equals_cache_mode(name, spec, shape):
     rule = setup_rule(name, net, shape, 4)
     a = rule_grads(net, rule, x, y, 4, "cache")
     b = rule_grads(net, rule, x, y, 4, "recompute")
+    # one projection matmul for all layers vs one slice per layer: equal up to rounding only
     for g, r in zip(a, b):
-        assert torch.equal(g, r)
+        assert_close(r, g)
 
 
 def test_non_bp_rules_build_no_autograd_graph():
@@ -161,7 +162,7 @@ def test_every_registered_rule_is_known():
 def test_unknown_rule_and_bad_options_are_refused():
     with pytest.raises(NeurosalError, match="unknown rule 'nope'"):
         make_rule("nope")
-    with pytest.raises(NeurosalError, match="no option"):
+    with pytest.raises(NeurosalError, match="no setting"):
         make_rule("dfa", rank=3)
 
 
@@ -188,7 +189,7 @@ def test_relu_pool_fast_path_equals_autograd(flatten):
     kind = post_kind(post)
     assert kind == "relu_pool"
     out, state = post_forward(kind, post, a)
-    assert torch.equal(out, post(a))
+    assert torch.equal(out, post(a))  # max and relu round nothing: bitwise on any CPU
     g = torch.randn_like(out)
     assert torch.allclose(post_vjp(kind, post, state, g, a.shape), post_vjp("generic", post, a, g, a.shape),
                           rtol=0, atol=0)

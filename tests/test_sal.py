@@ -11,7 +11,7 @@ from neurosal.errors import NeurosalError
 from neurosal.models import build_model
 from neurosal.rules import make_rule
 
-from conftest import setup_rule
+from conftest import assert_close, setup_rule
 
 
 def sal_net(spec="mlp:12x10", shape=(1, 3, 3), seed=0, **opt):
@@ -145,12 +145,13 @@ def test_k1_is_exactly_dfa_on_the_same_network():
     engine.train_step(net, sal, x, y, 4)
     engine.train_step(dense, dfa, x, y, 4)
     for blk, dblk in zip(net.blocks, dense.blocks):
+        # the area layer and nn.Linear reach the same update through different code: up to rounding
         if isinstance(blk.op, AreaLinear):
-            assert torch.equal(blk.op.area_weight[0].grad, dblk.op.weight.grad)
-            assert torch.equal(blk.op.area_bias[0].grad, dblk.op.bias.grad)
+            assert_close(blk.op.area_weight[0].grad, dblk.op.weight.grad)
+            assert_close(blk.op.area_bias[0].grad, dblk.op.bias.grad)
             assert blk.op.router.grad is None  # nothing to route with one area
         else:
-            assert torch.equal(blk.op.weight.grad, dblk.op.weight.grad)
+            assert_close(blk.op.weight.grad, dblk.op.weight.grad)
 
 
 def test_router_gradient_is_the_gradient_of_its_objective():
