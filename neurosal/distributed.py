@@ -14,6 +14,13 @@ averaged gradient is the gradient of the global batch and the weights match a si
   communication overlaps the remaining layers' compute. Parameters without a gradient this step
   (an SAL area no sample chose) join with zeros and get their ``None`` back when no rank used them.
 * Floating-point buffers (SAL's routing centres) are averaged after every step so ranks agree.
+
+Shutdown: the context that created the process group destroys it (:meth:`DistContext.close`) while the
+interpreter is still fully alive -- after a barrier, so no rank closes its connections while a peer is
+still talking to it. A process group left to interpreter finalisation aborts at random (SIGABRT,
+``terminate called without an active exception``): gloo's C++ worker threads and the work objects
+they hold (with references to our gradient tensors) are then torn down in static destructors, racing
+the interpreter's own teardown.
 """
 
 from __future__ import annotations
@@ -30,16 +37,34 @@ class DistContext:
     rank: int
     world: int
     local_rank: int
+    owns_group: bool = False  # this context created the default process group, so it destroys it
 
     @staticmethod
     def from_env() -> "DistContext | None":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return None
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
             dist.init_process_group(backend)
-        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+    def close(self, clean: bool = True) -> None:
+        """Destroy the process group this context created (a no-op for one it was handed).
+
+        ``clean``: every rank got here the normal way, so wait at a barrier first (no rank tears down
+        its connections under a peer's last collective). After a failure, a barrier could wait forever
+        for a dead peer: destroy at once and let the launcher stop the others.
+        """
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        try:
+            if clean:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+            self.owns_group = False
 
     @property
     def main(self) -> bool:
@@ -72,12 +97,14 @@ class LayerwiseAllReduce:
             self.pending.append((p, was_none, dist.all_reduce(p.grad, async_op=True)))
 
     def wait(self) -> None:
-        for p, was_none, work in self.pending:
-            work.wait()
-            p.grad.div_(self.ctx.world)
-            if was_none and not torch.any(p.grad):
-                p.grad = None  # no rank used it: stays untouched by the optimiser
-        self.pending.clear()
+        try:
+            for p, was_none, work in self.pending:
+                work.wait()
+                p.grad.div_(self.ctx.world)
+                if was_none and not torch.any(p.grad):
+                    p.grad = None  # no rank used it: stays untouched by the optimiser
+        finally:
+            self.pending.clear()  # never leave work objects (and the tensors they hold) behind
 
 
 def reduce_learned_feedback(ctx: DistContext, rule) -> None:
