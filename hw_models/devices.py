@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from neurosal.errors import NeurosalError
+from neurosal.options import typed_fields
 
 MODELS = ("linear", "lim", "softbounds", "pow")
 UPDATES = ("bidirectional", "unidirectional")
@@ -93,10 +94,7 @@ class DeviceConfig:
         return self
 
     def replace(self, **changes) -> "DeviceConfig":
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise NeurosalError(f"unknown device parameter(s) {sorted(unknown)}")
-        return dataclasses.replace(self, **changes).validate()
+        return dataclasses.replace(self, **typed_fields(DeviceConfig, changes, "device")).validate()
 
 
 class Response:

@@ -6,3 +6,9 @@ class NeurosalError(Exception):
 
     The CLI prints the message and exits with status 2; library users can catch it.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to many lines)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -21,8 +21,9 @@ from . import checkpoint
 from .data import Dataset, load_dataset
 from .distributed import DistContext, LayerwiseAllReduce, average_buffers, reduce_learned_feedback
 from .engine import MEMORY_MODES, alignment, block_output_shapes, train_step
-from .errors import NeurosalError
+from .errors import NeurosalError, first_line
 from .models import Net
+from .options import typed_fields
 from .rules import make_rule
 from .rules.base import Rule
 from .substrates import apply_device, finish_step
@@ -37,6 +38,7 @@ class TrainConfig:
     device_options: dict = field(default_factory=dict)  # overrides of the device's parameters
     data: str = "digits"
     data_root: str | None = None
+    label_column: str | None = None  # user tables: the label column's name or index (default: the last)
     limit: int | None = None  # keep only the first N training samples
     epochs: int = 5
     batch_size: int = 128
@@ -67,6 +69,20 @@ class TrainConfig:
             raise NeurosalError(f"unknown lr schedule {self.schedule!r}; use constant or cosine")
         if self.memory not in MEMORY_MODES:
             raise NeurosalError(f"unknown memory mode {self.memory!r}; use one of {MEMORY_MODES}")
+        if self.limit is not None and self.limit < 1:
+            raise NeurosalError(f"--limit must be a positive number of samples, got {self.limit}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise NeurosalError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {value}")
+        if self.keep_checkpoints < 1:
+            raise NeurosalError("keep_checkpoints must be >= 1 (a run keeps its latest checkpoint)")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str) -> "TrainConfig":
+        """A config read from a file (``source`` names it in errors): unknown keys are ignored (newer
+        versions), missing ones take their defaults, mistyped ones are refused."""
+        return cls(**typed_fields(cls, values, source, ignore_unknown=True))
 
 
 def resolve_device(accel: str) -> torch.device:
@@ -125,7 +141,8 @@ class Trainer:
         self.device = resolve_device(cfg.accel)
         if self.dist is not None and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.data_root, cfg.limit)
+        ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.data_root, cfg.limit,
+                                                              label_column=cfg.label_column)
         self.data = ds.to(self.device)
         self.rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
         self.net = build_net(cfg, self.rule, ds.input_shape, ds.n_classes, self.device)
@@ -171,6 +188,7 @@ class Trainer:
             "rule": self.rule.state_dict(),
             "optimizer": self._opt_state(),
             "history": self.history,
+            "classes": self.data.classes,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
@@ -204,21 +222,26 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         st = checkpoint.load(path)
-        old = st["config"]
+        old = dataclasses.asdict(TrainConfig.from_dict(st["config"], f"checkpoint {path}"))
         now = dataclasses.asdict(self.cfg)
-        diff = [k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != now[k]]
+        diff = [k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and old[k] != now[k]]
         if diff:
             raise NeurosalError(f"cannot resume {path}: settings differ from the checkpoint's: "
-                                + ", ".join(f"{k} ({old.get(k)!r} -> {now[k]!r})" for k in diff))
+                                + ", ".join(f"{k} ({old[k]!r} -> {now[k]!r})" for k in diff))
+        if st["epoch"] > self.cfg.epochs:
+            raise NeurosalError(f"cannot resume {path}: it is at epoch {st['epoch']}, beyond --epochs "
+                                f"{self.cfg.epochs}")
         try:
             self._load_net_and_opt(st)
             self.rule.load_state_dict(st["rule"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise NeurosalError(f"checkpoint {path} does not fit this model: {exc}") from exc
-        torch.set_rng_state(st["torch_rng"])
-        if self.device.type == "cuda" and st.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(st["cuda_rng"], self.device)
-        self.epoch = int(st["epoch"])
+            # Random number states last: they are plain byte tensors and refuse a wrong size.
+            torch.set_rng_state(st["torch_rng"])
+            if self.device.type == "cuda" and st.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(st["cuda_rng"], self.device)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            raise NeurosalError(f"checkpoint {path} does not fit this model: "
+                                f"{first_line(exc)}") from exc
+        self.epoch = st["epoch"]
         self.history = list(st["history"])
 
     # ------------------------------------------------------------------ the loop
@@ -291,6 +314,23 @@ class Trainer:
         return rec
 
     def fit(self, resume: bool = False) -> dict:
+        """Train to ``cfg.epochs`` (from the latest checkpoint with ``resume``); returns :meth:`summary`.
+
+        Under torchrun, the process group this trainer created is destroyed when ``fit`` returns or
+        fails (see :mod:`neurosal.distributed`), so a launched job exits cleanly.
+        """
+        clean = False
+        try:
+            result = self._fit(resume)
+            clean = True
+            return result
+        finally:
+            if self.reducer is not None:
+                self.reducer.pending.clear()
+            if self.dist is not None:
+                self.dist.close(clean)
+
+    def _fit(self, resume: bool) -> dict:
         if resume:
             if self.out is None:
                 raise NeurosalError("--resume needs an output folder")
@@ -299,7 +339,8 @@ class Trainer:
                 raise NeurosalError(f"nothing to resume: no checkpoint in {self.out}")
             self.restore(last)
         if self.out is not None and self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            checkpoint.ensure_writable_dir(self.out)
+            checkpoint.remove_stale_temps(self.out)
             checkpoint.atomic_write_text(self.out / "config.json",
                                          json.dumps(dataclasses.asdict(self.cfg), indent=2))
         for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
@@ -321,7 +362,8 @@ class Trainer:
 
     def summary(self) -> dict:
         return {"config": dataclasses.asdict(self.cfg), "device": str(self.device),
-                "n_params": sum(p.numel() for p in self.net.parameters()), "epochs": self.history}
+                "n_params": sum(p.numel() for p in self.net.parameters()), "classes": self.data.classes,
+                "epochs": self.history}
 
     def write_metrics(self) -> None:
         from .report import plot_curves
@@ -338,11 +380,15 @@ def load_run(run_dir: str | Path, accel: str = "cpu"):
     if path is None:
         raise NeurosalError(f"no checkpoint in {run_dir}")
     st = checkpoint.load(path)
-    cfg = TrainConfig(**{k: v for k, v in st["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    cfg = TrainConfig.from_dict(st["config"], f"checkpoint {path}")
     device = resolve_device(accel)
     rule = make_rule(cfg.rule, **cfg.rule_options)
     net = build_net(cfg, rule, tuple(st["input_shape"]), st["n_classes"], device)
-    net.load_state_dict(st["net"])
+    try:
+        net.load_state_dict(st["net"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise NeurosalError(f"checkpoint {path} does not fit its own model {cfg.model!r}: "
+                            f"{first_line(exc)}") from exc
     return net.eval(), rule, cfg, st
 
 

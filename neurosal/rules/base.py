@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import NeurosalError
+from ..options import typed_fields
 
 REGISTRY: dict[str, type["Rule"]] = {}
 
@@ -86,15 +87,7 @@ def make_rule(name: str, **options) -> Rule:
     if key not in REGISTRY:
         raise NeurosalError(f"unknown rule {name!r}; known: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[key]
-    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
-    unknown = set(options) - set(fields)
-    if unknown:
-        raise NeurosalError(f"rule {key!r} has no option(s) {sorted(unknown)}; options: {sorted(fields) or 'none'}")
-    try:
-        config = cls.Config(**options)
-    except (TypeError, ValueError) as exc:
-        raise NeurosalError(f"bad options for rule {key!r}: {exc}") from exc
-    return cls(config)
+    return cls(cls.Config(**typed_fields(cls.Config, options, f"rule {key!r}")))
 
 
 def parse_options(text: str | None) -> dict:
@@ -103,9 +96,9 @@ def parse_options(text: str | None) -> dict:
     if not text:
         return out
     for item in text.split(","):
-        if "=" not in item:
-            raise NeurosalError(f"rule option {item!r} is not key=value")
-        k, v = (s.strip() for s in item.split("=", 1))
+        k, eq, v = (s.strip() for s in item.partition("="))
+        if not (eq and k):
+            raise NeurosalError(f"option {item!r} is not key=value")
         for conv in (int, float):
             try:
                 out[k] = conv(v)

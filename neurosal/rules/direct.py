@@ -22,6 +22,7 @@ import math
 import torch
 
 from ..errors import NeurosalError
+from ..options import check, positive
 from .base import Rule, RuleConfig, gaussian, register, uniform
 
 
@@ -32,6 +33,10 @@ class DirectConfig(RuleConfig):
     scale: float = 1.0
     #: residual blocks use the feedback matrix of the stream they add to
     share_stream: bool = True
+
+    def __post_init__(self):
+        check(self.init in ("gaussian", "uniform"), "rule option init", f"use gaussian or uniform, not {self.init!r}")
+        check(positive(self.scale), "rule option scale", f"must be a positive number, got {self.scale}")
 
 
 class DirectRule(Rule):

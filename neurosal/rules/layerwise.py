@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..errors import NeurosalError
 from ..layers import feedback, weight_update
+from ..options import check, non_negative, positive
 from .base import Rule, RuleConfig, gaussian, register, uniform
 
 
@@ -70,6 +71,10 @@ class FAConfig(RuleConfig):
     #: multiplies the feedback matrices
     scale: float = 1.0
 
+    def __post_init__(self):
+        check(self.init in ("gaussian", "uniform"), "rule option init", f"use gaussian or uniform, not {self.init!r}")
+        check(positive(self.scale), "rule option scale", f"must be a positive number, got {self.scale}")
+
 
 @register
 class FeedbackAlignment(LayerwiseRule):
@@ -105,6 +110,9 @@ class USFConfig(RuleConfig):
     #: "norm": |B|_F = |W|_F (uSF with magnitude matched); "none": raw sign(W)
     scaling: str = "norm"
 
+    def __post_init__(self):
+        check(self.scaling in ("norm", "none"), "rule option scaling", f"use norm or none, not {self.scaling!r}")
+
 
 @register
 class SignSymmetry(LayerwiseRule):
@@ -132,6 +140,10 @@ class LDEFConfig(RuleConfig):
     rank: int = 0
     #: decay on the feedback factors (with the Kolen-Pollack-style update it makes B forget its init)
     decay: float = 1e-3
+
+    def __post_init__(self):
+        check(self.rank >= 0, "rule option rank", f"must be >= 0 (0: the number of classes), got {self.rank}")
+        check(non_negative(self.decay), "rule option decay", f"must be a number >= 0, got {self.decay}")
 
 
 @register

@@ -33,6 +33,7 @@ from ..areas import AreaLinear
 from ..layers import RMSScale
 from ..errors import NeurosalError
 from .base import register
+from ..options import check, non_negative, positive
 from .direct import DirectConfig, DirectRule
 
 
@@ -50,6 +51,16 @@ class SALConfig(DirectConfig):
     center_momentum: float = 0.01
     #: "rms": parameter-free RMS scaling before each hidden activation; "none": plain
     norm: str = "rms"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.areas >= 1, "rule option areas", f"must be >= 1, got {self.areas}")
+        check(self.route_dim >= 1, "rule option route_dim", f"must be >= 1, got {self.route_dim}")
+        check(non_negative(self.balance), "rule option balance", f"must be a number >= 0, got {self.balance}")
+        check(positive(self.temperature), "rule option temperature", f"must be positive, got {self.temperature}")
+        check(0 <= self.center_momentum <= 1, "rule option center_momentum",
+              f"must be in [0, 1], got {self.center_momentum}")
+        check(self.norm in ("rms", "none"), "rule option norm", f"use rms or none, not {self.norm!r}")
 
 
 @register
