@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
+from neurosal.checkpoint import atomic_write_text, ensure_writable_dir
+from neurosal.cli import positive_int
 from neurosal.errors import NeurosalError
+
+MIN_OPSET, MAX_OPSET = 13, 23  # what torch.onnx's exporter and our verification cover
 
 
 def graph_inputs(net, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -22,21 +27,33 @@ def graph_inputs(net, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def cmd_export(args) -> int:
+    from neurosal.data import load_dataset
     from neurosal.train import load_run
 
     from .extras import accuracy_onnx, export_nir, quantize_int8
     from .onnx_export import export_onnx, kind_of, verify
 
+    if args.int8 and not args.onnx:
+        raise NeurosalError("--int8 quantises the ONNX model: give --onnx PATH too")
     if not (args.onnx or args.nir):
         raise NeurosalError("nothing to do: give --onnx PATH and/or --nir PATH")
-    from neurosal.data import load_dataset
+    if not (args.tol >= 0 and math.isfinite(args.tol)):
+        raise NeurosalError(f"--tol must be a finite number >= 0, got {args.tol}")
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise NeurosalError(f"--opset {args.opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
+    for path in (args.onnx, args.int8, args.nir, args.report):
+        if path:
+            ensure_writable_dir(Path(path).parent)
 
-    net, _, cfg, _ = load_run(args.run)
-    ds = load_dataset(cfg.data, cfg.data_root)
+    net, _, cfg, st = load_run(args.run)
+    ds = load_dataset(cfg.data, cfg.data_root, label_column=cfg.label_column)
     x, y = graph_inputs(net, ds.x_test[:args.samples]), ds.y_test[:args.samples]
-    report = {"run": str(args.run), "model": cfg.model, "rule": cfg.rule, "kind": kind_of(net).name}
+    report = {"run": str(args.run), "model": cfg.model, "rule": cfg.rule, "kind": kind_of(net).name,
+              "classes": st.get("classes")}
     if args.onnx:
-        export_onnx(net, x[:2], args.onnx, opset=args.opset, sal_mode=args.sal_mode)
+        export_onnx(net, x[:2], args.onnx, opset=args.opset, sal_mode=args.sal_mode,
+                    metadata={"neurosal.rule": cfg.rule, "neurosal.model": cfg.model,
+                              "neurosal.classes": json.dumps(st.get("classes"))})
         rep = verify(net, args.onnx, x, args.tol)
         report["onnx"] = {"path": str(args.onnx), "opset": args.opset, **rep}
         print(f"{args.onnx}: onnx.checker ok; onnxruntime vs torch on {rep['samples']} held-out inputs: "
@@ -55,7 +72,7 @@ def cmd_export(args) -> int:
         report["nir"] = {"path": str(args.nir)}
         print(f"{args.nir}: NIR graph written")
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2))
+        atomic_write_text(Path(args.report), json.dumps(report, indent=2))
     if args.onnx and not report["onnx"]["ok"]:
         print(f"error: exported model differs from torch by {report['onnx']['max_abs_diff']:.3g} > {args.tol:g}")
         return 1
@@ -72,6 +89,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--sal-mode", default="gather", choices=["gather", "dense"],
                    help="SAL areas: gather the chosen weights (small batches) or compute all, then select")
     p.add_argument("--tol", type=float, default=1e-5, help="max abs difference allowed vs torch")
-    p.add_argument("--samples", type=int, default=256, help="held-out inputs used to verify")
+    p.add_argument("--samples", type=positive_int, default=256, help="held-out inputs used to verify")
     p.add_argument("--report", default=None, help="write the verification report as JSON")
     p.set_defaults(func=cmd_export)

@@ -18,6 +18,7 @@ original torch model on held-out inputs (max abs difference; an error above the 
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,29 +210,44 @@ class InferenceTwin(nn.Module):
 
 
 def export_onnx(net: Net, example: torch.Tensor, path: str | Path, opset: int = OPSET,
-                extra_outputs: bool = False, sal_mode: str = "gather") -> InferenceTwin:
-    """Write ``net`` (eval mode) as ONNX with a dynamic batch axis; returns the twin that was exported."""
+                extra_outputs: bool = False, sal_mode: str = "gather",
+                metadata: dict[str, str] | None = None) -> InferenceTwin:
+    """Write ``net`` (eval mode) as ONNX with a dynamic batch axis; returns the twin that was exported.
+
+    ``metadata`` becomes the model's ``metadata_props`` (e.g. the class names). The file appears whole
+    or not at all: the graph is written beside ``path``, checked, then renamed onto it.
+    """
     import onnx
 
     net = net.eval()
     twin = InferenceTwin(net, extra_outputs, sal_mode).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial.onnx")
     batch = torch.export.Dim("batch", min=1)
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        torch.onnx.export(twin, (example,), str(path), input_names=["input"], output_names=twin.output_names(),
-                          opset_version=opset, dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
-                          verbose=False)
-    except NeurosalError:
-        raise
-    except Exception as exc:
-        raise NeurosalError(f"ONNX export of this {twin.kind.name} model failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            torch.onnx.export(twin, (example,), str(tmp), input_names=["input"],
+                              output_names=twin.output_names(), opset_version=opset, dynamic_shapes=({0: batch},),
+                              dynamo=True, external_data=False, verbose=False)
+        except NeurosalError:
+            raise
+        except Exception as exc:
+            raise NeurosalError(f"ONNX export of this {twin.kind.name} model failed: {type(exc).__name__}: "
+                                f"{exc}") from exc
+        finally:
+            quiet.setLevel(level)
+        model = onnx.load(str(tmp))
+        for key, value in (metadata or {}).items():
+            model.metadata_props.add(key=key, value=str(value))
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
     finally:
-        quiet.setLevel(level)
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        tmp.unlink(missing_ok=True)
     return twin
 
 

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from neurosal.checkpoint import atomic_write_text, ensure_writable_dir
+from neurosal.cli import number_list, positive_int
 from neurosal.errors import NeurosalError
 
 
@@ -149,9 +152,11 @@ def cross_check(widths=(20, 10), n_in=16, steps=30, samples=2, beta=0.9, theta=1
 
 
 def cmd_crosscheck(args) -> int:
-    widths = tuple(int(w) for w in args.widths.split(",") if w)
+    widths = tuple(number_list(args.widths, "widths"))
     if not widths:
         raise NeurosalError("--widths is empty")
+    if args.out:
+        ensure_writable_dir(Path(args.out).parent)
     rep = cross_check(widths, args.inputs, args.steps, args.samples, seed=args.seed, target=args.target)
     for layer in rep["layers"]:
         print(f"layer {layer['layer']}: spikes tensor {layer['spikes_tensor']} / Brian2 {layer['spikes_brian2']}, "
@@ -160,17 +165,16 @@ def cmd_crosscheck(args) -> int:
     print(f"{'OK' if rep['ok'] else 'MISMATCH'} (tolerance {rep['tolerance']:g}); tensor {rep['seconds_tensor']:.3f} s, "
           f"Brian2[{args.target}] {rep['seconds_brian2']:.2f} s")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rep, f, indent=2)
+        atomic_write_text(Path(args.out), json.dumps(rep, indent=2))
     return 0 if rep["ok"] else 1
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("snn-crosscheck", help="tensor SNN vs Brian2: same spikes, same weight changes?")
     p.add_argument("--widths", default="20,10", help="hidden LIF layer sizes")
-    p.add_argument("--inputs", type=int, default=16)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--inputs", type=positive_int, default=16)
+    p.add_argument("--steps", type=positive_int, default=30)
+    p.add_argument("--samples", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", default="numpy", choices=["numpy", "cython"], help="Brian2 code generation")
     p.add_argument("--out", default=None, help="write the report as JSON")

@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from neurosal.errors import NeurosalError
 from neurosal.models import Block, Net
+from neurosal.report import save_figure
 
 DEFAULTS = {"T": 25, "beta": 0.9, "theta": 1.0, "enc": "rate", "gain": 1.0, "neuron": "leaky",
             "alpha": 0.8, "slope": 25.0, "beta_out": 0.9}
@@ -261,5 +262,4 @@ def plot_activity(net: Net, x: torch.Tensor, path, sample: int = 0, neurons: int
     axes[-1].axhline(net.blocks[0].post.theta, ls="--", color="k", lw=0.8)
     axes[-1].set(xlabel="time step", ylabel="membrane u(t)\n(hidden 0)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

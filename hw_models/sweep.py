@@ -14,9 +14,10 @@ import json
 import math
 from pathlib import Path
 
+from neurosal.cli import positive_int
 from neurosal.data import load_dataset
 from neurosal.errors import NeurosalError
-from neurosal.report import write_csv
+from neurosal.report import save_figure, write_csv
 from neurosal.train import TrainConfig, Trainer
 
 from .presets import get_device
@@ -87,8 +88,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     subs[0][0].legend(title="rule (dashed: float)")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_axes(text: str | None) -> dict:
@@ -111,17 +111,24 @@ def parse_axes(text: str | None) -> dict:
 
 
 def cmd_sweep(args) -> int:
-    from neurosal.rules import parse_options
+    from neurosal.checkpoint import atomic_write_text, ensure_writable_dir
+    from neurosal.rules import make_rule, parse_options
 
     rules = [r for r in args.rules.split(",") if r]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = run_sweep(rules, args.data, args.model, args.epochs, args.device, axes=parse_axes(args.axes),
-                     seed=args.seed,
-                     batch_size=args.batch_size, lr=args.lr, extra_device=parse_options(args.device_options),
-                     progress=True)
+    if not rules:
+        raise NeurosalError("--rules is empty")
+    for rule in rules:
+        make_rule(rule)  # unknown names fail before anything trains
+    axes, extra = parse_axes(args.axes), parse_options(args.device_options)
+    for axis, values in axes.items():
+        for v in values:
+            get_device(args.device, **{**extra, **device_overrides(axis, v)})  # every device of the sweep
+    TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr).validate()
+    out = ensure_writable_dir(Path(args.out))
+    rows = run_sweep(rules, args.data, args.model, args.epochs, args.device, axes=axes, seed=args.seed,
+                     batch_size=args.batch_size, lr=args.lr, extra_device=extra, progress=True)
     write_csv(out / "sweep.csv", rows)
-    (out / "sweep.json").write_text(json.dumps(rows, indent=2, default=str))
+    atomic_write_text(out / "sweep.json", json.dumps(rows, indent=2, default=str))
     plot(rows, out / "sweep.png", f"{args.data} | {args.model} | base device {args.device}")
     print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.png'}")
     return 0
@@ -132,8 +139,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rules", default="bp,dfa,sal")
     p.add_argument("--data", default="digits")
     p.add_argument("--model", default="mlp:128x128")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=positive_int, default=15)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="linear-256", help="base device preset the axes modify")

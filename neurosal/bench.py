@@ -30,7 +30,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .checkpoint import atomic_write_text, ensure_writable_dir
 from .errors import NeurosalError
+from .report import save_figure
 
 
 @dataclass
@@ -51,6 +53,37 @@ class BenchConfig:
     devices: list = field(default_factory=lambda: [None])  # analog device presets to include
     input_dim: int = 784
     n_classes: int = 10
+
+    def validate(self) -> None:
+        """Refuse a sweep that could not run, before minutes of benchmarking (one ``error:`` line)."""
+        from .engine import MEMORY_MODES
+        from .models import build_model
+        from .rules import REGISTRY
+        from .substrates import device_names
+        from .train import resolve_device
+
+        for text in self.rules:
+            name, mode = parse_rule(text)
+            if name not in REGISTRY:
+                raise NeurosalError(f"unknown rule {name!r} in the bench rules; known: {', '.join(sorted(REGISTRY))}")
+            if mode not in MEMORY_MODES:
+                raise NeurosalError(f"unknown memory mode {mode!r} in {text!r}; use one of {MEMORY_MODES}")
+        if self.dtype not in ("float32", "bf16"):
+            raise NeurosalError(f"bench dtype must be float32 or bf16, not {self.dtype!r}")
+        for name in ("width", "depth", "batch", "steps", "input_dim", "n_classes"):
+            if getattr(self, name) < 1:
+                raise NeurosalError(f"bench {name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise NeurosalError(f"bench warmup must be >= 0, got {self.warmup}")
+        known = device_names()
+        for dev in self.devices:
+            if dev is not None and dev not in known:
+                raise NeurosalError(f"unknown device {dev!r}; known: {', '.join(known) or 'none installed'}")
+        resolve_device(self.accel)
+        for spec in self.models:  # the extra specs are small (28x28 inputs): build each once to check it
+            build_model(spec, (1, 28, 28), self.n_classes)
+        if not cases(self):
+            raise NeurosalError("the bench sweep is empty: give --widths, --depths, --params or --models")
 
     @staticmethod
     def small() -> "BenchConfig":
@@ -277,8 +310,8 @@ def save_result(path: str | Path, name: str, device, **payload) -> dict:
 def run(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
     import torch
 
-    if cfg.dtype not in ("float32", "bf16"):
-        raise NeurosalError(f"bench dtype must be float32 or bf16, not {cfg.dtype!r}")
+    cfg.validate()
+    out = ensure_writable_dir(Path(out))
     dev = resolve(cfg.accel)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NeurosalError("--accel cuda asked for, but torch sees no CUDA device")
@@ -300,10 +333,8 @@ def run(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
     _ratios(rows)
     result = {"benchmark": "neurosal bench", "machine": machine_info(dev), "settings": asdict(cfg),
               "matmul_peak_flops": peak, "rows": rows}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
-    (out / "bench.md").write_text(markdown(result))
+    atomic_write_text(out / "bench.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "bench.md", markdown(result))
     plot(rows, out / "bench.png")
     return result
 
@@ -361,8 +392,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if a.get_legend_handles_labels()[0]:
             a.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":  # worker mode: one case, JSON result on the last line

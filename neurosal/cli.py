@@ -4,7 +4,9 @@
     neurosal compare --rules bp,fa,dfa --data digits --model mlp:128x128 --epochs 10 --out runs/cmp
     neurosal list    (rules, datasets, model specs)
 
-Errors in input print ``error: ...`` and exit with status 2.
+Errors in input print one line ``error: ...`` and exit with status 2 -- unknown names, bad numbers,
+unreadable, hostile or malformed files, folders that cannot be written, a full disk. Finished
+checkpoints are never touched by a failure.
 """
 
 from __future__ import annotations
@@ -12,11 +14,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
-from .errors import NeurosalError
+from .errors import NeurosalError, first_line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with neurosal's error form: one ``error: ...`` line, exit status 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+positive_int.__name__ = "positive integer"  # what argparse names in its 'invalid ... value' message
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -26,9 +46,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-options", default=None, help="device parameter overrides, e.g. 'levels=32,ctoc=0'")
     p.add_argument("--data", default="digits", help="dataset name or path to .npz/.csv (see 'neurosal list')")
     p.add_argument("--data-root", default=None, help="folder with a dataset's files (mnist, cifar10, ...)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training samples")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--label-column", default=None,
+                   help="your CSV's label column: its header name or index (default: the last column)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N training samples")
+    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--optimizer", default="Adam", help="any torch.optim class name (SGD, Adam, AdamW, ...)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
@@ -50,7 +72,8 @@ def _config(args, rule: str, options: dict):
 
     return TrainConfig(rule=rule, rule_options=options, model=args.model, data=args.data,
                        device=args.device, device_options=parse_options(args.device_options),
-                       data_root=args.data_root, limit=args.limit, epochs=args.epochs,
+                       data_root=args.data_root, label_column=args.label_column, limit=args.limit,
+                       epochs=args.epochs,
                        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
                        momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
                        accel=args.accel, memory=args.memory, alignment=args.alignment,
@@ -74,6 +97,7 @@ def cmd_train(args) -> int:
 
 def cmd_compare(args) -> int:
     from .data import load_dataset
+    from .checkpoint import atomic_write_text, ensure_writable_dir
     from .report import format_table, plot_curves, write_csv
     from .rules import REGISTRY, parse_options
     from .train import Trainer
@@ -81,14 +105,22 @@ def cmd_compare(args) -> int:
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     if not rules:
         raise NeurosalError("--rules is empty")
+    unknown = [r for r in rules if r not in REGISTRY]
+    if unknown:
+        raise NeurosalError(f"unknown rule {unknown[0]!r}; known: {', '.join(sorted(REGISTRY))}")
     options = parse_options(args.rule_options)
-    out = Path(args.out)
-    data = load_dataset(args.data, args.data_root, args.limit)
+    stray = [k for k in options if not any(k in REGISTRY[r].Config.__dataclass_fields__ for r in rules)]
+    if stray:
+        raise NeurosalError(f"no rule in {','.join(rules)} has an option {stray[0]!r}")
+    # every setting is checked before the first rule trains, and the folder is proven writable
+    configs = {rule: _config(args, rule, {k: v for k, v in options.items()
+                                          if k in REGISTRY[rule].Config.__dataclass_fields__}) for rule in rules}
+    for cfg in configs.values():
+        cfg.validate()
+    out = ensure_writable_dir(Path(args.out))
+    data = load_dataset(args.data, args.data_root, args.limit, label_column=args.label_column)
     rows, histories = [], {}
-    for rule in rules:
-        # rule options apply to the rules that have them
-        known = REGISTRY[rule].Config.__dataclass_fields__ if rule in REGISTRY else {}
-        cfg = _config(args, rule, {k: v for k, v in options.items() if k in known})
+    for rule, cfg in configs.items():
         t0 = time.perf_counter()
         trainer = Trainer(cfg, out / rule, dataset=data)
         summary = trainer.fit()
@@ -103,16 +135,26 @@ def cmd_compare(args) -> int:
                                 ("train_loss", "train loss"), ("step_ms", "step ms"),
                                 ("time_s", "total s"), ("params", "params")])
     print(f"\n{args.data} | {args.model} | {args.epochs} epochs | seed {args.seed}\n{table}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "histories": histories}, indent=2))
+    atomic_write_text(out / "compare.json", json.dumps({"rows": rows, "histories": histories,
+                                                        "classes": data.classes}, indent=2))
     write_csv(out / "compare.csv", rows)
     plot_curves(histories, out / "compare.png", title=f"{args.data} | {args.model}")
     print(f"results: {out / 'compare.json'}, {out / 'compare.csv'}, {out / 'compare.png'}")
     return 0
 
 
-def _ints(text):
-    return [int(float(v)) for v in text.split(",") if v] if text else []
+def number_list(text: str | None, name: str, kind=int) -> list:
+    """``"256,1024"`` -> [256, 1024]; ``1e8`` is accepted for ints; each value must be positive."""
+    if not text:
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise NeurosalError(f"--{name} takes comma-separated numbers, got {text!r}") from None
+    bad = [v for v in values if not (v > 0 and math.isfinite(v)) or (kind is int and v != int(v))]
+    if bad:
+        raise NeurosalError(f"--{name}: {bad[0]:g} is not a positive {'integer' if kind is int else 'number'}")
+    return [kind(v) for v in values]
 
 
 def cmd_bench(args) -> int:
@@ -123,9 +165,9 @@ def cmd_bench(args) -> int:
         cfg.rules = [r for r in args.rules.split(",") if r]
     for name in ("widths", "depths"):
         if getattr(args, name) is not None:
-            setattr(cfg, name, _ints(getattr(args, name)))
+            setattr(cfg, name, number_list(getattr(args, name), name))
     if args.params is not None:
-        cfg.params = [float(v) for v in args.params.split(",") if v]
+        cfg.params = number_list(args.params, "params", float)
     for name in ("width", "depth", "batch", "steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
@@ -159,7 +201,7 @@ def cmd_list(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="neurosal", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="neurosal", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one model with one rule")
@@ -185,10 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", default=None, help="depth sweep at --width, e.g. 2,8,32,128")
     p.add_argument("--params", default=None, help="parameter-count sweep at --depth, e.g. 1e8,1e9")
     p.add_argument("--models", default=None, help="extra model specs (28x28 inputs), e.g. 'cnn;snn:100:T=25'")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--width", type=positive_int, default=None)
+    p.add_argument("--depth", type=positive_int, default=None)
+    p.add_argument("--batch", type=positive_int, default=None)
+    p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--devices", default=None, help="analog device presets to add, e.g. rram-like")
     p.add_argument("--dtype", default=None, choices=["float32", "bf16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the BP baseline")
@@ -210,11 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NeurosalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except OSError as exc:  # a folder that cannot be written, a full disk, a vanished file, ...
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(f"{exc.strerror or first_line(exc)}{where}; finished checkpoints are kept")
+    except MemoryError:
+        return _fail("out of memory (try a smaller --batch-size or model)")
     except KeyboardInterrupt:
         print("interrupted; finished checkpoints are kept", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    """Print one ``error: ...`` line (a message never spans lines) and return exit status 2."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -32,9 +32,18 @@ def plot_curves(histories: dict[str, list[dict]], path: Path, title: str = "") -
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+    """Render a matplotlib figure to PNG, write it atomically (never half a file), close it."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
     atomic_write_bytes(Path(path), lambda f: f.write(buf.getvalue()))
 
 
