@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test stress bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the long versions of the stress loops (20 torchrun jobs, 10 kill/resume cycles); CI runs them short
+stress: setup
+	NEUROSAL_STRESS=1 $(BIN)/python -m pytest -q -m stress
 
 bench: setup
 	$(BIN)/python benchmarks/rules_bench.py --small --out results/rules_bench.json

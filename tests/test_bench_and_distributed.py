@@ -44,7 +44,7 @@ def launch(tmp_path, name, rule, nproc, *extra):
             "--batch-size", "64", "--out", str(tmp_path / name), "--no-progress", "--accel", "cpu", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    return torch.load(tmp_path / name / "ckpt-epoch-0002.pt", weights_only=False)
+    return torch.load(tmp_path / name / "ckpt-epoch-0002.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("rule,extra", [("bp", ()), ("dfa", ()), ("bp", ("--fsdp",))])
