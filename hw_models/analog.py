@@ -62,14 +62,13 @@ class AnalogTiles:
         self.params = params
         self.arrays = []
         for i, p in enumerate(params):
-            gen = torch.Generator().manual_seed(seed * 7919 + i)
-            arr = DifferentialArray(cfg, p.shape, self.w_max, gen, device=p.device, dtype=p.dtype)
+            arr = DifferentialArray(cfg, p.shape, self.w_max, seed * 7919 + i, device=p.device, dtype=p.dtype)
             arr.program(p.detach())  # the float init, as the devices can hold it
             self.arrays.append(arr)
             with torch.no_grad():
                 p.copy_(arr.weights())
         self.held = [p.detach().clone() for p in params]
-        self.pending: list = []  # coincidence mode: this step's (x, delta) per parameter
+        self.pending: dict[int, tuple] = {}  # coincidence mode: this step's (x, delta) per parameter
 
     def noisy(self, i: int) -> torch.Tensor:
         return self.arrays[i].weights(noisy=True) if self.cfg.read_noise > 0 else self.params[i]
@@ -82,9 +81,11 @@ class AnalogTiles:
             if not torch.isfinite(request).all():
                 raise NeurosalError("the optimiser proposed a NaN/Inf weight change for an analog layer")
             if coincidence:
-                if not self.pending:
-                    raise NeurosalError("pulses=coincidence needs the layer's inputs and teaching signal, which "
-                                        "the bp rule's autograd path does not hand to the layer; use another rule")
+                if k not in self.pending:
+                    if p.grad is None:
+                        continue  # nothing asked of this array this step
+                    raise NeurosalError("pulses=coincidence needs the layer's inputs and teaching signal, and "
+                                        "this step's update reached the layer without them")
                 x, d = self.pending[k]
                 arr.apply_pulses(arr.coincidence_pulses(x, d, self._sgd_rate(request, p.grad)))
             else:
@@ -128,6 +129,15 @@ class AnalogTiles:
     def resets(self) -> int:
         return sum(a.resets for a in self.arrays)
 
+    def take_clip_fraction(self) -> float | None:
+        """Coincidence mode: share of requested pulses the fixed train length cut since the last call."""
+        lost = asked = 0.0
+        for a in self.arrays:
+            pair = a.clip.tolist()
+            a.clip.zero_()
+            lost, asked = lost + pair[0], asked + pair[1]
+        return lost / asked if asked > 0 else None
+
 
 class _AnalogMixin:
     """Shared plumbing: the tiles, the post-step sync, checkpoint state."""
@@ -137,17 +147,24 @@ class _AnalogMixin:
     def local_update(self, x, delta, ctx=None):
         """The float update into .grad; coincidence mode also keeps (x, delta) for the pulse trains."""
         if self.tiles.cfg.pulses == "coincidence":
-            if not isinstance(self, nn.Linear) or isinstance(self, AreaLinear):
-                raise NeurosalError(f"pulses=coincidence is defined for Linear layers, not {type(self).__name__}")
-            self.tiles.pending.append((x, delta))
+            self._keep_for_coincidence(x, delta)
         parent = getattr(super(), "local_update", None)  # SAL's area layer has its own
         if parent is not None:
             parent(x, delta, ctx)
         else:
             float_update(self, x, delta)
 
+    def _keep_for_coincidence(self, x, delta) -> None:
+        if not isinstance(self, nn.Linear) or isinstance(self, AreaLinear):
+            raise NeurosalError(f"pulses=coincidence is defined for Linear layers, not {type(self).__name__}")
+        self.tiles.pending[0] = (x, delta)  # the latest pass wins (an alignment probe's is overwritten)
+
     def after_optimizer_step(self) -> None:
         self.tiles.sync()
+
+    def epoch_stats(self) -> dict:
+        """Per-epoch figures for metrics.json: coincidence clipping (None outside coincidence mode)."""
+        return {"coincidence_clipped": self.tiles.take_clip_fraction()}
 
     def get_extra_state(self):
         return self.tiles.state()
@@ -158,7 +175,12 @@ class _AnalogMixin:
     def _straight_through(self, x, y_hw, y_float_fn):
         if torch.is_grad_enabled() and self.weight.requires_grad:
             y_f = y_float_fn(x)
-            return y_f + (y_hw - y_f).detach()
+            y = y_f + (y_hw - y_f).detach()
+            if self.tiles.cfg.pulses == "coincidence":
+                # the autograd path (bp): the layer still sees its input and its output's gradient
+                xd = x.detach()
+                y.register_hook(lambda g: self._keep_for_coincidence(xd, g.detach()))
+            return y
         return y_hw
 
 

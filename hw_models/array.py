@@ -2,45 +2,70 @@
 
 Programming a requested weight change ``dw`` (any shape, one entry per pair):
 
-1. pulse count ``p = |dw| / w_max * N`` -- deterministic rounding or unbiased stochastic rounding
-   (``pulses``), optionally capped (``max_pulses``);
-2. *bidirectional*: ``dw > 0`` potentiates G+ by ceil(p/2) and depresses G- by floor(p/2) (mirrored for
-   ``dw < 0``) -- both devices move both ways, so an asymmetric device drifts;
+1. pulse count ``p = |dw| / dw_pulse`` -- deterministic rounding or unbiased stochastic rounding
+   (``pulses``), optionally capped (``max_pulses``). ``dw_pulse`` is the weight change one pulse makes
+   *at the operating point* (see below), so requested and delivered changes agree in expectation there;
+2. *bidirectional*: ``dw > 0`` potentiates G+ and depresses G- by floor(p/2) pulses each (mirrored for
+   ``dw < 0``); an odd pulse goes to the device with more room left in the direction it would move
+   (ties: the device that should rise). Single-pulse updates -- most updates -- thus move both devices
+   and keep the pair near mid-range, where the full weight range +-w_max stays reachable;
    *unidirectional* (Lim et al.): only potentiation pulses, to G+ for ``dw > 0`` and to G- for
    ``dw < 0``; when a device passes ``refresh_at`` of its range, both devices of the pair are reset to
    their lower bound and the pair's weight is re-programmed onto one device by potentiation pulses;
 3. cycle-to-cycle noise: each pulse adds N(0, (ctoc * s)^2), summed in closed form over the pulses;
 4. every conductance is clamped to its device's own bounds, which lie inside [g_min, g_max].
 
+**Step convention.** ``levels`` N fixes the device physics (for the linear device: N steps of R/N from
+bound to bound; see :mod:`hw_models.devices` for the others). The periphery's pulse size is calibrated
+at the pair's operating point, as aihwkit defines ``dw_min`` at w = 0: mid-range of both devices for
+bidirectional pairs (the mean of the nominal device's up-step and down-step there), the lower bound for
+unidirectional ones (its first up-step). A soft-bounds device at mid-range moves half a nominal step per
+pulse, so it gets twice the pulses; away from the operating point a nonlinear device delivers more or
+less than requested, as real arrays do. Initial weights are written by pulses and then checked by
+read-back (``write_verify`` rounds of read, compare, correct), as real arrays program.
+
 Device-to-device variation (step-size spread, bound shrink, drift exponent) is drawn once, from the
-array's own generator, when the array is made. All randomness comes from that generator, whose state
-is part of the array's state: same seed, same result, and checkpoints resume bit for bit.
+array's own generator, when the array is made. All randomness comes from that generator, which lives on
+the array's device (no host-device copy per update) and whose state is part of the array's state: same
+seed, same result, and checkpoints resume bit for bit.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
 
 import torch
 
 from .devices import DeviceConfig, Response
 
 
+def device_generator(seed_or_gen: int | torch.Generator, device) -> torch.Generator:
+    """A generator on ``device`` (CUDA draws stay on the GPU), from a seed or another generator's seed."""
+    device = torch.device(device if device is not None else "cpu")
+    if isinstance(seed_or_gen, torch.Generator):
+        if seed_or_gen.device == device:
+            return seed_or_gen
+        seed_or_gen = seed_or_gen.initial_seed()
+    return torch.Generator(device=device).manual_seed(int(seed_or_gen))
+
+
 class DifferentialArray:
-    def __init__(self, cfg: DeviceConfig, shape, w_max: float, generator: torch.Generator,
+    def __init__(self, cfg: DeviceConfig, shape, w_max: float, generator: int | torch.Generator,
                  device=None, dtype=torch.float32):
         self.cfg = cfg.validate()
         self.shape = tuple(shape)
         self.w_max = float(w_max)
-        self.gen = generator
-        kw = dict(device=device, dtype=dtype)
+        self.gen = device_generator(generator, device)
+        kw = dict(device=self.gen.device, dtype=dtype)
         r = cfg.g_max - cfg.g_min
         self.r_nominal = r
+        self.dw_pulse = operating_step(cfg) * self.w_max / r  # weight change of one pulse, see above
+        self.clip = torch.zeros(2, dtype=torch.float64, device=self.gen.device)  # coincidence: lost, asked
 
         def spread(std):
             if std == 0:
                 return torch.zeros((2, *self.shape), **kw)
-            return torch.randn((2, *self.shape), generator=generator).to(**kw) * std
+            return torch.randn((2, *self.shape), generator=self.gen, **kw) * std
 
         # index 0: G+, index 1: G-
         shrink_lo = spread(cfg.dtod_bounds).abs()
@@ -68,15 +93,15 @@ class DifferentialArray:
 
     # ------------------------------------------------------------------ randomness
     def _randn(self, shape):
-        return torch.randn(shape, generator=self.gen).to(self.g.device, self.g.dtype)
+        return torch.randn(shape, generator=self.gen, device=self.g.device, dtype=self.g.dtype)
 
     def _rand(self, shape):
-        return torch.rand(shape, generator=self.gen).to(self.g.device, self.g.dtype)
+        return torch.rand(shape, generator=self.gen, device=self.g.device, dtype=self.g.dtype)
 
     # ------------------------------------------------------------------ programming
     def pulse_counts(self, dw: torch.Tensor) -> torch.Tensor:
         """Non-negative pulse counts for a requested change (the sign is applied by the caller)."""
-        p = dw.abs() * (self.cfg.levels / self.w_max)
+        p = dw.abs() / self.dw_pulse
         if self.cfg.pulses == "stochastic":
             base = p.floor()
             p = base + (self._rand(p.shape) < (p - base)).to(p.dtype)
@@ -98,24 +123,34 @@ class DifferentialArray:
     def coincidence_pulses(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> torch.Tensor:
         """Signed pulse counts for the update ``-lr * d^T x`` by stochastic pulse coincidence.
 
-        Each sample drives a train of ``bl`` slots per row (input i fires with probability |x_i| / max|x|)
-        and per column (error j with probability c |d_j| / max|d|); a device gets a pulse where both fire,
-        in the direction of sign(-x_i d_j). With c = lr max|x| max|d| / (dw_min bl) the expected count is
-        exactly the requested change in pulses; ``bl`` grows when one update needs more than bl pulses.
+        Each sample drives a train of ``bl`` slots per row (input i fires with probability
+        ``sqrt(c) |x_i| / max|x|``) and per column (error j: ``sqrt(c) |d_j| / max|d|``); a device gets a
+        pulse where both fire, in the direction of sign(-x_i d_j). With ``c = lr max|x| max|d| /
+        (dw_pulse bl)`` the expected count is exactly the requested change in pulses. The train has the
+        fixed length ``bl`` of real periphery: where an update needs more than ``bl`` pulses (``c > 1``)
+        the probabilities are capped at 1 and the update is cut (aihwkit's BL clipping with balanced
+        scaling); the share of requested pulses cut is accumulated in ``self.clip`` (lost, asked).
         """
         x = x.reshape(-1, x.shape[-1])
         d = d.reshape(-1, d.shape[-1])
         xmax, dmax = x.abs().max(), d.abs().max()
         if xmax == 0 or dmax == 0 or lr == 0:
             return torch.zeros(self.shape, dtype=self.g.dtype, device=self.g.device)
-        need = float(lr * xmax * dmax * self.cfg.levels / self.w_max)  # pulses per slot at full activity
-        bl = max(self.cfg.bl, math.ceil(need))
-        c = need / bl
-        px = (x.abs() / xmax).repeat(bl, 1)
-        pd = (d.abs() / dmax * c).repeat(bl, 1)
-        xs = (self._rand(px.shape) < px).to(x.dtype) * torch.sign(x).repeat(bl, 1)
-        ds = (self._rand(pd.shape) < pd).to(d.dtype) * torch.sign(-d).repeat(bl, 1)
-        return ds.t() @ xs
+        bl = self.cfg.bl
+        root = torch.sqrt(lr * xmax * dmax / (self.dw_pulse * bl))  # sqrt(c), a tensor: no host sync
+        ax, ad = x.abs() * (root / xmax), d.abs() * (root / dmax)
+        px, pd = ax.clamp(max=1), ad.clamp(max=1)
+        asked = (ax.sum(1) * ad.sum(1)).sum()  # expected pulses per slot, summed over devices
+        self.clip += torch.stack([asked - (px.sum(1) * pd.sum(1)).sum(), asked]).to(self.clip.dtype)
+        xs = (self._rand((bl, *px.shape)) < px).to(x.dtype) * torch.sign(x)
+        ds = (self._rand((bl, *pd.shape)) < pd).to(d.dtype) * torch.sign(-d)
+        return ds.reshape(-1, ds.shape[-1]).t() @ xs.reshape(-1, xs.shape[-1])
+
+    def take_clip_fraction(self) -> float | None:
+        """Share of the coincidence pulses requested since the last call that the train length cut."""
+        lost, asked = self.clip.tolist()
+        self.clip.zero_()
+        return lost / asked if asked > 0 else None
 
     def apply_pulses(self, sp: torch.Tensor) -> torch.Tensor:
         """Apply signed pulse counts (> 0: raise the weight); returns their magnitudes."""
@@ -125,10 +160,16 @@ class DifferentialArray:
             self._step(0, p * (sgn > 0))
             self._step(1, p * (sgn < 0))
             self.refresh()
-        else:  # the device that should rise gets ceil(p/2) up-pulses, its partner floor(p/2) down-pulses
-            a = torch.ceil(p / 2)
-            self._step(0, sgn * a)
-            self._step(1, sgn * (a - p))
+        else:  # floor(p/2) each; an odd pulse to the device with more room in its direction
+            half = torch.floor(p / 2)
+            odd = p - 2 * half
+            rises = sgn > 0
+            room_plus = torch.where(rises, self.hi[0] - self.g[0], self.g[0] - self.lo[0])
+            room_minus = torch.where(rises, self.g[1] - self.lo[1], self.hi[1] - self.g[1])
+            # ties: the device that should rise (G+ for an increase, G- for a decrease)
+            to_plus = torch.where(rises, room_plus >= room_minus, room_plus > room_minus)
+            self._step(0, sgn * (half + odd * to_plus))
+            self._step(1, -sgn * (half + odd * ~to_plus))
         return p
 
     def refresh(self) -> int:
@@ -148,11 +189,13 @@ class DifferentialArray:
         return n
 
     def program(self, w: torch.Tensor) -> None:
-        """Write weights onto the pairs by pulses.
+        """Write weights onto the pairs by pulses, then write-verify.
 
         Unidirectional: both devices reset to their lower bound, then potentiation pulses onto one.
         Bidirectional: both devices set to the middle of their range, then the normal update, so each
-        device has room to move both ways.
+        device has room to move both ways. Then ``write_verify`` rounds: read the pairs back (with read
+        noise, as a real read), and correct the remaining error by whole pulses (deterministic rounding:
+        an error below half a pulse is left alone).
         """
         if self.cfg.update == "unidirectional":
             self.g = self.lo.clone()
@@ -162,6 +205,20 @@ class DifferentialArray:
         else:
             self.g = (self.lo + self.hi) / 2
             self.apply(w)
+        step = torch.full_like(w, self.dw_pulse)  # per pair: what one pulse did last round
+        for _ in range(self.cfg.write_verify):
+            read = self.weights(noisy=True)
+            err = w - read
+            sp = torch.sign(err) * torch.round(err.abs() / step)
+            if self.cfg.max_pulses:
+                sp = sp.clamp(-self.cfg.max_pulses, self.cfg.max_pulses)
+            if not torch.any(sp):
+                break
+            self.apply_pulses(sp)
+            moved = (self.weights() - read.detach()) / sp.where(sp != 0, torch.ones_like(sp))
+            # a nonlinear device's pulses are larger or smaller than nominal away from the operating
+            # point: aim the next round with the step each pair just showed (bounded, positive)
+            step = torch.where(sp != 0, moved.clamp(0.1 * self.dw_pulse, 10 * self.dw_pulse), step)
 
     def drift(self, t: float, t0: float = 1.0) -> None:
         """Conductance drift after time t (PCM-like): G - g_lo shrinks by (t / t0)^-nu."""
@@ -179,5 +236,23 @@ class DifferentialArray:
         for k in ("g", "lo", "hi", "step_scale", "nu"):
             setattr(self, k, st[k].to(dev, dt))
         self.resets = int(st["resets"])
-        self.gen.set_state(st["rng"])
+        rng = st["rng"]
+        try:
+            self.gen.set_state(rng)
+        except RuntimeError:
+            # a state from another device type (CUDA Philox vs CPU Mersenne twister): continue with a
+            # stream seeded from it -- deterministic, but not the stream the other device would draw
+            self.gen.manual_seed(int.from_bytes(hashlib.sha256(rng.numpy().tobytes()).digest()[:8], "little"))
         self._bind()
+
+
+def operating_step(cfg: DeviceConfig) -> float:
+    """Conductance change of one pulse of the nominal device at the pair's operating point (see the
+    module docstring): mid-range, mean of up and down steps (bidirectional); lower bound, up (unidirectional)."""
+    one = torch.ones((), dtype=torch.float64)
+    nominal = Response(cfg, one * cfg.g_min, one * cfg.g_max, one)
+    if cfg.update == "unidirectional":
+        g = one * cfg.g_min
+        return float(nominal.up(g, one) - g)
+    g = one * (cfg.g_min + cfg.g_max) / 2
+    return float((nominal.up(g, one) - nominal.down(g, one)) / 2)

@@ -53,8 +53,9 @@ class DeviceConfig:
     refresh_at: float = 0.9  # unidirectional: refresh a pair when a device passes this fraction of R
     pulses: str = "stochastic"  # pulse count from the requested change: unbiased "stochastic" rounding,
                                 # "round", or "coincidence" of stochastic pulse trains (Linear, plain SGD)
-    bl: int = 31  # coincidence: pulse-train length (slots per update), raised when one update needs more
+    bl: int = 31  # coincidence: pulse-train length (slots per update); longer updates are cut (clipped)
     max_pulses: int = 0  # cap per update and device (0 = none)
+    write_verify: int = 5  # programming: rounds of read-back and correcting pulses (0 = open loop)
     w_range: float = 4.0  # weight range w_max = w_range / sqrt(fan_in) (layer's init bound is 1/sqrt)
     drift_nu: float = 0.0  # PCM-like drift exponent: G(t) = g_min + (G - g_min) (t / t0)^-nu
     drift_nu_dtod: float = 0.0  # device-to-device spread of nu (relative std)
@@ -80,7 +81,7 @@ class DeviceConfig:
             err.append("dtod_bounds must be below 0.5 (devices would have no range left)")
         if self.bl < 1:
             err.append("bl must be >= 1")
-        for name in ("dac_bits", "adc_bits", "max_pulses"):
+        for name in ("dac_bits", "adc_bits", "max_pulses", "write_verify"):
             if getattr(self, name) < 0:
                 err.append(f"{name} must be >= 0")
         if self.update not in UPDATES:

@@ -3,24 +3,35 @@
 ``neurosal`` never imports ``hw_models`` or ``export``; they announce themselves through Python entry
 points declared in ``pyproject.toml``:
 
-* group ``neurosal.substrates``: an object with ``names() -> list[str]`` (the hardware devices it
-  provides) and ``apply(net, name, options: dict, seed: int) -> net`` (turn a built model into one
-  whose layers live on that device);
+* group ``neurosal.substrates``: a :class:`Substrate` -- ``names()`` (the hardware devices it
+  provides), ``accepts(name)`` (a name or file it can build) and ``apply(net, name, options, seed)``
+  (turn a built model into one whose layers live on that device);
 * group ``neurosal.commands``: a function ``add(subparsers)`` that adds CLI subcommands.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import entry_points
+from typing import Protocol
 
 from .errors import NeurosalError
+
+
+class Substrate(Protocol):
+    """What a hardware package offers neurosal (see the module docstring)."""
+
+    def names(self) -> list[str]: ...
+
+    def accepts(self, name: str) -> bool: ...
+
+    def apply(self, net, name: str, options: dict, seed: int): ...
 
 
 def _load(group: str) -> list:
     return [ep.load() for ep in sorted(entry_points(group=group), key=lambda e: e.name)]
 
 
-def substrates() -> list:
+def substrates() -> list[Substrate]:
     return _load("neurosal.substrates")
 
 
@@ -30,7 +41,7 @@ def device_names() -> list[str]:
 
 def apply_device(net, name: str, options: dict, seed: int):
     for sub in substrates():
-        if name in sub.names():
+        if sub.accepts(name):
             return sub.apply(net, name, dict(options), seed)
     known = device_names()
     raise NeurosalError(f"unknown device {name!r}; known: {', '.join(known) if known else 'none installed'}")
@@ -38,6 +49,20 @@ def apply_device(net, name: str, options: dict, seed: int):
 
 def command_plugins() -> list:
     return _load("neurosal.commands")
+
+
+def epoch_stats(net) -> dict:
+    """Per-epoch figures that hardware layers report (``layer.epoch_stats() -> dict``), one list entry
+    per layer that reports a value (None means: nothing to report)."""
+    out: dict = {}
+    for m in net.modules():
+        hook = getattr(m, "epoch_stats", None)
+        if hook is None or m is net:
+            continue
+        for key, value in hook().items():
+            if value is not None:
+                out.setdefault(key, []).append(value)
+    return out
 
 
 def finish_step(net) -> None:

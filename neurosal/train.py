@@ -27,6 +27,9 @@ from .options import typed_fields
 from .rules import make_rule
 from .rules.base import Rule
 from .substrates import apply_device, finish_step
+from .substrates import epoch_stats as substrate_epoch_stats
+
+CLIP_WARNING = 0.1  # warn when analog pulse trains cut more than this share of an epoch's updates
 
 
 @dataclass
@@ -311,6 +314,7 @@ class Trainer:
                    step_time_ms=1000 * times[len(times) // 2],
                    epoch_time_s=time.perf_counter() - t_epoch)
         rec.update(self.rule.epoch_stats(self.net))
+        rec.update(substrate_epoch_stats(self.net))
         return rec
 
     def fit(self, resume: bool = False) -> dict:
@@ -355,6 +359,10 @@ class Trainer:
             if self.cfg.progress and self.main:
                 print(f"[{self.cfg.rule}] epoch {epoch}: loss {rec['train_loss']:.4f} "
                       f"test acc {100 * rec['test_acc']:.2f}% step {rec['step_time_ms']:.2f} ms", flush=True)
+            clipped = max(rec.get("coincidence_clipped", [0.0]))
+            if self.main and clipped > CLIP_WARNING:
+                print(f"warning: epoch {epoch}: the pulse trains cut {100 * clipped:.0f}% of the requested "
+                      "coincidence pulses (updates longer than bl); lower the learning rate or raise bl", flush=True)
             if self.main and sum(rec.get("dead_areas", [])):
                 print(f"warning: epoch {epoch}: dead areas per layer {rec['dead_areas']} (no sample routed "
                       "to them; raise the rule's balance option)", flush=True)

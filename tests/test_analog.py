@@ -132,10 +132,13 @@ def test_accuracy_falls_with_fewer_levels_and_stronger_nonlinearity():
     from hw_models.sweep import run_sweep
 
     rows = run_sweep(["dfa"], "digits", "mlp:128x128", 10, dataset=DIGITS,
-                     axes={"levels": [4, 256], "nonlinearity": [math.inf, 0.01]})
+                     axes={"levels": [2, 256], "nonlinearity": [math.inf, 0.003]})
     acc = {(r["axis"], r["value"]): r["test_acc"] for r in rows}
-    assert acc[("levels", 4)] < acc[("levels", 256)] - 0.2, acc  # measured: 9.7% vs 94.8%
-    assert acc[("nonlinearity", 0.01)] < acc[("nonlinearity", math.inf)] - 0.03, acc  # 87.9% vs 94.8%
+    # measured (pulses calibrated at the operating point, both devices of a pair moving): levels 2 / 4 /
+    # 8 / 256 -> 81.6 / 92.2 / 93.1 / 95.2%; nonlinearity 0.01 / 0.003 / 0.001 -> 94.1 / 90.5 / 28.0%.
+    # (Before the pair fix, 4 levels gave 9.7%: single pulses only ever moved G+ -- a defect, not physics.)
+    assert acc[("levels", 2)] < acc[("levels", 256)] - 0.05, acc
+    assert acc[("nonlinearity", 0.003)] < acc[("nonlinearity", math.inf)] - 0.02, acc
 
 
 def test_unidirectional_beats_bidirectional_on_asymmetric_nonlinear_device():
@@ -229,9 +232,11 @@ def test_coincidence_pulses_hand_worked_and_unbiased():
     assert torch.allclose(counts.mean(0)[:, 0], torch.tensor([3.0, -1.5], dtype=torch.float64), atol=0.06)
     assert (counts[:, 0, 0] >= 0).all() and (counts[:, 1, 0] <= 0).all()
     assert torch.equal(counts, counts.round())  # whole pulses
-    # one update needing more than bl pulses gets a longer train instead of being cut
+    # one update needing more than bl pulses is cut at bl: the train has a fixed length (real periphery)
+    arr.take_clip_fraction()
     big = torch.stack([arr.coincidence_pulses(x, d, lr=6.0) for _ in range(500)]).mean(0)[0, 0]
-    assert big.item() == pytest.approx(60.0, rel=0.03)
+    assert big.item() == pytest.approx(31.0, rel=0.03)
+    assert arr.take_clip_fraction() > 0.4
 
 
 def test_coincidence_training_needs_plain_sgd_and_learns():

@@ -1,0 +1,141 @@
+"""Analog fidelity: the pair update moves both devices, requested == delivered at the operating point,
+programming is verified by read-back, coincidence trains have a fixed length, randomness lives on the
+array's device, and bp trains with pulse coincidence."""
+
+import pytest
+import torch
+
+from hw_models.array import DifferentialArray
+from hw_models.devices import DeviceConfig
+from neurosal.data import load_dataset
+from neurosal.train import TrainConfig, Trainer
+
+MODELS = [("linear", {}), ("softbounds", {}), ("lim", {"nl_p": 0.5, "nl_d": 0.25}), ("pow", {"gamma": 1.5})]
+
+
+def pair_array(n=1, seed=0, **kw):
+    cfg = DeviceConfig(**{"levels": 10, "pulses": "round", **kw})
+    return DifferentialArray(cfg, (n,), 1.0, seed, dtype=torch.float64)
+
+
+def test_single_pulse_decreases_move_both_devices_and_reach_minus_w_max():
+    """Defect 1: the odd pulse of a decrease used to go to G+ always, so G- never moved and single-pulse
+    updates could only reach -w_max/2."""
+    a = pair_array()
+    a.program(torch.zeros(1, dtype=torch.float64))
+    g_minus0 = a.g[1, 0].item()
+    for _ in range(3):
+        a.apply(torch.tensor([-0.1], dtype=torch.float64))  # one pulse each
+    assert a.g[1, 0].item() > g_minus0  # G- rose
+    assert a.weights().item() == pytest.approx(-0.3, abs=1e-12)
+    for _ in range(40):
+        a.apply(torch.tensor([-0.1], dtype=torch.float64))
+    assert a.weights().item() == pytest.approx(-1.0, abs=1e-12)  # the full range, not -0.5
+    assert a.g[0, 0].item() == pytest.approx(0.0) and a.g[1, 0].item() == pytest.approx(1.0)
+
+
+def test_alternating_single_pulses_do_not_drift_the_pair():
+    """A +1/-1 pulse sequence keeps both devices near mid-range (no device walks to a bound)."""
+    a = pair_array()
+    a.program(torch.zeros(1, dtype=torch.float64))
+    for i in range(200):
+        a.apply(torch.tensor([0.1 if i % 2 == 0 else -0.1], dtype=torch.float64))
+    assert abs(a.weights().item()) <= 0.1 + 1e-12
+    assert (a.g[:, 0] - 0.5).abs().max().item() <= 0.1 + 1e-12
+
+
+@pytest.mark.parametrize("update", ["bidirectional", "unidirectional"])
+@pytest.mark.parametrize("model,kw", MODELS, ids=[m for m, _ in MODELS])
+def test_delivered_equals_requested_at_the_operating_point(model, kw, update):
+    """Defect 2: a soft-bounds pair delivered ~0.5x of each request near w = 0. Pulse counts are now
+    calibrated at the operating point, for every device model."""
+    n = 4000
+    a = pair_array(n, levels=100, model=model, update=update, **kw)
+    a.program(torch.zeros(n, dtype=torch.float64))
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).double()
+    pulses = 1 if update == "unidirectional" else 2  # bidirectional: one up-step + one down-step
+    request = sign * pulses * a.dw_pulse
+    w0 = a.weights().clone()
+    a.apply(request)
+    ratio = ((a.weights() - w0) / request).mean().item()
+    assert ratio == pytest.approx(1.0, abs=0.02), ratio
+
+
+@pytest.mark.parametrize("model,kw", MODELS, ids=[m for m, _ in MODELS])
+def test_programming_is_verified_by_read_back(model, kw):
+    """Defect 2, second half: initial weights were written at 0.48x on soft-bounds devices."""
+    n = 5000
+    a = pair_array(n, levels=100, model=model, pulses="stochastic", **kw)
+    target = (torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64) - 0.5) * 1.2
+    a.program(target)
+    held = a.weights()
+    assert (held @ target / (target @ target)).item() == pytest.approx(1.0, abs=0.01)
+    assert ((held - target).abs().max() / a.dw_pulse).item() <= 0.75  # within a pulse of the target
+    open_loop = pair_array(n, levels=100, model=model, pulses="stochastic", write_verify=0, **kw)
+    open_loop.program(target)
+    assert (held - target).abs().mean() <= (open_loop.weights() - target).abs().mean() + 1e-12
+
+
+def test_coincidence_trains_have_a_fixed_length_and_report_what_they_cut(monkeypatch):
+    """Defect 3: the train used to grow to ~10^4 slots on `ideal`; now it is bl slots, and an update
+    that needs more pulses than bl is cut, with the cut share reported."""
+    cfg = DeviceConfig(levels=1_000_000, pulses="coincidence", bl=31)
+    arr = DifferentialArray(cfg, (8, 16), 1.0, 0, dtype=torch.float64)
+    shapes = []
+    real = arr._rand
+    monkeypatch.setattr(arr, "_rand", lambda shape: shapes.append(tuple(shape)) or real(shape))
+    x, d = torch.rand(4, 16, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    arr.coincidence_pulses(x, d, lr=0.1)
+    assert shapes and all(s[0] == 31 for s in shapes)
+    cut = arr.take_clip_fraction()
+    assert cut is not None and cut > 0.9  # ideal devices: a tiny dw_pulse, almost everything asked is cut
+    assert arr.take_clip_fraction() is None  # reset after reading
+
+
+def test_coincidence_cut_is_exact_for_one_device():
+    cfg = DeviceConfig(levels=10, pulses="coincidence", bl=31)
+    arr = DifferentialArray(cfg, (1, 1), 1.0, 0, dtype=torch.float64)
+    x, d = torch.ones(1, 1, dtype=torch.float64), -torch.ones(1, 1, dtype=torch.float64)
+    counts = torch.stack([arr.coincidence_pulses(x, d, lr=6.0) for _ in range(200)])  # asks 60 pulses
+    assert torch.equal(counts, torch.full_like(counts, 31.0))  # both trains fire every slot: bl pulses
+    assert arr.take_clip_fraction() == pytest.approx(1 - 31 / 60)
+
+
+def test_coincidence_on_ideal_devices_trains_and_warns_when_trains_cut(capsys):
+    ds = load_dataset("digits")
+    cfg = TrainConfig(rule="dfa", model="mlp:32", epochs=1, batch_size=32, optimizer="SGD", momentum=0.0,
+                      lr=0.1, device="ideal", device_options={"pulses": "coincidence"}, progress=True)
+    rec = Trainer(cfg, None, dataset=ds).fit()["epochs"][-1]
+    assert len(rec["coincidence_clipped"]) == 2 and min(rec["coincidence_clipped"]) > 0.5
+    assert "warning: epoch 1: the pulse trains cut" in capsys.readouterr().out
+
+
+def test_randomness_lives_on_the_arrays_device():
+    """Defect 4: draws were made on the CPU generator and copied over every step."""
+    arr = pair_array(4)
+    assert arr.gen.device == arr.g.device
+    st = arr.state()
+    arr.apply(torch.full((4,), 0.25, dtype=torch.float64))
+    b = pair_array(4)
+    b.load(st)
+    b.apply(torch.full((4,), 0.25, dtype=torch.float64))
+    assert torch.equal(arr.g, b.g)  # the generator state travels with the checkpoint
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_arrays_draw_on_the_gpu():
+    cfg = DeviceConfig(levels=100, ctoc=0.1, read_noise=0.01)
+    arr = DifferentialArray(cfg, (64, 64), 1.0, 0, device="cuda")
+    assert arr.gen.device.type == "cuda"
+    arr.program(torch.randn(64, 64, device="cuda") * 0.1)
+    arr.apply(torch.randn(64, 64, device="cuda") * 0.05)
+    assert arr.g.device.type == "cuda" and torch.isfinite(arr.g).all()
+
+
+def test_bp_trains_with_pulse_coincidence():
+    """Defect 5: the autograd path now hands each analog Linear its input and output gradient."""
+    ds = load_dataset("digits")
+    cfg = TrainConfig(rule="bp", model="mlp:64", epochs=6, batch_size=32, optimizer="SGD", momentum=0.0, lr=0.1,
+                      device="linear-256", device_options={"pulses": "coincidence"}, progress=False)
+    acc = Trainer(cfg, None, dataset=ds).fit()["epochs"][-1]["test_acc"]
+    assert acc > 0.85, acc
