@@ -7,9 +7,15 @@ from .presets import device_names, get_device
 
 
 class AnalogSubstrate:
+    """The analog substrate: device presets by name, or a preset file (``fit-device``'s device.json)."""
+
     @staticmethod
     def names() -> list[str]:
         return device_names()
+
+    @staticmethod
+    def accepts(name: str) -> bool:
+        return name in device_names() or name.endswith(".json")
 
     @staticmethod
     def apply(net, name: str, options: dict, seed: int):
@@ -20,9 +26,10 @@ SUBSTRATE = AnalogSubstrate()
 
 
 def add_commands(subparsers) -> None:
-    from . import brian, sweep
+    from . import brian, fit, sweep
 
     sweep.add_parser(subparsers)
+    fit.add_parser(subparsers)
     brian.add_parser(subparsers)
     p = subparsers.add_parser("snn-plot", help="spike raster and membrane traces of a trained spiking run")
     p.add_argument("run", help="run folder (or checkpoint) of an snn:... model")

@@ -7,7 +7,10 @@ noticeable device-to-device spread; PCM: gradual potentiation, abrupt depression
 
 from __future__ import annotations
 
-from neurosal.errors import NeurosalError
+import json
+from pathlib import Path
+
+from neurosal.errors import NeurosalError, first_line
 
 from .devices import DeviceConfig
 
@@ -36,6 +39,24 @@ def device_names() -> list[str]:
 
 
 def get_device(name: str, **overrides) -> DeviceConfig:
+    """A preset by name, or a preset file (JSON of DeviceConfig fields, e.g. from ``fit-device``)."""
+    if name.endswith(".json"):
+        return load_preset_file(name).replace(**overrides)
     if name not in PRESETS:
-        raise NeurosalError(f"unknown device {name!r}; known: {', '.join(device_names())}")
+        raise NeurosalError(f"unknown device {name!r}; known: {', '.join(device_names())}, or a preset .json file")
     return PRESETS[name].replace(**overrides)
+
+
+def load_preset_file(path: str | Path) -> DeviceConfig:
+    """A device from JSON (plain data, never code): DeviceConfig fields; ``source``/``fit`` notes ignored."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NeurosalError(f"device file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NeurosalError(f"cannot read device file {path}: {first_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise NeurosalError(f"device file {path} must hold a JSON object of device settings")
+    data = {k: v for k, v in data.items() if k not in ("source", "fit", "notes")}
+    return DeviceConfig().replace(**data)
