@@ -277,6 +277,21 @@ def rmse(f: Fit, s: Steps) -> float:
     return float(np.sqrt(np.mean((f.predict(s.g0, s.up) - s.g1) ** 2)))
 
 
+def _held_out_rmse(model: str, s: Steps, lo_dev: np.ndarray, hi_dev: np.ndarray) -> float:
+    """One-pulse RMSE on each device's last quarter, the model fitted on that device's first three."""
+    se, n = 0.0, 0
+    for k in range(len(lo_dev)):
+        sk = s.subset(s.dev == k)
+        test = sk.subset(sk.held_out)
+        try:
+            f = fit_model(model, sk.subset(~sk.held_out), lo_dev[k], hi_dev[k])
+        except NeurosalError:
+            return math.inf
+        se += float(np.sum((f.predict(test.g0, test.up) - test.g1) ** 2))
+        n += len(test.g0)
+    return math.sqrt(se / max(n, 1))
+
+
 @dataclass
 class Report:
     chosen: Fit
@@ -307,9 +322,10 @@ def fit_device(curves: list[Curve], models=MODELS, bootstrap: int = 100, seed: i
     """Fit every model, choose by held-out error, estimate noise, spreads and uncertainties."""
     g_min, g_max, lo_dev, hi_dev = bounds(curves)
     s = steps_of(curves)
-    train, test = s.subset(~s.held_out), s.subset(s.held_out)
-    fits = {m: fit_model(m, train, g_min, g_max) for m in models}
-    errs = {m: rmse(fits[m], test) for m in models}
+    fits = {m: fit_model(m, s.subset(~s.held_out), g_min, g_max) for m in models}
+    # held-out error of each model fitted device by device (devices differ: a pooled fit would blame
+    # the device-to-device spread on the model)
+    errs = {m: _held_out_rmse(m, s, lo_dev, hi_dev) for m in models}
     order = sorted(models, key=lambda m: MODELS.index(m))  # simplest first
     chosen = order[0]
     for m in order[1:]:
@@ -317,6 +333,7 @@ def fit_device(curves: list[Curve], models=MODELS, bootstrap: int = 100, seed: i
             chosen = m
     full = fit_model(chosen, s, g_min, g_max)  # refit on all pulses
     full.rmse_held_out = errs[chosen]
+    fits[chosen] = full
     r = g_max - g_min
     # per device: its own fit (bounds from its own readings) gives its step size, and residuals free of
     # the device-to-device spread, hence the cycle-to-cycle noise
@@ -331,6 +348,12 @@ def fit_device(curves: list[Curve], models=MODELS, bootstrap: int = 100, seed: i
         inside = (sk.g0 > fk.g_min + 0.02 * rk) & (sk.g0 < fk.g_max - 0.02 * rk)
         resid.append((sk.g1 - fk.predict(sk.g0, sk.up))[inside] / (rk / fk.params["levels"]))
         per_dev.append(fk.params["levels"])
+    if len(per_dev) > 1:  # the typical device: medians of the per-device fits (robust to one odd device)
+        per_fit = [fit_model(chosen, s.subset(s.dev == k), lo_dev[k], hi_dev[k]) for k in range(len(curves))]
+        full.params = {k: float(np.median([f.params[k] for f in per_fit])) for k in full.params}
+        full.g_min = float(np.median([f.g_min for f in per_fit]))
+        full.g_max = float(np.median([f.g_max for f in per_fit]))
+        g_min, g_max = full.g_min, full.g_max
     resid_all = np.concatenate(resid) if resid else np.zeros(0)
     full.ctoc = float(np.std(resid_all)) if len(resid_all) > 2 else 0.0
     # uncertainties: bootstrap over pulses (model parameters) and over devices (spreads)

@@ -139,3 +139,10 @@ def test_bp_trains_with_pulse_coincidence():
                       device="linear-256", device_options={"pulses": "coincidence"}, progress=False)
     acc = Trainer(cfg, None, dataset=ds).fit()["epochs"][-1]["test_acc"]
     assert acc > 0.85, acc
+
+
+def test_every_preset_states_its_source():
+    from hw_models.presets import PRESETS, SOURCES
+
+    assert set(SOURCES) == set(PRESETS)
+    assert all(len(text) > 60 for text in SOURCES.values())
