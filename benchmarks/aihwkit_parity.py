@@ -40,7 +40,8 @@ import torch.nn.functional as F  # noqa: E402
 from neurosal.data import load_dataset  # noqa: E402
 from neurosal.engine import train_step  # noqa: E402
 from neurosal.rules import make_rule  # noqa: E402
-from neurosal.substrates import apply_device, finish_step  # noqa: E402
+from neurosal.substrates import finish_step  # noqa: E402
+from hw_models.plugin import SUBSTRATE  # noqa: E402  (directly: the benchmark venv may not install neurosal)
 
 PAIRS = [
     ("float", None, {}, "float"),
@@ -69,7 +70,7 @@ def run_neurosal(device, options, weights, data, hidden, epochs, seed, lr, batch
         blk.op.weight.data.copy_(w)
         blk.op.bias.data.copy_(b)
     if device:
-        net = apply_device(net, device, options, seed)
+        net = SUBSTRATE.apply(net, device, options, seed)
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     times = []
     for ep in range(1, epochs + 1):
