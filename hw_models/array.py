@@ -81,6 +81,10 @@ class DifferentialArray:
     def _bind(self) -> None:
         """Precompute each device's response constants (after creation or loading state)."""
         self.response = [Response(self.cfg, self.lo[i], self.hi[i], self.step_scale[i]) for i in (0, 1)]
+        # odd-pulse choice in closed form: with u = G+ + G-, for an increase G+ has at least G-'s room
+        # iff u <= hi+ + lo-; for a decrease G+ has more room iff u > lo+ + hi-
+        self._odd_up = self.hi[0] + self.lo[1]
+        self._odd_down = self.lo[0] + self.hi[1]
 
     # ------------------------------------------------------------------ reading
     def weights(self, noisy: bool = False) -> torch.Tensor:
@@ -164,10 +168,9 @@ class DifferentialArray:
             half = torch.floor(p / 2)
             odd = p - 2 * half
             rises = sgn > 0
-            room_plus = torch.where(rises, self.hi[0] - self.g[0], self.g[0] - self.lo[0])
-            room_minus = torch.where(rises, self.g[1] - self.lo[1], self.hi[1] - self.g[1])
+            u = self.g[0] + self.g[1]
             # ties: the device that should rise (G+ for an increase, G- for a decrease)
-            to_plus = torch.where(rises, room_plus >= room_minus, room_plus > room_minus)
+            to_plus = (rises & (u <= self._odd_up)) | (~rises & (u > self._odd_down))
             self._step(0, sgn * (half + odd * to_plus))
             self._step(1, -sgn * (half + odd * ~to_plus))
         return p

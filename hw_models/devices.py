@@ -153,9 +153,8 @@ class Response:
                             getattr(self, "sat_d", 0.0), getattr(self, "k_p", 0.0), getattr(self, "k_d", 0.0),
                             self.lo, self.hi, c.ctoc)
         out = self._step_eager(g, dp)
-        if z is not None:
-            noisy = torch.clamp(out + z * (c.ctoc * self.step) * dp.abs().sqrt(), self.lo, self.hi)
-            out = torch.where(dp == 0, out, noisy)
+        if z is not None:  # sqrt(|dp|) is exactly 0 where no pulse came: those devices stay as they are
+            out = torch.clamp(out + z * (c.ctoc * self.step) * dp.abs().sqrt(), self.lo, self.hi)
         return out
 
     def _step_eager(self, g, dp):
