@@ -239,13 +239,14 @@ def test_coincidence_pulses_hand_worked_and_unbiased():
     assert arr.take_clip_fraction() > 0.4
 
 
-def test_coincidence_training_needs_plain_sgd_and_learns():
+@pytest.mark.parametrize("rule", ["dfa", "bp"])  # bp: the autograd path hands the layer its x and delta
+def test_coincidence_training_needs_plain_sgd_and_learns(rule):
     ds = load_dataset("digits")
-    cfg = TrainConfig(rule="dfa", model="mlp:64", epochs=6, batch_size=32, optimizer="SGD", momentum=0.0, lr=0.1,
+    cfg = TrainConfig(rule=rule, model="mlp:64", epochs=6, batch_size=32, optimizer="SGD", momentum=0.0, lr=0.1,
                       device="linear-256", device_options={"pulses": "coincidence"}, progress=False)
     acc = Trainer(cfg, None, dataset=ds).fit()["epochs"][-1]["test_acc"]
     assert acc > 0.85, acc
-    bad = TrainConfig(rule="dfa", model="mlp:16", epochs=1, device="linear-256", progress=False,
+    bad = TrainConfig(rule=rule, model="mlp:16", epochs=1, device="linear-256", progress=False,
                       device_options={"pulses": "coincidence"})  # Adam
     with pytest.raises(NeurosalError, match="needs plain SGD"):
         Trainer(bad, None, dataset=ds).fit()
