@@ -87,7 +87,9 @@ class AnalogTiles:
                     raise NeurosalError("pulses=coincidence needs the layer's inputs and teaching signal, and "
                                         "this step's update reached the layer without them")
                 x, d = self.pending[k]
-                arr.apply_pulses(arr.coincidence_pulses(x, d, self._sgd_rate(request, p.grad)))
+                up, down = arr.coincidence_pulses(x, d, self._sgd_rate(request, p.grad))
+                arr.apply_pulses(up)  # the up pulses, then the down pulses (no accumulator cancels them)
+                arr.apply_pulses(-down)
             else:
                 arr.apply(request)
             w = arr.weights()

@@ -124,31 +124,39 @@ class DifferentialArray:
         """Program a requested weight change; returns the pulse counts used (before refresh)."""
         return self.apply_pulses(torch.sign(dw) * self.pulse_counts(dw))
 
-    def coincidence_pulses(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> torch.Tensor:
-        """Signed pulse counts for the update ``-lr * d^T x`` by stochastic pulse coincidence.
+    def coincidence_pulses(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up and down pulse counts for the update ``-lr * d^T x`` by stochastic pulse coincidence.
 
         Each sample drives a train of ``bl`` slots per row (input i fires with probability
         ``sqrt(c) |x_i| / max|x|``) and per column (error j: ``sqrt(c) |d_j| / max|d|``); a device gets a
         pulse where both fire, in the direction of sign(-x_i d_j). With ``c = lr max|x| max|d| /
-        (dw_pulse bl)`` the expected count is exactly the requested change in pulses. The train has the
-        fixed length ``bl`` of real periphery: where an update needs more than ``bl`` pulses (``c > 1``)
+        (dw_pulse bl)`` the expected net count is exactly the requested change in pulses. The train has
+        the fixed length ``bl`` of real periphery: where an update needs more than ``bl`` pulses (``c > 1``)
         the probabilities are capped at 1 and the update is cut (aihwkit's BL clipping with balanced
         scaling); the share of requested pulses cut is accumulated in ``self.clip`` (lost, asked).
+
+        Returns ``(up, down)``, both non-negative: a crossbar has no per-device accumulator, so pulses of
+        opposite sign from different samples are each applied -- they cancel on a linear device, but on a
+        state-dependent one (soft bounds, Lim) an up and a down pulse leave a net drift, as in aihwkit.
         """
         x = x.reshape(-1, x.shape[-1])
         d = d.reshape(-1, d.shape[-1])
         xmax, dmax = x.abs().max(), d.abs().max()
         if xmax == 0 or dmax == 0 or lr == 0:
-            return torch.zeros(self.shape, dtype=self.g.dtype, device=self.g.device)
+            zero = torch.zeros(self.shape, dtype=self.g.dtype, device=self.g.device)
+            return zero, zero
         bl = self.cfg.bl
         root = torch.sqrt(lr * xmax * dmax / (self.dw_pulse * bl))  # sqrt(c), a tensor: no host sync
         ax, ad = x.abs() * (root / xmax), d.abs() * (root / dmax)
         px, pd = ax.clamp(max=1), ad.clamp(max=1)
         asked = (ax.sum(1) * ad.sum(1)).sum()  # expected pulses per slot, summed over devices
         self.clip += torch.stack([asked - (px.sum(1) * pd.sum(1)).sum(), asked]).to(self.clip.dtype)
-        xs = (self._rand((bl, *px.shape)) < px).to(x.dtype) * torch.sign(x)
-        ds = (self._rand((bl, *pd.shape)) < pd).to(d.dtype) * torch.sign(-d)
-        return ds.reshape(-1, ds.shape[-1]).t() @ xs.reshape(-1, xs.shape[-1])
+        fire_x = (self._rand((bl, *px.shape)) < px).to(x.dtype).reshape(-1, x.shape[-1])
+        fire_d = (self._rand((bl, *pd.shape)) < pd).to(d.dtype).reshape(-1, d.shape[-1])
+        # all coincidences and their signed sum; up and down follow (both counts are whole numbers)
+        total = fire_d.t() @ fire_x
+        net = (fire_d * torch.sign(-d).repeat(bl, 1)).t() @ (fire_x * torch.sign(x).repeat(bl, 1))
+        return (total + net) / 2, (total - net) / 2
 
     def take_clip_fraction(self) -> float | None:
         """Share of the coincidence pulses requested since the last call that the train length cut."""

@@ -227,14 +227,14 @@ def test_coincidence_pulses_hand_worked_and_unbiased():
     arr = DifferentialArray(cfg, (2, 1), 1.0, torch.Generator().manual_seed(0), dtype=torch.float64)
     x = torch.tensor([[1.0]], dtype=torch.float64)
     d = torch.tensor([[-1.0, 0.5]], dtype=torch.float64)
-    counts = torch.stack([arr.coincidence_pulses(x, d, lr=0.3) for _ in range(4000)])
+    counts = torch.stack([torch.sub(*arr.coincidence_pulses(x, d, lr=0.3)) for _ in range(4000)])
     # requested change -lr * d^T x = [+0.3, -0.15] weight units = [+3, -1.5] pulses of 0.1
     assert torch.allclose(counts.mean(0)[:, 0], torch.tensor([3.0, -1.5], dtype=torch.float64), atol=0.06)
     assert (counts[:, 0, 0] >= 0).all() and (counts[:, 1, 0] <= 0).all()
     assert torch.equal(counts, counts.round())  # whole pulses
     # one update needing more than bl pulses is cut at bl: the train has a fixed length (real periphery)
     arr.take_clip_fraction()
-    big = torch.stack([arr.coincidence_pulses(x, d, lr=6.0) for _ in range(500)]).mean(0)[0, 0]
+    big = torch.stack([torch.sub(*arr.coincidence_pulses(x, d, lr=6.0)) for _ in range(500)]).mean(0)[0, 0]
     assert big.item() == pytest.approx(31.0, rel=0.03)
     assert arr.take_clip_fraction() > 0.4
 
