@@ -27,7 +27,7 @@ from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
 from neurosal.layers import float_update
 
-from .array import DifferentialArray
+from .array import DifferentialArray, clip_fraction
 from .devices import DeviceConfig
 
 
@@ -133,12 +133,7 @@ class AnalogTiles:
 
     def take_clip_fraction(self) -> float | None:
         """Coincidence mode: share of requested pulses the fixed train length cut since the last call."""
-        lost = asked = 0.0
-        for a in self.arrays:
-            pair = a.clip.tolist()
-            a.clip.zero_()
-            lost, asked = lost + pair[0], asked + pair[1]
-        return lost / asked if asked > 0 else None
+        return clip_fraction(self.arrays)
 
 
 class _AnalogMixin:

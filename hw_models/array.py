@@ -151,18 +151,24 @@ class DifferentialArray:
         px, pd = ax.clamp(max=1), ad.clamp(max=1)
         asked = (ax.sum(1) * ad.sum(1)).sum()  # expected pulses per slot, summed over devices
         self.clip += torch.stack([asked - (px.sum(1) * pd.sum(1)).sum(), asked]).to(self.clip.dtype)
-        fire_x = (self._rand((bl, *px.shape)) < px).to(x.dtype).reshape(-1, x.shape[-1])
-        fire_d = (self._rand((bl, *pd.shape)) < pd).to(d.dtype).reshape(-1, d.shape[-1])
+        fire_x = (self._rand((bl, *px.shape)) < px).to(x.dtype)  # (bl, batch, n): sample signs broadcast
+        fire_d = (self._rand((bl, *pd.shape)) < pd).to(d.dtype)
+        signed_x = (fire_x * torch.sign(x)).reshape(-1, x.shape[-1])
+        signed_d = (fire_d * torch.sign(-d)).reshape(-1, d.shape[-1])
         # all coincidences and their signed sum; up and down follow (both counts are whole numbers)
-        total = fire_d.t() @ fire_x
-        net = (fire_d * torch.sign(-d).repeat(bl, 1)).t() @ (fire_x * torch.sign(x).repeat(bl, 1))
+        total = fire_d.reshape(-1, d.shape[-1]).t() @ fire_x.reshape(-1, x.shape[-1])
+        net = signed_d.t() @ signed_x
         return (total + net) / 2, (total - net) / 2
+
+    def take_clip(self) -> tuple[float, float]:
+        """Coincidence pulses (cut, requested) since the last call, then reset."""
+        lost, asked = self.clip.tolist()
+        self.clip.zero_()
+        return lost, asked
 
     def take_clip_fraction(self) -> float | None:
         """Share of the coincidence pulses requested since the last call that the train length cut."""
-        lost, asked = self.clip.tolist()
-        self.clip.zero_()
-        return lost / asked if asked > 0 else None
+        return clip_fraction([self])
 
     def apply_pulses(self, sp: torch.Tensor) -> torch.Tensor:
         """Apply signed pulse counts (> 0: raise the weight); returns their magnitudes."""
@@ -255,6 +261,12 @@ class DifferentialArray:
             # stream seeded from it -- deterministic, but not the stream the other device would draw
             self.gen.manual_seed(int.from_bytes(hashlib.sha256(rng.numpy().tobytes()).digest()[:8], "little"))
         self._bind()
+
+
+def clip_fraction(arrays) -> float | None:
+    """Share of requested coincidence pulses cut, over ``arrays`` since their last reading (None: none asked)."""
+    lost, asked = (sum(v) for v in zip(*(a.take_clip() for a in arrays)))
+    return lost / asked if asked > 0 else None
 
 
 def operating_step(cfg: DeviceConfig) -> float:

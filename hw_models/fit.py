@@ -72,7 +72,6 @@ class Fit:
     g_max: float
     up: tuple = ()  # per-direction raw coefficients (for prediction)
     down: tuple = ()
-    rmse_held_out: float = math.nan
     ctoc: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -273,10 +272,6 @@ def _lim_nl(span: float, r: float) -> float:
     return float(-1.0 / math.log1p(-r / span))
 
 
-def rmse(f: Fit, s: Steps) -> float:
-    return float(np.sqrt(np.mean((f.predict(s.g0, s.up) - s.g1) ** 2)))
-
-
 def _held_out_rmse(model: str, s: Steps, lo_dev: np.ndarray, hi_dev: np.ndarray) -> float:
     """One-pulse RMSE on each device's last quarter, the model fitted on that device's first three."""
     se, n = 0.0, 0
@@ -332,12 +327,11 @@ def fit_device(curves: list[Curve], models=MODELS, bootstrap: int = 100, seed: i
         if errs[m] < errs[chosen] * (1 - SIMPLER_BY):
             chosen = m
     full = fit_model(chosen, s, g_min, g_max)  # refit on all pulses
-    full.rmse_held_out = errs[chosen]
     fits[chosen] = full
     r = g_max - g_min
     # per device: its own fit (bounds from its own readings) gives its step size, and residuals free of
     # the device-to-device spread, hence the cycle-to-cycle noise
-    per_dev, resid = [], []
+    per_fit, resid = [], []
     for k in range(len(curves)):
         sk = s.subset(s.dev == k)
         try:
@@ -347,9 +341,9 @@ def fit_device(curves: list[Curve], models=MODELS, bootstrap: int = 100, seed: i
         rk = fk.g_max - fk.g_min
         inside = (sk.g0 > fk.g_min + 0.02 * rk) & (sk.g0 < fk.g_max - 0.02 * rk)
         resid.append((sk.g1 - fk.predict(sk.g0, sk.up))[inside] / (rk / fk.params["levels"]))
-        per_dev.append(fk.params["levels"])
-    if len(per_dev) > 1:  # the typical device: medians of the per-device fits (robust to one odd device)
-        per_fit = [fit_model(chosen, s.subset(s.dev == k), lo_dev[k], hi_dev[k]) for k in range(len(curves))]
+        per_fit.append(fk)
+    per_dev = [f.params["levels"] for f in per_fit]
+    if len(per_fit) > 1:  # the typical device: medians of the per-device fits (robust to one odd device)
         full.params = {k: float(np.median([f.params[k] for f in per_fit])) for k in full.params}
         full.g_min = float(np.median([f.g_min for f in per_fit]))
         full.g_max = float(np.median([f.g_max for f in per_fit]))

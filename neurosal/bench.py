@@ -59,7 +59,7 @@ class BenchConfig:
         from .engine import MEMORY_MODES
         from .models import build_model
         from .rules import REGISTRY
-        from .substrates import device_names
+        from .substrates import substrate_for
         from .train import resolve_device
 
         for text in self.rules:
@@ -75,10 +75,9 @@ class BenchConfig:
                 raise NeurosalError(f"bench {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise NeurosalError(f"bench warmup must be >= 0, got {self.warmup}")
-        known = device_names()
         for dev in self.devices:
-            if dev is not None and dev not in known:
-                raise NeurosalError(f"unknown device {dev!r}; known: {', '.join(known) or 'none installed'}")
+            if dev is not None:
+                substrate_for(dev)  # a preset name or a preset file, as training accepts
         resolve_device(self.accel)
         for spec in self.models:  # the extra specs are small (28x28 inputs): build each once to check it
             build_model(spec, (1, 28, 28), self.n_classes)

@@ -39,12 +39,17 @@ def device_names() -> list[str]:
     return sorted(n for s in substrates() for n in s.names())
 
 
-def apply_device(net, name: str, options: dict, seed: int):
+def substrate_for(name: str) -> Substrate:
+    """The installed substrate that builds device ``name`` (a preset name or a file it accepts)."""
     for sub in substrates():
         if sub.accepts(name):
-            return sub.apply(net, name, dict(options), seed)
+            return sub
     known = device_names()
     raise NeurosalError(f"unknown device {name!r}; known: {', '.join(known) if known else 'none installed'}")
+
+
+def apply_device(net, name: str, options: dict, seed: int):
+    return substrate_for(name).apply(net, name, dict(options), seed)
 
 
 def command_plugins() -> list:
@@ -57,7 +62,7 @@ def epoch_stats(net) -> dict:
     out: dict = {}
     for m in net.modules():
         hook = getattr(m, "epoch_stats", None)
-        if hook is None or m is net:
+        if hook is None:
             continue
         for key, value in hook().items():
             if value is not None:
