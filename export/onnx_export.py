@@ -17,6 +17,7 @@ original torch model on held-out inputs (max abs difference; an error above the 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from contextlib import contextmanager
@@ -31,7 +32,9 @@ from hw_models.analog import analog_mvm
 from hw_models.snn import delay, lif_membrane
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
+from neurosal.layers import keep_own_forward
 from neurosal.models import Block, Net
+from neurosal.protocols import LocalDerivative
 
 OPSET = 18
 
@@ -154,10 +157,55 @@ class ModelKind:
         return "+".join(parts)
 
 
-def kind_of(net: Net) -> ModelKind:
-    return ModelKind(spiking=any(hasattr(b.post, "local_vjp") for b in net.blocks),
-                     sal=any(isinstance(b.op, AreaLinear) for b in net.blocks),
-                     analog=any(hasattr(b.op, "tiles") for b in net.blocks))
+def kind_of(net: nn.Module) -> ModelKind:
+    mods = list(net.modules())
+    return ModelKind(spiking=any(isinstance(m, LocalDerivative) for m in mods),
+                     sal=any(isinstance(m, AreaLinear) for m in mods),
+                     analog=any(_analog_of(m) is not None for m in mods))
+
+
+class TokenSALTwin(SALTwin):
+    """A general model's area layer: every position of a (..., n_in) input routed on its own."""
+
+    def apply_routed(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        y, area = super().apply_routed(flat)
+        return y.reshape(*x.shape[:-1], y.shape[-1]), area.reshape(x.shape[:-1])
+
+
+class ModuleTwin(nn.Module):
+    """The exportable twin of any trained module (zoo or the user's): a copy in which SAL's area layers
+    route with ONNX ops and analog layers compute what their devices hold; everything else as it is."""
+
+    def __init__(self, model: nn.Module, sal_mode: str = "gather"):
+        super().__init__()
+        self.kind = kind_of(model)
+        if self.kind.spiking:
+            raise NeurosalError("spiking models export through their spec chain (snn:...)")
+        twin = copy.deepcopy(model)
+        for name, m in list(twin.named_modules()):
+            if isinstance(m, AreaLinear):
+                new = TokenSALTwin(m, sal_mode) if m.tokens else SALTwin(m, sal_mode)
+            elif _analog_of(m) is not None and isinstance(m, nn.Conv2d):
+                new = Conv2dTwin(m)
+            elif _analog_of(m) is not None and isinstance(m, nn.Linear):
+                new = LinearTwin(m)
+            else:
+                continue
+            keep_own_forward(new)
+            parent, _, attr = name.rpartition(".")
+            holder = twin.get_submodule(parent) if parent else twin
+            if isinstance(holder, (nn.Sequential, nn.ModuleList)):
+                holder[int(attr)] = new
+            else:
+                setattr(holder, attr, new)
+        self.model = twin.eval()
+
+    def output_names(self) -> list[str]:
+        return ["logits"]
+
+    def forward(self, x):
+        return self.model(x)
 
 
 class InferenceTwin(nn.Module):
@@ -180,7 +228,7 @@ class InferenceTwin(nn.Module):
                 new_op = LinearTwin(op)
             else:
                 raise NeurosalError(f"cannot export layer type {type(op).__name__} to ONNX")
-            post = LIFTwin(blk.post) if hasattr(blk.post, "local_vjp") else blk.post
+            post = LIFTwin(blk.post) if isinstance(blk.post, LocalDerivative) else blk.post
             blocks.append(Block(new_op, post, blk.residual))
         self.blocks = nn.ModuleList(blocks)
 
@@ -209,7 +257,7 @@ class InferenceTwin(nn.Module):
         return (h, *areas, *spikes) if self.extra_outputs else h
 
 
-def export_onnx(net: Net, example: torch.Tensor, path: str | Path, opset: int = OPSET,
+def export_onnx(net: nn.Module, example: torch.Tensor, path: str | Path, opset: int = OPSET,
                 extra_outputs: bool = False, sal_mode: str = "gather",
                 metadata: dict[str, str] | None = None) -> InferenceTwin:
     """Write ``net`` (eval mode) as ONNX with a dynamic batch axis; returns the twin that was exported.
@@ -220,7 +268,12 @@ def export_onnx(net: Net, example: torch.Tensor, path: str | Path, opset: int = 
     import onnx
 
     net = net.eval()
-    twin = InferenceTwin(net, extra_outputs, sal_mode).eval()
+    if isinstance(net, Net):
+        twin = InferenceTwin(net, extra_outputs, sal_mode).eval()
+    else:
+        if extra_outputs:
+            raise NeurosalError("extra outputs (areas, spikes) are exported for spec chains only")
+        twin = ModuleTwin(net, sal_mode).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial.onnx")
@@ -252,9 +305,9 @@ def export_onnx(net: Net, example: torch.Tensor, path: str | Path, opset: int = 
 
 
 @contextmanager
-def deterministic_devices(net: Net):
+def deterministic_devices(net: nn.Module):
     """Analog layers without read noise (a random process the exported graph leaves out)."""
-    tiles = [b.op.tiles for b in net.blocks if hasattr(b.op, "tiles")]
+    tiles = [m.tiles for m in net.modules() if _analog_of(m) is not None]
     saved = [t.cfg for t in tiles]
     try:
         for t in tiles:
@@ -265,12 +318,12 @@ def deterministic_devices(net: Net):
             t.cfg = cfg
 
 
-def reference_outputs(net: Net, x: torch.Tensor) -> torch.Tensor:
+def reference_outputs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The original torch model's logits for the twin's input (spiking: spike trains, stem bypassed;
     analog: the devices' deterministic function, without read noise)."""
     net.eval()
     with torch.no_grad(), deterministic_devices(net):
-        if kind_of(net).spiking:
+        if isinstance(net, Net) and kind_of(net).spiking:
             h = x
             for blk in net.blocks:
                 h = blk(h)
@@ -285,7 +338,7 @@ def run_onnxruntime(path, x):
     return sess.run(None, {sess.get_inputs()[0].name: x.detach().cpu().numpy()})
 
 
-def verify(net: Net, path, x: torch.Tensor, tol: float = 1e-5) -> dict:
+def verify(net: nn.Module, path, x: torch.Tensor, tol: float = 1e-5) -> dict:
     """onnxruntime vs the original torch model on ``x``: max abs difference of the logits and
     argmax agreement; ``ok`` is False above ``tol``."""
     outs = run_onnxruntime(path, x)

@@ -6,3 +6,7 @@
 * :mod:`hw_models.snn`: spiking networks (snnTorch LIF) with local three-factor plasticity;
 * :mod:`hw_models.brian`: the same network and plasticity in Brian2, and the cross-check.
 """
+
+from .analog import attach, convert, drift  # noqa: E402
+
+__all__ = ["attach", "convert", "drift"]

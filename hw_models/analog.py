@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import float_update
+from neurosal.layers import float_update, keep_own_forward
 
 from .array import DifferentialArray, clip_fraction
 from .devices import DeviceConfig
@@ -224,7 +224,7 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
     @classmethod
     def from_float(cls, layer: AreaLinear, cfg: DeviceConfig, seed: int) -> "AnalogAreaLinear":
         new = cls(layer.in_features, layer.out_features, layer.areas, layer.route_dim, layer.balance,
-                  layer.temperature, layer.center_momentum)
+                  layer.temperature, layer.center_momentum, layer.tokens)
         new.load_state_dict(layer.state_dict(), strict=False)
         new.to(layer.router.device, layer.router.dtype)
         new.tiles = AnalogTiles(cfg, list(new.area_weight), layer.in_features, seed)
@@ -235,25 +235,63 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
         return analog_mvm(rows, t.noisy(k), F.linear, t.cfg, t.w_max, self.in_features) + self.area_bias[k]
 
 
-def convert(net: nn.Module, cfg: DeviceConfig, seed: int = 0, include_output: bool = True) -> nn.Module:
-    """Replace every Linear/Conv2d/AreaLinear op of ``net`` by its analog twin (in place)."""
+def convert(net: nn.Module, cfg: DeviceConfig | str, seed: int = 0, include_output: bool = True,
+            **options) -> nn.Module:
+    """Put every ``nn.Linear``/``nn.Conv2d``/area layer of ``net`` -- any module, anywhere in it -- on
+    analog arrays (in place; returns ``net``). ``cfg`` is a :class:`DeviceConfig` or a preset name or
+    file (``options`` override its fields). The output layer is the last one registered.
+
+    Convert before :func:`neurosal.wrap` for the layerwise rules (wrapping patches the layers it finds);
+    a model wrapped for a direct rule (dfa, drtp, sal) may be converted afterwards, before its first
+    training step: pass the wrapper.
+    """
+    from neurosal.wrap import Wrapped
+
+    if isinstance(cfg, str):
+        from .presets import get_device
+
+        cfg = get_device(cfg, **options)
+    elif options:
+        cfg = cfg.replace(**options)
     cfg.validate()
-    blocks = list(getattr(net, "blocks", []))
-    if not blocks:
-        raise NeurosalError("convert expects a neurosal Net (blocks of op + tail)")
-    for i, blk in enumerate(blocks):
-        if not include_output and i == len(blocks) - 1:
+    target = net
+    if isinstance(net, Wrapped):
+        if not net.rule.direct or net.rule.autograd:
+            raise NeurosalError("convert the model before wrapping it for a layerwise rule "
+                                "(wrapping patches the layers it finds)")
+        target = net.model
+    named = [(n, m) for n, m in target.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d, AreaLinear)) and not isinstance(m, _AnalogMixin)]
+    if not named:
+        raise NeurosalError("convert: the model has no Linear/Conv2d layer to put on devices")
+    for i, (name, op) in enumerate(named):
+        if not include_output and i == len(named) - 1:
             continue
-        op = blk.op
         if isinstance(op, AreaLinear):
-            blk.op = AnalogAreaLinear.from_float(op, cfg, seed * 1000 + i)
+            new = AnalogAreaLinear.from_float(op, cfg, seed * 1000 + i)
         elif isinstance(op, nn.Conv2d):
-            blk.op = AnalogConv2d.from_float(op, cfg, seed * 1000 + i)
+            new = AnalogConv2d.from_float(op, cfg, seed * 1000 + i)
         elif isinstance(op, nn.Linear):
-            blk.op = AnalogLinear.from_float(op, cfg, seed * 1000 + i)
+            new = AnalogLinear.from_float(op, cfg, seed * 1000 + i)
         else:
-            raise NeurosalError(f"no analog version of {type(op).__name__}")
+            raise NeurosalError(f"{name}: no analog version of {type(op).__name__}")
+        keep_own_forward(new)
+        parent, _, attr = name.rpartition(".")
+        holder = target.get_submodule(parent) if parent else target
+        if isinstance(holder, (nn.Sequential, nn.ModuleList)):
+            holder[int(attr)] = new
+        else:
+            setattr(holder, attr, new)
     return net
+
+
+def attach(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """Realise every step of ``optimizer`` on ``model``'s arrays (pulses, then read-back) right after the
+    step, so a training loop you do not control (Lightning, accelerate, HF Trainer) needs no change.
+    Same as calling ``neurosal.finish_step(model)`` after each ``optimizer.step()``; returns the hook handle."""
+    from neurosal.substrates import finish_step
+
+    return optimizer.register_step_post_hook(lambda opt, args, kwargs: finish_step(model))
 
 
 def drift(net: nn.Module, t: float) -> None:

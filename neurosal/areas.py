@@ -48,8 +48,12 @@ class Route:
 
 class AreaLinear(nn.Module):
     def __init__(self, n_in: int, n_out: int, areas: int = 4, route_dim: int = 16,
-                 balance: float = 0.1, temperature: float = 0.1, center_momentum: float = 0.01):
+                 balance: float = 0.1, temperature: float = 0.1, center_momentum: float = 0.01,
+                 tokens: bool = False):
         super().__init__()
+        #: route every position of a ``(B, T, n_in)`` input on its own (transformer FFNs, a top-1
+        #: mixture of experts); False: a 3-d input is a spike train, routed by its time average
+        self.tokens = tokens
         if areas < 1:
             raise NeurosalError(f"SAL needs at least one area per layer, got {areas}")
         if route_dim < 1:
@@ -118,12 +122,14 @@ class AreaLinear(nn.Module):
         return Route(area, torch.argsort(area, stable=True), counts.tolist(), z, cos, x)
 
     # ------------------------------------------------------------------ grouped compute
-    def _grouped(self, rows: torch.Tensor, route: Route, fn) -> torch.Tensor:
-        """Apply ``fn(k, rows_of_area_k)`` per area on the area-sorted rows; return in sample order."""
+    def _grouped(self, rows: torch.Tensor, route: Route, fn, width: int) -> torch.Tensor:
+        """Apply ``fn(k, rows_of_area_k)`` per area on the area-sorted rows; return in sample order.
+        Areas without rows are not called, so under autograd their weights get no gradient either."""
         if self.areas == 1:
             return fn(0, rows)
         parts = rows.index_select(0, route.order).split(route.counts)
-        out_sorted = torch.cat([fn(k, p) for k, p in enumerate(parts)])
+        out_sorted = torch.cat([fn(k, p) if len(p) else p.new_zeros((0, *p.shape[1:-1], width))
+                                for k, p in enumerate(parts)])
         out = torch.empty_like(out_sorted)
         out.index_copy_(0, route.order, out_sorted)
         return out
@@ -134,14 +140,22 @@ class AreaLinear(nn.Module):
 
     def forward_ctx(self, x: torch.Tensor):
         route = self.route(x)
-        return self._grouped(x, route, self.area_forward), route
+        return self._grouped(x, route, self.area_forward, self.out_features), route
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_ctx(x)[0]
+        """Under autograd (the general engine) the chosen areas get their gradient from autograd and
+        the router learns from its local objective when the backward pass reaches this layer."""
+        lead = x.shape[:-1]
+        if self.tokens:
+            x = x.reshape(-1, self.in_features)
+        out, route = self.forward_ctx(x)
+        if self.areas > 1 and self.training and out.requires_grad:
+            out.register_hook(lambda g: self._learn_router(route.x, route))
+        return out.reshape(*lead, self.out_features) if self.tokens else out
 
     def feedback_input(self, delta: torch.Tensor, weight: torch.Tensor, route: Route) -> torch.Tensor:
         """Signal on the input through per-area matrices ``weight`` (K, n_out, n_in)."""
-        return self._grouped(delta, route, lambda k, p: p @ weight[k])
+        return self._grouped(delta, route, lambda k, p: p @ weight[k], self.in_features)
 
     # ------------------------------------------------------------------ local plasticity
     def local_update(self, x: torch.Tensor, delta: torch.Tensor, route: Route) -> None:
@@ -183,7 +197,8 @@ class AreaLinear(nn.Module):
         return g_z.t() @ x - torch.outer(g_z.sum(0), self.center)
 
     def _learn_router(self, x: torch.Tensor, route: Route) -> None:
-        accumulate_grad(self.router, self.router_grad(x, route))
+        with torch.no_grad():
+            accumulate_grad(self.router, self.router_grad(x, route))
 
     def take_usage(self) -> list[int]:
         counts = self.usage.tolist()

@@ -40,7 +40,9 @@ positive_int.__name__ = "positive integer"  # what argparse names in its 'invali
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="mlp:256x256", help="mlp:256x256, mlp:256*8, cnn, cnn:6,16/120,84")
+    p.add_argument("--model", default="mlp:256x256",
+                   help="mlp:256x256, mlp:256*8, cnn, cnn:6,16/120,84, snn:100, resnet:20, "
+                        "vit:patch=4,dim=64,depth=4,heads=4, or your module: path/to/file.py:ClassName")
     p.add_argument("--device", default=None,
                    help="train on simulated hardware: a device preset, e.g. rram-like (see 'neurosal list')")
     p.add_argument("--device-options", default=None, help="device parameter overrides, e.g. 'levels=32,ctoc=0'")
@@ -193,7 +195,8 @@ def cmd_list(args) -> int:
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
         print(f"  {name:6s} {cls.summary}" + (f"  [options: {opts}]" if opts else ""))
     print("datasets:", ", ".join(dataset_names()), "or a path to .npz/.csv")
-    print("models:   mlp:256x256, mlp:256*8, mlp:100x100:tanh, mlp:64*32:relu:res, cnn, cnn:6,16/120,84")
+    print("models:   mlp:256x256, mlp:256*8, mlp:100x100:tanh, mlp:64*32:relu:res, cnn, cnn:6,16/120,84, "
+          "snn:100, resnet:20, vit:patch=4,dim=64,depth=4,heads=4,mlp=2, path/to/file.py:ClassName[:k=v,...]")
     from .substrates import device_names
 
     print("devices: ", ", ".join(device_names()) or "none (install hw_models)")

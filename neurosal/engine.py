@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .errors import NeurosalError
 from .layers import apply_local_update, output_error, post_forward, post_vjp
 from .models import Net
+from .protocols import ReportsContext
 
 MEMORY_MODES = ("cache", "recompute")
 
@@ -50,9 +51,8 @@ class LayerCache:
 
 def run_op(op: nn.Module, h: torch.Tensor):
     """The op's output and its context (layers with routing report it via ``forward_ctx``)."""
-    fwd = getattr(op, "forward_ctx", None)
-    if fwd is not None:
-        return fwd(h)
+    if isinstance(op, ReportsContext):
+        return op.forward_ctx(h)
     return op(h), None
 
 
@@ -92,42 +92,56 @@ def _onehot(y: torch.Tensor, n: int, dtype) -> torch.Tensor:
     return F.one_hot(y, n).to(dtype)
 
 
+def chain_forward(net: Net, rule, x: torch.Tensor, memory: str = "cache"):
+    """The forward half of a chain step under no autograd: ``(logits, state)`` for :func:`chain_backward`."""
+    if memory not in MEMORY_MODES:
+        raise NeurosalError(f"unknown memory mode {memory!r}; use one of {MEMORY_MODES}")
+    if memory == "recompute" and rule.direct:
+        with torch.no_grad():
+            return net(x), ("recompute", x)
+    logits, cache = forward_cached(net, x)
+    return logits, ("cache", cache)
+
+
+@torch.no_grad()
+def chain_backward(net: Net, rule, state, e: torch.Tensor, target: torch.Tensor | None, on_layer=None) -> None:
+    """The backward half: the rule's signals from ``e`` = dL/dlogits, each turned into its layer's update
+    at once (``on_layer(op)`` is called as soon as a layer's update is in its ``.grad``)."""
+    mode, payload = state
+    if mode == "recompute":
+        _direct_recompute(net, rule, payload, e, target, on_layer)
+        return
+    cache = payload
+    for l, delta in rule.teach(net, cache, e, target):
+        entry = cache[l]
+        apply_local_update(entry.op, entry.x, delta, entry.ctx)
+        if on_layer is not None:
+            on_layer(entry.op)
+        if l + 1 < len(cache):
+            cache[l + 1] = None  # the block above has served its feedback: free its input
+
+
 def train_step(net: Net, rule, x: torch.Tensor, y: torch.Tensor, n_classes: int,
                memory: str = "cache", on_layer=None):
-    """Fill ``.grad`` of the net (and of the rule's learned feedback) for one batch.
+    """Fill ``.grad`` of the net (and of the rule's learned feedback) for one batch, cross-entropy loss.
 
     Returns ``(loss, logits)``; the caller zeroes grads before and steps the optimiser after.
-    ``on_layer(op)`` is called as soon as a layer's update is in its ``.grad`` (non-BP rules), e.g. to
-    start that layer's gradient all-reduce while the other layers are still computing.
+    (:class:`neurosal.wrap.Wrapped` runs the same two halves behind ``loss.backward()``, for any loss.)
     """
     if rule.autograd:
         logits = net(x)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         return loss.detach(), logits.detach()
-    if memory not in MEMORY_MODES:
-        raise NeurosalError(f"unknown memory mode {memory!r}; use one of {MEMORY_MODES}")
-    if memory == "recompute" and rule.direct:
-        return _direct_recompute_step(net, rule, x, y, n_classes, on_layer)
-    logits, cache = forward_cached(net, x)
+    logits, state = chain_forward(net, rule, x, memory)
     with torch.no_grad():
         loss, e = output_error(logits, y)
-        target = _onehot(y, n_classes, e.dtype)
-        for l, delta in rule.teach(net, cache, e, target):
-            entry = cache[l]
-            apply_local_update(entry.op, entry.x, delta, entry.ctx)
-            if on_layer is not None:
-                on_layer(entry.op)
-            if l + 1 < len(cache):
-                cache[l + 1] = None  # the block above has served its feedback: free its input
+        chain_backward(net, rule, state, e, _onehot(y, n_classes, e.dtype), on_layer)
     return loss, logits
 
 
 @torch.no_grad()
-def _direct_recompute_step(net, rule, x, y, n_classes, on_layer=None):
-    logits = net(x)
-    loss, e = output_error(logits, y)
-    target = _onehot(y, n_classes, e.dtype)
+def _direct_recompute(net, rule, x, e, target, on_layer=None):
     h = net.stem(x)
     last = len(net.blocks) - 1
     for l, blk in enumerate(net.blocks):
@@ -137,7 +151,25 @@ def _direct_recompute_step(net, rule, x, y, n_classes, on_layer=None):
         if on_layer is not None:
             on_layer(entry.op)
         h = out
-    return loss, logits
+
+
+class ChainStep(torch.autograd.Function):
+    """A chain step behind autograd: forward = :func:`chain_forward`, backward = :func:`chain_backward`
+    with the incoming gradient as ``e``. ``anchor`` is any parameter that requires grad (it makes autograd
+    call the backward; it gets no gradient from here)."""
+
+    @staticmethod
+    def forward(ctx, owner, x, anchor):
+        logits, state = chain_forward(owner.model, owner.rule, x, owner.memory)
+        ctx.owner, ctx.state = owner, state
+        return logits
+
+    @staticmethod
+    def backward(ctx, e):
+        owner = ctx.owner
+        chain_backward(owner.model, owner.rule, ctx.state, e, owner.take_target(e), owner.on_layer)
+        ctx.state = None
+        return None, None, None
 
 
 def _angle(u: torch.Tensor, v: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Per-layer local computations for the float substrate (``nn.Linear`` and ``nn.Conv2d``).
+"""Per-layer local computations for the float substrate (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``).
 
 Two operations are all a learning rule needs from a parametrised layer:
 
@@ -10,8 +10,8 @@ Two operations are all a learning rule needs from a parametrised layer:
 
 A *substrate* turns the rule's teaching signal into a weight change. The float substrate writes
 :func:`weight_update`'s result into ``.grad`` so that any ``torch.optim`` optimiser steps it. A layer
-that defines ``local_update(x, delta, ctx)`` (analog crossbar, area-partitioned layer, ...) overrides
-that: :func:`apply_local_update` dispatches to it, and no rule needs to know.
+that offers :class:`~neurosal.protocols.LocalUpdate` (analog crossbar, area-partitioned layer, ...)
+overrides that: :func:`apply_local_update` dispatches to it, and no rule needs to know.
 """
 
 from __future__ import annotations
@@ -21,14 +21,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import NeurosalError
+from .protocols import LocalDerivative, LocalUpdate, RoutedFeedback
 
-PARAM_LAYERS = (nn.Linear, nn.Conv2d)
+PARAM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-def _conv_args(op: nn.Conv2d):
-    if op.padding_mode != "zeros" or isinstance(op.padding, str):
-        raise NeurosalError("Conv2d feedback needs numeric zero padding (padding_mode='zeros')")
-    return dict(stride=op.stride, padding=op.padding, dilation=op.dilation, groups=op.groups)
+def _conv_args(op: nn.Module):
+    if op.padding_mode != "zeros":
+        raise NeurosalError(f"{type(op).__name__} feedback needs zero padding (padding_mode='zeros'), "
+                            f"not {op.padding_mode!r}")
+    padding = op.padding
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":  # torch pads 'same' symmetrically only for odd effective kernels
+        eff = [d * (k - 1) for d, k in zip(op.dilation, op.kernel_size)]
+        if any(v % 2 for v in eff):
+            raise NeurosalError(f"{type(op).__name__} with padding='same' and an even kernel pads "
+                                "asymmetrically; give numeric padding")
+        padding = tuple(v // 2 for v in eff)
+    return dict(stride=op.stride, padding=padding, dilation=op.dilation, groups=op.groups)
 
 
 def weight_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor):
@@ -43,22 +54,44 @@ def weight_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor):
         dw = torch.nn.grad.conv2d_weight(x, op.weight.shape, delta, **_conv_args(op))
         db = delta.sum((0, 2, 3)) if op.bias is not None else None
         return dw, db
+    if isinstance(op, nn.Conv1d):
+        dw = torch.nn.grad.conv1d_weight(x, op.weight.shape, delta, **_conv_args(op))
+        db = delta.sum((0, 2)) if op.bias is not None else None
+        return dw, db
     raise NeurosalError(f"no local update defined for layer type {type(op).__name__}")
 
 
 def feedback(op: nn.Module, delta: torch.Tensor, weight: torch.Tensor, input_shape, ctx=None) -> torch.Tensor:
     """Signal on the input of ``op``: ``delta`` carried through ``weight`` (shaped like op.weight).
 
-    Layers with per-sample structure (area-partitioned layers) define ``feedback_input``.
+    Layers with per-sample structure (area-partitioned layers) offer
+    :class:`~neurosal.protocols.RoutedFeedback`.
     """
-    custom = getattr(op, "feedback_input", None)
-    if custom is not None:
-        return custom(delta, weight, ctx)
+    if isinstance(op, RoutedFeedback):
+        return op.feedback_input(delta, weight, ctx)
     if isinstance(op, nn.Linear):
         return delta @ weight
     if isinstance(op, nn.Conv2d):
         return torch.nn.grad.conv2d_input(tuple(input_shape), weight, delta, **_conv_args(op))
+    if isinstance(op, nn.Conv1d):
+        return torch.nn.grad.conv1d_input(tuple(input_shape), weight, delta, **_conv_args(op))
     raise NeurosalError(f"no feedback pathway defined for layer type {type(op).__name__}")
+
+
+def _own_forward(module, args):
+    return None
+
+
+def keep_own_forward(module: nn.Module) -> nn.Module:
+    """Make sure ``module``'s own forward runs inside torch's fused layers.
+
+    ``nn.TransformerEncoderLayer`` in eval mode may take a fused fast path that reads ``linear1.weight``
+    etc. directly, bypassing the submodules' forwards -- wrong for an area layer (its output depends on
+    the routing) or an analog layer (DAC/ADC, device read-out). torch documents that the fast path is
+    not taken when any submodule carries a forward hook; this registers a no-op pre-hook to that end.
+    """
+    module.register_forward_pre_hook(_own_forward)
+    return module
 
 
 def accumulate_grad(p: torch.Tensor | None, g: torch.Tensor | None) -> None:
@@ -81,9 +114,8 @@ def float_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> None:
 
 def apply_local_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor, ctx=None) -> None:
     """Let the layer's substrate turn a teaching signal into a weight change (into ``.grad``)."""
-    custom = getattr(op, "local_update", None)
-    if custom is not None:
-        custom(x, delta, ctx)
+    if isinstance(op, LocalUpdate):
+        op.local_update(x, delta, ctx)
     else:
         float_update(op, x, delta)
 
@@ -115,7 +147,7 @@ ELEMENTWISE = {
 def post_kind(post: nn.Module) -> str:
     """How a block's non-parametric tail is differentiated: a fast path, the tail's own *local* rule
     (``local_state``/``local_vjp``, e.g. spiking neurons' eligibility traces), or generic autograd."""
-    if hasattr(post, "local_vjp"):
+    if isinstance(post, LocalDerivative):
         return "local"
     mods = [m for m in (post if isinstance(post, nn.Sequential) else [post])
             if not isinstance(m, nn.Identity)]

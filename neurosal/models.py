@@ -81,7 +81,8 @@ def parse_spec(spec: str) -> ModelSpec:
     kind = parts[0]
     if kind not in ("mlp", "cnn"):
         extra = "".join(f", {k}:..." for k in sorted(_model_plugins()))
-        raise NeurosalError(f"unknown model {spec!r}: use mlp:WxW..., mlp:W*DEPTH, cnn[:C,C/F,F]{extra}")
+        raise NeurosalError(f"unknown model {spec!r}: use mlp:WxW..., mlp:W*DEPTH, cnn[:C,C/F,F]{extra}, "
+                            "resnet:N, vit:..., or path/to/file.py:ClassName")
     act = "relu"
     residual = len(parts) > 3 and parts[3] == "res"
     if len(parts) > 4 or (len(parts) > 3 and not residual):

@@ -12,19 +12,9 @@ points declared in ``pyproject.toml``:
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Protocol
 
 from .errors import NeurosalError
-
-
-class Substrate(Protocol):
-    """What a hardware package offers neurosal (see the module docstring)."""
-
-    def names(self) -> list[str]: ...
-
-    def accepts(self, name: str) -> bool: ...
-
-    def apply(self, net, name: str, options: dict, seed: int): ...
+from .protocols import AfterStep, EpochStats, Substrate
 
 
 def _load(group: str) -> list:
@@ -61,10 +51,9 @@ def epoch_stats(net) -> dict:
     per layer that reports a value (None means: nothing to report)."""
     out: dict = {}
     for m in net.modules():
-        hook = getattr(m, "epoch_stats", None)
-        if hook is None:
+        if not isinstance(m, EpochStats):
             continue
-        for key, value in hook().items():
+        for key, value in m.epoch_stats().items():
             if value is not None:
                 out.setdefault(key, []).append(value)
     return out
@@ -73,6 +62,5 @@ def epoch_stats(net) -> dict:
 def finish_step(net) -> None:
     """After the optimiser step: let layers that realise updates physically (analog arrays) do so."""
     for m in net.modules():
-        hook = getattr(m, "after_optimizer_step", None)
-        if hook is not None:
-            hook()
+        if isinstance(m, AfterStep):
+            m.after_optimizer_step()

@@ -20,7 +20,7 @@ import torch
 from . import checkpoint
 from .data import Dataset, load_dataset
 from .distributed import DistContext, LayerwiseAllReduce, average_buffers, reduce_learned_feedback
-from .engine import MEMORY_MODES, alignment, block_output_shapes, train_step
+from .engine import MEMORY_MODES, alignment
 from .errors import NeurosalError, first_line
 from .models import Net
 from .options import typed_fields
@@ -28,6 +28,7 @@ from .rules import make_rule
 from .rules.base import Rule
 from .substrates import apply_device, finish_step
 from .substrates import epoch_stats as substrate_epoch_stats
+from .wrap import Wrapped, alignment_report, sal_layers, to_areas
 
 CLIP_WARNING = 0.1  # warn when analog pulse trains cut more than this share of an epoch's updates
 
@@ -149,10 +150,8 @@ class Trainer:
         self.data = ds.to(self.device)
         self.rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
         self.net = build_net(cfg, self.rule, ds.input_shape, ds.n_classes, self.device)
-        gen = torch.Generator().manual_seed(cfg.seed + 7919)
-        self.rule.setup(self.net, block_output_shapes(self.net, ds.input_shape), ds.n_classes, gen)
-        self.rule.to(self.device)
-        self.model = self.net  # what the autograd path calls (DDP-wrapped when distributed)
+        self.wrapped = wrap_for_training(cfg, self.net, self.rule, ds.input_shape, self.data.x_train[:2])
+        self.model = self.wrapped  # what each step calls (DDP-wrapped when distributed)
         self.reducer = None
         if cfg.fsdp:
             if not self.rule.autograd:
@@ -162,17 +161,20 @@ class Trainer:
                 raise NeurosalError("--fsdp needs a multi-process launch: torchrun --nproc_per_node N ...")
             from torch.distributed.fsdp import fully_shard
 
-            for blk in self.net.blocks:
+            for blk in (self.net.blocks if isinstance(self.net, Net) else _repeated_blocks(self.net)):
                 fully_shard(blk)
             fully_shard(self.net)
         elif self.dist is not None:
-            if self.rule.autograd:
+            if self.rule.autograd or not self.wrapped.chain:
                 from torch.nn.parallel import DistributedDataParallel
 
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                self.model = DistributedDataParallel(self.net, device_ids=ids)
-            else:
+                learned = [f"rule.{n}" for n, _ in self.rule.named_parameters()]  # reduced by reduce_learned_feedback
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.wrapped, learned)
+                self.model = DistributedDataParallel(self.wrapped, device_ids=ids)
+            else:  # chains: each layer's all-reduce starts as soon as its update is ready
                 self.reducer = LayerwiseAllReduce(self.dist)
+                self.wrapped.on_layer = self.reducer
         params = list(self.net.parameters()) + [p for p in self.rule.parameters() if p.numel()]
         self.opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.reference = make_rule("bp") if cfg.alignment and cfg.rule != "bp" else None
@@ -260,6 +262,16 @@ class Trainer:
             return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / self.cfg.epochs))
         return self.cfg.lr
 
+    def train_batch(self, xb: torch.Tensor, yb: torch.Tensor):
+        """One batch through the wrapped model with a plain ``loss.backward()`` (grads only)."""
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.model(xb)
+        if self.rule.needs_target:
+            self.wrapped.set_target(yb)
+        loss = torch.nn.functional.cross_entropy(logits, yb)
+        loss.backward()
+        return loss.detach(), logits.detach()
+
     def train_epoch(self, epoch: int) -> dict:
         from tqdm.auto import tqdm
 
@@ -271,8 +283,14 @@ class Trainer:
         rec: dict = {"epoch": epoch, "lr": lr}
         if self.reference is not None:
             idx = batches[0]
-            rec["alignment_deg"] = alignment(self.net, self.rule, self.reference,
-                                             d.x_train[idx], d.y_train[idx], d.n_classes)
+            if self.wrapped.chain:
+                rec["alignment_deg"] = alignment(self.net, self.rule, self.reference,
+                                                 d.x_train[idx], d.y_train[idx], d.n_classes)
+            else:
+                report = alignment_report(self.wrapped, d.x_train[idx], d.y_train[idx])
+                rec["alignment_deg"] = report["layers"]
+                if report["points"]:
+                    rec["point_alignment_deg"] = report["points"]
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         step_times = []
@@ -284,9 +302,7 @@ class Trainer:
                 idx = self.dist.shard(idx)
             xb, yb = d.x_train[idx], d.y_train[idx]
             t0 = time.perf_counter()
-            self.opt.zero_grad(set_to_none=True)
-            net = self.model if self.rule.autograd else self.net
-            loss, logits = train_step(net, self.rule, xb, yb, d.n_classes, cfg.memory, self.reducer)
+            loss, logits = self.train_batch(xb, yb)
             if self.reducer is not None:
                 self.reducer.wait()
                 reduce_learned_feedback(self.dist, self.rule)
@@ -294,7 +310,6 @@ class Trainer:
             finish_step(self.net)
             if self.dist is not None:
                 average_buffers(self.dist, self.net)
-            self.rule.after_step(self.net)
             _sync(self.device)
             step_times.append(time.perf_counter() - t0)
             loss_sum += loss * len(idx)
@@ -392,6 +407,8 @@ def load_run(run_dir: str | Path, accel: str = "cpu"):
     device = resolve_device(accel)
     rule = make_rule(cfg.rule, **cfg.rule_options)
     net = build_net(cfg, rule, tuple(st["input_shape"]), st["n_classes"], device)
+    if not isinstance(net, Net) and not rule.direct:  # the layerwise rules' feedback state, by slot
+        wrap_for_training(cfg, net, rule, tuple(st["input_shape"]), None).unwrap()
     try:
         net.load_state_dict(st["net"])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
@@ -400,10 +417,42 @@ def load_run(run_dir: str | Path, accel: str = "cpu"):
     return net.eval(), rule, cfg, st
 
 
-def build_net(cfg: TrainConfig, rule: Rule, input_shape, n_classes: int, device: torch.device) -> Net:
-    """The rule's version of the model, on ``device``, moved onto hardware ``cfg.device`` if given."""
+def build_net(cfg: TrainConfig, rule: Rule, input_shape, n_classes: int, device: torch.device) -> torch.nn.Module:
+    """The rule's version of the model, on ``device``, moved onto hardware ``cfg.device`` if given.
+
+    Spec chains (mlp/cnn/snn) are built with the rule's hidden layers; zoo and user models
+    (:mod:`neurosal.zoo`) as they are, with sal's area layers put in by :func:`neurosal.wrap.to_areas`.
+    """
+    from .zoo import build_zoo, is_zoo_spec
+
     torch.manual_seed(cfg.seed)
-    net = rule.build(cfg.model, input_shape, n_classes).to(device)
+    if is_zoo_spec(cfg.model):
+        net = build_zoo(cfg.model, tuple(input_shape), n_classes).to(device)
+        if rule.name == "sal":
+            names = sal_layers(net)
+            if not names:
+                raise NeurosalError(f"sal: {cfg.model} has no hidden nn.Linear to split into areas (conv "
+                                    "layers stay dense); use dfa, or a model with hidden Linear layers")
+            to_areas(net, names, rule)
+    else:
+        net = rule.build(cfg.model, input_shape, n_classes).to(device)
     if cfg.device:
         net = apply_device(net, cfg.device, cfg.device_options, cfg.seed)
     return net
+
+
+def wrap_for_training(cfg: TrainConfig, net: torch.nn.Module, rule: Rule, input_shape, example) -> Wrapped:
+    """The trainer's :class:`~neurosal.wrap.Wrapped` (feedback seeded by ``cfg.seed``); a general module
+    is planned on ``example`` at once so every feedback matrix exists before the first checkpoint."""
+    wrapped = Wrapped(net, rule, seed=cfg.seed, memory=cfg.memory,
+                      input_shape=tuple(input_shape) if isinstance(net, Net) else None)
+    rule.to(next(net.parameters()).device)
+    if example is not None and rule.direct and not wrapped.chain:
+        wrapped.materialise(example)
+    return wrapped
+
+
+def _repeated_blocks(model: torch.nn.Module) -> list:
+    from .wrap import find_blocks
+
+    return [model.get_submodule(n) for n in find_blocks(model)]

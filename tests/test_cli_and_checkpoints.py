@@ -84,7 +84,8 @@ def test_divergence_is_reported_and_checkpoints_survive(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--rule", "nope"], "unknown rule 'nope'"),
-    (["--model", "resnet:50"], "unknown model 'resnet:50'"),
+    (["--model", "densenet:121"], "unknown model 'densenet:121'"),
+    (["--model", "resnet:21"], "depth must be 6n+2"),
     (["--model", "mlp:abc"], "cannot parse model spec"),
     (["--data", "imagenet"], "unknown dataset 'imagenet'"),
     (["--data", "cifar10"], "no offline source"),

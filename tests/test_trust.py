@@ -239,7 +239,12 @@ def _empty_run(run: Path) -> None:
 CASES = [
     # --- train: names and numbers
     ("train-unknown-rule", T + ["--rule", "nope"], "unknown rule 'nope'", None),
-    ("train-unknown-model", T + ["--model", "resnet:50"], "unknown model 'resnet:50'", None),
+    ("train-unknown-model", T + ["--model", "densenet:121"], "unknown model 'densenet:121'", None),
+    ("train-resnet-depth", T + ["--model", "resnet:21"], "depth must be 6n+2", None),
+    ("train-vit-option", T + ["--model", "vit:patch=4,width=3"], "unknown option 'width'", None),
+    ("train-vit-patch", T + ["--model", "vit:patch=3"], "does not divide", None),
+    ("train-model-file-missing", T + ["--model", "{tmp}/nowhere.py:Net"], "no such file", None),
+    ("train-sal-without-linear", T + ["--rule", "sal", "--model", "resnet:8"], "no hidden nn.Linear", None),
     ("train-bad-model-spec", T + ["--model", "mlp:abc"], "cannot parse model spec", None),
     ("train-unknown-dataset", T + ["--data", "imagenet"], "unknown dataset 'imagenet'", None),
     ("train-no-offline-source", T + ["--data", "cifar10"], "no offline source", None),
@@ -563,13 +568,13 @@ from neurosal.cli import main
 mode, n = sys.argv[1], int(sys.argv[2])
 count = [0]
 if mode == "step":  # SIGKILL at the n-th training step of this process
-    real_step = T.train_step
-    def train_step(*a, **k):
+    real_step = T.Trainer.train_batch
+    def train_batch(*a, **k):
         count[0] += 1
         if count[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_step(*a, **k)
-    T.train_step = train_step
+    T.Trainer.train_batch = train_batch
 elif mode == "write":  # SIGKILL halfway through writing the n-th checkpoint file
     real_save = torch.save
     def save(obj, f, *a, **k):

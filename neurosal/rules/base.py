@@ -47,6 +47,8 @@ class Rule(nn.Module):
     autograd = False
     #: every hidden layer's signal depends only on the output error/target (DFA family)
     direct = False
+    #: the signal needs the target itself (drtp): the general engine asks for ``set_target(y)``
+    needs_target = False
 
     def __init__(self, config: RuleConfig | None = None):
         super().__init__()

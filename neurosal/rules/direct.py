@@ -60,14 +60,18 @@ class DirectRule(Rule):
             else:
                 self.spans.append((width, width + math.prod(shape)))
                 width += math.prod(shape)
-        std = self.config.scale / math.sqrt(n_classes)
-        shape = (n_classes, width)
-        b = gaussian(shape, std, generator) if self.config.init == "gaussian" else uniform(
-            shape, std * math.sqrt(3), generator)
         p = next(net.parameters())
-        self.register_buffer("B", b.to(p.device, p.dtype))
+        self.register_buffer("B", self.make_projection(n_classes, width, generator).to(p.device, p.dtype))
 
-    def source(self, e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def make_projection(self, n_out: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """The fixed ``(n_out, width)`` feedback matrix: N(0, scale^2/n_out), or uniform of that variance."""
+        std = self.config.scale / math.sqrt(n_out)
+        shape = (n_out, width)
+        if self.config.init == "gaussian":
+            return gaussian(shape, std, generator)
+        return uniform(shape, std * math.sqrt(3), generator)
+
+    def source(self, e: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def feedback_slice(self, l: int) -> torch.Tensor:
@@ -107,5 +111,11 @@ class DRTP(DirectRule):
     name = "drtp"
     summary = "direct random target projection: the one-hot target, no error"
 
+    #: the signal is the target, not the error: the general engine needs ``set_target(y)`` per batch
+    needs_target = True
+
     def source(self, e, target):
-        return -target / len(target)  # same 1/batch scale as the mean-loss error e
+        if target is None:
+            raise NeurosalError("drtp teaches from the target: call model.set_target(y) before backward()")
+        # the one-hot target, negated, with the 1/batch scale of a mean-loss error (per row of e)
+        return -target.reshape(e.shape).to(e.dtype) / (e.numel() // e.shape[-1])

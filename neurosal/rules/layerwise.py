@@ -1,10 +1,16 @@
-"""Rules that carry the teaching signal down block by block: bp, fa, usf, ldef.
+"""Rules that carry the teaching signal down layer by layer: bp, fa, usf, frsf, brsf, kp, ldef.
 
 ``delta_l = post_l'(a_l) * g_l`` with ``g_l = B_{l+1}^T delta_{l+1}`` (plus ``g_{l+1}`` when block l+1 is
 residual: the parameter-free skip carries the signal unchanged) and ``B`` shaped like the forward
 weight ``W`` (for conv layers the product is the transposed convolution with kernel ``B``). The rules differ only
-in ``B``: the true ``W`` (bp), a fixed random matrix (fa), ``sign(W)`` (usf) or a learned low-rank
-matrix (ldef).
+in ``B``: the true ``W`` (bp), a fixed random matrix (fa), ``sign(W)`` with uniform (usf), fixed
+random (frsf) or batchwise random (brsf) magnitudes, a learned matrix (kp) or a learned low-rank matrix
+(ldef).
+
+Each rule's maths lives in three methods of the :class:`~neurosal.protocols.LayerwiseFeedback`
+protocol, keyed by a layer *slot* (its number in the model): :meth:`init_feedback`,
+:meth:`feedback_weight`, :meth:`learn_feedback`. The chain engine (spec models, slot = block index)
+and the general engine (:mod:`neurosal.wrap`, any ``nn.Module``) both call exactly these.
 """
 
 from __future__ import annotations
@@ -15,19 +21,27 @@ import math
 import torch
 import torch.nn as nn
 
-from ..errors import NeurosalError
-from ..layers import feedback, weight_update
+from ..layers import accumulate_grad, feedback, weight_update
 from ..options import check, non_negative, positive
 from .base import Rule, RuleConfig, gaussian, register, uniform
 
 
 class LayerwiseRule(Rule):
-    def feedback_weight(self, l: int, op: nn.Module) -> torch.Tensor:
-        """The matrix that stands in for ``op.weight`` on the way down (block ``l``)."""
+    def setup(self, net, out_shapes, n_classes, generator):
+        """Feedback state for every block above the first (the first block's input needs no signal)."""
+        for l, blk in enumerate(net.blocks):
+            if l:
+                self.init_feedback(l, blk.op.weight, generator)
+
+    def init_feedback(self, slot: int, weight: torch.Tensor, generator: torch.Generator) -> None:
+        """Create the feedback state of layer ``slot``; default: none (B is a function of W)."""
+
+    def feedback_weight(self, slot: int, weight: torch.Tensor) -> torch.Tensor:
+        """The matrix that stands in for ``weight`` on the way down (layer ``slot``)."""
         raise NotImplementedError
 
-    def learn_feedback(self, l: int, entry, delta: torch.Tensor) -> None:
-        """Local plasticity of the feedback pathway of block ``l`` (ldef); default: fixed."""
+    def learn_feedback(self, slot: int, op: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> None:
+        """Local plasticity of the feedback pathway of layer ``slot`` (ldef, kp); default: fixed."""
 
     def teach(self, net, cache, e, target):
         last = len(cache) - 1
@@ -37,10 +51,10 @@ class LayerwiseRule(Rule):
         for l in range(last - 1, -1, -1):
             above = cache[l + 1]
             op = net.blocks[l + 1].op
-            g_below = feedback(op, delta, self.feedback_weight(l + 1, op), above.x.shape, above.ctx)
+            g_below = feedback(op, delta, self.feedback_weight(l + 1, op.weight), above.x.shape, above.ctx)
             if above.residual:
                 g_below = g_below + g.reshape(g_below.shape)
-            self.learn_feedback(l + 1, above, delta)
+            self.learn_feedback(l + 1, op, above.x, delta)
             g = g_below
             delta = cache[l].delta_from_output(g)
             yield l, delta
@@ -55,8 +69,8 @@ class Backprop(LayerwiseRule):
     summary = "backpropagation (autograd), the baseline"
     autograd = True
 
-    def feedback_weight(self, l, op):
-        return op.weight
+    def feedback_weight(self, slot, weight):
+        return weight
 
 
 def _weight_bound(w: torch.Tensor) -> float:
@@ -84,25 +98,19 @@ class FeedbackAlignment(LayerwiseRule):
     summary = "feedback alignment: fixed random B shaped like W, layer by layer"
     Config = FAConfig
 
-    def setup(self, net, out_shapes, n_classes, generator):
-        if self.config.init not in ("uniform", "gaussian"):
-            raise NeurosalError(f"fa: init must be 'uniform' or 'gaussian', not {self.config.init!r}")
-        for l, blk in enumerate(net.blocks):
-            if l == 0:
-                continue
-            w = blk.op.weight
-            bound = _weight_bound(w)
-            if self.config.init == "uniform":
-                b = uniform(w.shape, bound, generator)
-            else:
-                b = gaussian(w.shape, bound / math.sqrt(3), generator)
-            self.register_buffer(f"B{l}", (b * self.config.scale).to(w.device, w.dtype))
+    def init_feedback(self, slot, weight, generator):
+        bound = _weight_bound(weight)
+        if self.config.init == "uniform":
+            b = uniform(weight.shape, bound, generator)
+        else:
+            b = gaussian(weight.shape, bound / math.sqrt(3), generator)
+        self.register_buffer(f"B{slot}", (b * self.config.scale).to(weight.device, weight.dtype))
 
-    def feedback_weight(self, l, op):
-        return getattr(self, f"B{l}")
+    def feedback_weight(self, slot, weight):
+        return getattr(self, f"B{slot}")
 
-    def set_feedback(self, l: int, b: torch.Tensor) -> None:
-        getattr(self, f"B{l}").copy_(b)
+    def set_feedback(self, slot: int, b: torch.Tensor) -> None:
+        getattr(self, f"B{slot}").copy_(b)
 
 
 @dataclasses.dataclass
@@ -124,14 +132,115 @@ class SignSymmetry(LayerwiseRule):
     summary = "sign symmetry: B = sign(W), magnitude-matched"
     Config = USFConfig
 
-    def feedback_weight(self, l, op):
-        w = op.weight
-        s = torch.sign(w)
-        if self.config.scaling == "norm":
-            return s * (w.norm() / math.sqrt(w.numel()))
-        if self.config.scaling == "none":
-            return s
-        raise NeurosalError(f"usf: scaling must be 'norm' or 'none', not {self.config.scaling!r}")
+    def feedback_weight(self, slot, weight):
+        return _sign_feedback(weight, None, self.config.scaling)
+
+
+def _sign_feedback(weight: torch.Tensor, magnitude: torch.Tensor | None, scaling: str) -> torch.Tensor:
+    """``sign(W)`` times ``magnitude`` (uniform when None), with ``|B|_F = |W|_F`` under ``"norm"``."""
+    b = torch.sign(weight)
+    if magnitude is not None:
+        b = b * magnitude
+    if scaling == "none":
+        return b
+    return b * (weight.norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny))
+
+
+@dataclasses.dataclass
+class SignConcordantConfig(USFConfig):
+    """frsf / brsf: magnitudes |R|, R drawn like fa's uniform init; ``scaling`` as for usf."""
+
+
+@register
+class FixedRandomSignFeedback(LayerwiseRule):
+    """frSF (Moskovitz et al. 2018; BioTorch's frSF): ``B = |R| * sign(W)``, R drawn once and fixed:
+    the feedback always agrees with the forward weight in sign, with random fixed magnitudes."""
+
+    name = "frsf"
+    summary = "sign-concordant feedback with fixed random magnitudes"
+    Config = SignConcordantConfig
+
+    def init_feedback(self, slot, weight, generator):
+        r = uniform(weight.shape, _weight_bound(weight), generator).abs()
+        self.register_buffer(f"R{slot}", r.to(weight.device, weight.dtype))
+
+    def feedback_weight(self, slot, weight):
+        return _sign_feedback(weight, getattr(self, f"R{slot}"), self.config.scaling)
+
+
+@register
+class BatchRandomSignFeedback(LayerwiseRule):
+    """brSF (Moskovitz et al. 2018; BioTorch's brSF): ``B = |R| * sign(W)`` with R redrawn for every
+    batch. R comes from a counter-based stream (seed, step, slot) drawn on the weight's device, so a
+    resumed run redraws exactly the magnitudes the uninterrupted one would have."""
+
+    name = "brsf"
+    summary = "sign-concordant feedback with magnitudes redrawn every batch"
+    Config = SignConcordantConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seed", torch.zeros((), dtype=torch.long))
+        self._gens: dict = {}
+
+    def init_feedback(self, slot, weight, generator):
+        self.seed.fill_(int(torch.randint(0, 2 ** 31 - 1, (), generator=generator)))
+
+    def feedback_weight(self, slot, weight):
+        dev = weight.device
+        gen = self._gens.get(dev)
+        if gen is None:
+            gen = self._gens[dev] = torch.Generator(dev)
+        gen.manual_seed(int(self.seed) * 1_000_003 + int(self.step) * 7919 + slot)
+        r = torch.rand(weight.shape, generator=gen, device=dev, dtype=weight.dtype)
+        return _sign_feedback(weight, r, self.config.scaling)
+
+    def after_step(self, net) -> None:
+        self.step += 1
+
+
+@dataclasses.dataclass
+class KPConfig(FAConfig):
+    #: weight decay on the feedback matrices; with it B forgets its initialisation and approaches W
+    decay: float = 1e-3
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(non_negative(self.decay), "rule option decay", f"must be a number >= 0, got {self.decay}")
+
+
+@register
+class KolenPollack(FeedbackAlignment):
+    """Kolen-Pollack (Kolen & Pollack 1994; Akrout et al. 2019): a random ``B`` that learns locally with
+    the forward layer's own update plus decay, ``dB = dW + decay * B``, so ``B - W`` decays and the
+    feedback aligns with the weights without ever reading them. ``B`` is a parameter, stepped by the
+    same optimiser as the weights."""
+
+    name = "kp"
+    summary = "Kolen-Pollack: B learns with W's own update plus decay"
+    Config = KPConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.feedback = nn.ParameterDict()
+
+    def init_feedback(self, slot, weight, generator):
+        super().init_feedback(slot, weight, generator)
+        self.feedback[str(slot)] = nn.Parameter(self._buffers.pop(f"B{slot}"))
+
+    def feedback_weight(self, slot, weight):
+        return self.feedback[str(slot)].detach()
+
+    def set_feedback(self, slot, b):
+        with torch.no_grad():
+            self.feedback[str(slot)].copy_(b)
+
+    @torch.no_grad()
+    def learn_feedback(self, slot, op, x, delta):
+        b = self.feedback[str(slot)]
+        dw, _ = weight_update(op, x, delta)
+        accumulate_grad(b, dw.to(b.dtype) + self.config.decay * b)
 
 
 @dataclasses.dataclass
@@ -163,44 +272,45 @@ class LowDimErrorFeedback(LayerwiseRule):
     summary = "low-dimensional error feedback: learned rank-r B per layer"
     Config = LDEFConfig
 
-    def setup(self, net, out_shapes, n_classes, generator):
-        r = self.config.rank or n_classes
-        if r < 1:
-            raise NeurosalError("ldef: rank must be >= 1")
+    def __init__(self, config=None):
+        super().__init__(config)
         self.factors = nn.ParameterList()
-        for l, blk in enumerate(net.blocks):
-            if l == 0:
-                self.factors.append(nn.Parameter(torch.zeros(0)))
-                self.factors.append(nn.Parameter(torch.zeros(0)))
-                continue
-            w = blk.op.weight
-            if w.dim() not in (2, 4):
-                raise NeurosalError(f"ldef: unsupported layer {type(blk.op).__name__}")
-            n_out, n_in = w.shape[0], w[0].numel()
-            rank = min(r, n_out, n_in)
-            a = gaussian((n_out, rank), 1 / math.sqrt(rank), generator)
-            c = gaussian((rank, n_in), _weight_bound(w) / math.sqrt(3), generator)
-            self.factors.append(nn.Parameter(a.to(w.device, w.dtype)))
-            self.factors.append(nn.Parameter(c.to(w.device, w.dtype)))
+        self.n_classes = 0
 
-    def _ac(self, l):
-        return self.factors[2 * l], self.factors[2 * l + 1]
+    def setup(self, net, out_shapes, n_classes, generator):
+        self.n_classes = n_classes
+        super().setup(net, out_shapes, n_classes, generator)
 
-    def feedback_weight(self, l, op):
-        a, c = self._ac(l)
-        return (a.detach() @ c.detach()).reshape(op.weight.shape)
+    def init_feedback(self, slot, weight, generator):
+        while len(self.factors) < 2 * slot:  # slots without feedback (a chain's first block) hold empties
+            self.factors.append(nn.Parameter(torch.zeros(0, device=weight.device, dtype=weight.dtype)))
+        r = self.config.rank or self.n_classes or 10
+        n_out, n_in = weight.shape[0], weight[0].numel()
+        rank = min(r, n_out, n_in)
+        a = gaussian((n_out, rank), 1 / math.sqrt(rank), generator)
+        c = gaussian((rank, n_in), _weight_bound(weight) / math.sqrt(3), generator)
+        self.factors.append(nn.Parameter(a.to(weight.device, weight.dtype)))
+        self.factors.append(nn.Parameter(c.to(weight.device, weight.dtype)))
+
+    def _ac(self, slot):
+        return self.factors[2 * slot], self.factors[2 * slot + 1]
+
+    def feedback_weight(self, slot, weight):
+        a, c = self._ac(slot)
+        return (a.detach() @ c.detach()).reshape(weight.shape)
 
     @torch.no_grad()
-    def learn_feedback(self, l, entry, delta):
-        a, c = self._ac(l)
-        x = entry.x
-        if delta.dim() == 2:  # Linear: project without forming the full dW
-            ga = delta.t() @ (x @ c.t())
-            gc = (delta @ a).t() @ x
+    def learn_feedback(self, slot, op, x, delta):
+        a, c = self._ac(slot)
+        if isinstance(op, nn.Linear):  # project without forming the full dW (tokens: any leading dims)
+            x2, d2 = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
+            ga = d2.t() @ (x2 @ c.t().to(x2.dtype))
+            gc = (d2 @ a.to(d2.dtype)).t() @ x2
         else:
-            dw, _ = weight_update(entry.op, x, delta)
+            dw, _ = weight_update(op, x, delta)
             dw = dw.reshape(dw.shape[0], -1)
             ga, gc = dw @ c.t(), a.t() @ dw
+        ga, gc = ga.to(a.dtype), gc.to(c.dtype)
         lam = self.config.decay
-        a.grad = ga + lam * a
-        c.grad = gc + lam * c
+        accumulate_grad(a, ga + lam * a)
+        accumulate_grad(c, gc + lam * c)

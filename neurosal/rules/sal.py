@@ -90,6 +90,6 @@ class SAL(DirectRule):
         return e
 
     def epoch_stats(self, net) -> dict:
-        usage = [blk.op.take_usage() for blk in net.blocks if isinstance(blk.op, AreaLinear)]
+        usage = [m.take_usage() for m in net.modules() if isinstance(m, AreaLinear)]
         dead = [sum(1 for c in layer if c == 0) for layer in usage]
         return {"area_usage": usage, "dead_areas": dead}

@@ -1,0 +1,657 @@
+"""The general engine: any ``nn.Module`` trained by any rule, inside the user's own training loop.
+
+    model = neurosal.wrap(MyNet(), rule="dfa")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for x, y in loader:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()          # the rule's signals, not backprop's
+        opt.step()
+
+``loss.backward()`` stays the user's: the rule acts through autograd, so optimisers, schedulers, AMP
+(autocast + GradScaler), gradient clipping, DDP and any loss work unchanged. How each family acts:
+
+* **layerwise rules** (bp, fa, usf, frsf, brsf, kp, ldef): every ``nn.Linear``, ``nn.Conv1d``,
+  ``nn.Conv2d`` and the packed in-projection and out-projection of ``nn.MultiheadAttention`` runs through
+  one autograd function whose backward sends the signal to its input through the rule's feedback matrix
+  (:meth:`~neurosal.protocols.LayerwiseFeedback.feedback_weight`) and hands the layer its local update
+  (``dW = delta^T x``, or the layer's own :class:`~neurosal.protocols.LocalUpdate`: analog arrays).
+  Everything else -- BatchNorm, LayerNorm, softmax attention, GELU, residual adds, pooling, reshapes --
+  keeps its true derivative, so with feedback = the weights every gradient equals autograd's.
+* **direct rules** (dfa, drtp, sal): the model's output is joined to a set of *feedback points*; the
+  backward pass takes the error ``e`` = dL/doutput there, projects the rule's global signal to all points
+  in one matmul and injects each slice at its point. The graph is cut after each point (what follows
+  sees a detached tensor), so a point's signal trains only the layers between it and the point below,
+  through their true local derivatives, and no error passes between points. Points are chosen
+  automatically (:func:`find_points`) or marked with :class:`Point` modules. When the output has more
+  than two dimensions (a sequence, ``(B, T, V)``), the projection is per position: a point shaped
+  ``(B, T, ...)`` receives at position t the projection of the error at position t.
+* **spec chains** (:class:`neurosal.models.Net`, what ``mlp:``/``cnn``/``snn:`` build) take a fast path
+  behind the same API: the forward pass runs without autograd, keeping only what each block's local
+  update needs, and the backward is :func:`neurosal.engine.chain_backward` -- the same rule methods
+  (``feedback_weight``, ``source``), one matmul for all direct projections, and the low-memory
+  ``memory="recompute"`` mode. ``benchmarks/general_bench.py`` measures it against the general path.
+* **sal**: the chosen ``nn.Linear`` layers (default: every Linear but the output head and attention
+  projections -- MLP hidden layers and transformer FFNs) become :class:`~neurosal.areas.AreaLinear`
+  layers routing every sample (every token, for sequences) to one of K areas; the rest is dfa.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .areas import AreaLinear
+from .engine import MEMORY_MODES, ChainStep, block_output_shapes
+from .errors import NeurosalError
+from .layers import PARAM_LAYERS, _conv_args, feedback, keep_own_forward, weight_update
+from .models import Net
+from .protocols import DirectFeedback, LayerwiseFeedback, LocalUpdate
+from .rules import make_rule
+from .rules.base import Rule
+
+#: modules whose output is a natural feedback point after a parametrised layer (a plain stack)
+ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
+               nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.PReLU, nn.SELU, nn.CELU)
+#: torch's own composite layers that count as blocks
+TORCH_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+class Point(nn.Identity):
+    """A feedback point for the direct rules (dfa, drtp, sal): put it in your model where the projected
+    error should arrive (after a block, after an activation). Identity in every other respect; when a
+    model holds any Point, only Points are used."""
+
+
+# ----------------------------------------------------------------------------- layerwise: one function
+
+@dataclass(eq=False)
+class Site:
+    """A parametrised layer as the layerwise engine sees it: its rule slot and the module whose
+    ``weight``/``bias`` and local update it uses."""
+
+    slot: int
+    op: nn.Module
+    rule: Rule
+
+
+class _FeedbackLayer(torch.autograd.Function):
+    """Forward: the layer's own forward. Backward: the rule's feedback to the input, the substrate's
+    local update to the weights."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, site: Site, run):
+        ctx.site = site
+        ctx.save_for_backward(x)
+        return run(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        site = ctx.site
+        op, rule = site.op, site.rule
+        xg = x.to(g.dtype)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            b = rule.feedback_weight(site.slot, op.weight).to(g.dtype)
+            gx = feedback(op, g, b, x.shape).to(x.dtype)
+        rule.learn_feedback(site.slot, op, xg, g)
+        if isinstance(op, LocalUpdate):  # the layer's substrate writes its own .grad (analog arrays)
+            op.local_update(xg, g, None)
+            return gx, None, None, None, None
+        gw = gb = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dw, db = weight_update(op, xg, g)
+            gw = dw.to(op.weight.dtype) if ctx.needs_input_grad[1] else None
+            gb = db.to(op.bias.dtype) if db is not None and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None
+
+
+def _layer_forward(site: Site, original, bypass: list):
+    def forward(x):
+        op = site.op
+        if bypass[0] or not torch.is_grad_enabled():
+            return original(x)
+        return _FeedbackLayer.apply(x, op.weight, op.bias, site, original)
+    return forward
+
+
+class _InProjection(nn.Linear):
+    """The packed q/k/v projection of an ``nn.MultiheadAttention`` seen as a Linear (shares its tensors,
+    registers nothing: it is not part of the module tree)."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        nn.Module.__init__(self)
+        self.mha = [mha]  # a list: not registered as a submodule
+        self.in_features, self.out_features = mha.embed_dim, 3 * mha.embed_dim
+
+    @property
+    def weight(self):  # noqa: D401 - the live parameter (optimisers may replace data, not the object)
+        return self.mha[0].in_proj_weight
+
+    @property
+    def bias(self):
+        return self.mha[0].in_proj_bias
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def _attention_mask(mha, attn_mask, key_padding_mask, is_causal, b, l, s, dtype, device):
+    """One additive float mask, broadcastable to (B, H, L, S), from torch's mask conventions."""
+    mask = None
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(l, s, dtype=torch.bool, device=device).triu(1)
+    if attn_mask is not None:
+        m = attn_mask
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(m, float("-inf"))
+        m = m.to(dtype)
+        mask = m.reshape(b, mha.num_heads, l, s) if m.dim() == 3 else m
+    if key_padding_mask is not None:
+        k = key_padding_mask
+        if k.dtype == torch.bool:
+            k = torch.zeros(k.shape, dtype=dtype, device=device).masked_fill(k, float("-inf"))
+        k = k.to(dtype).reshape(b, 1, 1, s)
+        mask = k if mask is None else mask + k
+    return mask
+
+
+def _mha_forward(mha: nn.MultiheadAttention, in_proj: nn.Module):
+    """``nn.MultiheadAttention.forward`` with both projections through the rule's feedback layers."""
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not mha.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        b, l, e = query.shape
+        s = key.shape[1]
+        h = mha.num_heads
+        if query is key and key is value:
+            q, k, v = in_proj(query).chunk(3, dim=-1)
+        else:  # cross-attention: the packed projection of each input, its own third kept
+            q = in_proj(query).chunk(3, dim=-1)[0]
+            k = in_proj(key).chunk(3, dim=-1)[1]
+            v = in_proj(value).chunk(3, dim=-1)[2]
+        q, k, v = (t.reshape(b, -1, h, e // h).transpose(1, 2) for t in (q, k, v))
+        mask = _attention_mask(mha, attn_mask, key_padding_mask, is_causal, b, l, s, q.dtype, q.device)
+        p = mha.dropout if mha.training else 0.0
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(e // h)
+            if mask is not None:
+                scores = scores + mask
+            attn = torch.softmax(scores, dim=-1)
+            out = F.dropout(attn, p) @ v
+        else:
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = mha.out_proj(out.transpose(1, 2).reshape(b, l, e))
+        if not mha.batch_first:
+            out = out.transpose(0, 1)
+        if attn is not None and average_attn_weights:
+            attn = attn.mean(1)
+        return out, attn
+
+    return forward
+
+
+def _check_mha(name: str, mha: nn.MultiheadAttention) -> None:
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        raise NeurosalError(f"{name}: nn.MultiheadAttention with kdim/vdim, add_bias_kv or add_zero_attn "
+                            "is not supported by the layerwise rules; use the packed default")
+
+
+def layer_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The parametrised layers the layerwise rules act on, in registration order (their slots)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            _check_mha(name, m)
+            out.append((f"{name}.in_proj", m))
+        elif isinstance(m, PARAM_LAYERS):
+            out.append((name, m))
+    return out
+
+
+# ----------------------------------------------------------------------------- direct: points and hub
+
+class _Hub(torch.autograd.Function):
+    """Joins the output and the feedback points; its backward turns dL/doutput into every point's signal."""
+
+    @staticmethod
+    def forward(ctx, wrapped, out, *points):
+        ctx.wrapped = wrapped
+        ctx.shapes = [p.shape for p in points]
+        ctx.dtypes = [p.dtype for p in points]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, e):
+        signals = ctx.wrapped._signals(e, ctx.shapes, ctx.dtypes)
+        return (None, e, *signals)
+
+
+def _is_block(m: nn.Module) -> bool:
+    if isinstance(m, TORCH_BLOCKS):
+        return True
+    has_params = any(True for _ in m.parameters())
+    has_children = any(True for _ in m.children())
+    return has_params and has_children
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Repeated blocks: parametrised composite children of an ``nn.Sequential``/``nn.ModuleList`` with at
+    least two such children (ResNet stages' blocks, transformer layers), outermost first."""
+    found: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, TORCH_BLOCKS) and name and name not in found and not any(name.startswith(f + ".") for f in found):
+            found.append(name)  # torch's transformer layers are blocks even alone
+        if not isinstance(m, (nn.Sequential, nn.ModuleList)):
+            continue
+        kids = [(f"{name}.{c}" if name else c) for c, sub in m.named_children() if _is_block(sub)]
+        if len(kids) >= 2:
+            found += [k for k in kids if k not in found and not any(k.startswith(f + ".") for f in found)]
+    return [f for f in found if not any(f != g and f.startswith(g + ".") for g in found)]
+
+
+@torch.no_grad()
+def probe(model: nn.Module, args, kwargs) -> tuple[list, torch.Tensor]:
+    """Every leaf-module call of one forward pass, in order: ``(name, module, input, output)``."""
+    calls: list = []
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+    for m in model.modules():
+        if next(m.children(), None) is None or isinstance(m, (nn.MultiheadAttention, AreaLinear)):
+            handles.append(m.register_forward_hook(
+                lambda mod, inp, out: calls.append((names[mod], mod, inp[0] if inp else None, out))))
+    was = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            out = model(*args, **kwargs)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return calls, out
+
+
+def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
+    """Where the direct rules' signal arrives (module names; the point is the module's output):
+
+    1. the :class:`Point` modules, if the model has any;
+    2. else every repeated block (:func:`find_blocks`): residual blocks, transformer layers;
+    3. else, in a plain stack, every Linear/Conv but the last one called (the head): at the output of
+       the activation module applied to it, or at its own output when the activation is functional.
+
+    A candidate whose output is the model's output is dropped (the output learns from ``e`` itself).
+    """
+    marked = [n for n, m in model.named_modules() if isinstance(m, Point)]
+    if marked:
+        return marked
+    outputs = {}
+    for name, _, _, o in calls:
+        outputs.setdefault(name, o)
+    blocks = find_blocks(model)
+    if blocks:
+        return [b for b in blocks if outputs.get(b) is not out]
+    layers = [(i, c) for i, c in enumerate(calls) if isinstance(c[1], PARAM_LAYERS + (AreaLinear,))]
+    points: list[str] = []
+    for i, (name, _, _, o) in layers[:-1]:
+        point = name
+        for later in calls[i + 1:]:
+            if later[2] is o:
+                if isinstance(later[1], ACTIVATIONS):
+                    point = later[0]
+                break
+        if point not in points:
+            points.append(point)
+    return points
+
+
+# ----------------------------------------------------------------------------- the wrapper
+
+class Wrapped(nn.Module):
+    """A user's model trained by a rule. ``forward`` is the model's; train it with ``loss.backward()``.
+
+    ``wrapped.model`` is the model (whose ``state_dict`` keys are the user's), ``wrapped.rule`` the rule
+    (learned feedback, kp/ldef, is among ``wrapped.parameters()``); :meth:`unwrap` gives the plain
+    model back for export.
+    """
+
+    def __init__(self, model: nn.Module, rule: Rule, seed: int = 0, points: Iterable[str] | None = None,
+                 memory: str = "cache", input_shape: tuple[int, ...] | None = None):
+        super().__init__()
+        if memory not in MEMORY_MODES:
+            raise NeurosalError(f"unknown memory mode {memory!r}; use one of {MEMORY_MODES}")
+        self.model = model
+        self.rule = rule
+        self.seed = seed
+        self.memory = memory
+        #: called with each layer as soon as its update is in ``.grad`` (chains: overlapping all-reduce)
+        self.on_layer = None
+        self.chain = isinstance(model, Net)
+        self._chain_ready = False
+        self._restore: list = []
+        self._hooks: list = []
+        self._bypass = [False]  # True: the patched layers run plain autograd (the BP reference)
+        self._collect: list | None = None
+        self._watch: dict | None = None  # alignment probes: the points' signals / true gradients
+        self._target: torch.Tensor | None = None
+        self.point_names: list[str] | None = list(points) if points is not None else None
+        self.widths: list[int] = []
+        self.register_buffer("projection", None, persistent=False)
+        gen = torch.Generator().manual_seed(seed + 7919)
+        self._gen = gen
+        if self.chain:
+            if memory == "recompute" and not rule.direct and not rule.autograd:
+                raise NeurosalError("memory='recompute' applies to the direct rules (dfa, drtp, sal)")
+            if input_shape is not None or not rule.direct:
+                self._setup_chain(input_shape)
+            return
+        if memory != "cache":
+            raise NeurosalError("memory='recompute' is the spec chains' low-memory mode; a general module "
+                                "keeps autograd's activations")
+        if isinstance(rule, LayerwiseFeedback) and not rule.direct:
+            self._install_layerwise(gen)
+        elif not isinstance(rule, DirectFeedback):
+            raise NeurosalError(f"rule {rule.name!r} offers neither layerwise nor direct feedback")
+
+    # -- chains
+    def _setup_chain(self, input_shape) -> None:
+        net = self.model
+        shapes = block_output_shapes(net, input_shape) if input_shape is not None else None
+        self.rule.setup(net, shapes, net.blocks[-1].op.out_features, self._gen)
+        self.rule.to(next(net.parameters()).device)
+        self._chain_ready = True
+
+    def take_target(self, e: torch.Tensor) -> torch.Tensor | None:
+        """This batch's one-hot target for rules that need it (then forgotten), else None."""
+        if not self.rule.needs_target:
+            return None
+        if self._target is None:
+            raise NeurosalError(f"{self.rule.name} teaches from the target: call model.set_target(y) "
+                                "before backward()")
+        target, self._target = F.one_hot(self._target, e.shape[-1]).to(e.dtype), None
+        return target
+
+    # -- layerwise
+    def _install_layerwise(self, gen: torch.Generator) -> None:
+        if self.rule.autograd:
+            return  # bp: plain autograd
+        for slot, (name, m) in enumerate(layer_sites(self.model)):
+            if isinstance(m, nn.MultiheadAttention):
+                proj = _InProjection(m)
+                self.rule.init_feedback(slot, proj.weight, gen)
+                proj.forward = _layer_forward(Site(slot, proj, self.rule), proj.forward, self._bypass)
+                m.forward = _mha_forward(m, proj)
+            else:
+                if isinstance(m, (nn.Conv2d, nn.Conv1d)):
+                    try:
+                        _conv_args(m)
+                    except NeurosalError as exc:
+                        raise NeurosalError(f"{name}: {exc}") from None
+                self.rule.init_feedback(slot, m.weight, gen)
+                m.forward = _layer_forward(Site(slot, m, self.rule), m.forward, self._bypass)
+            self._restore.append(m)
+
+    # -- direct
+    def _plan(self, args, kwargs) -> None:
+        calls, out = probe(self.model, args, kwargs)
+        if not torch.is_tensor(out):
+            raise NeurosalError(f"the direct rules need a model that returns one tensor, got {type(out).__name__}")
+        if self.point_names is None:
+            self.point_names = find_points(self.model, calls, out)
+        modules = dict(self.model.named_modules())
+        unknown = [n for n in self.point_names if n not in modules]
+        if unknown:
+            raise NeurosalError(f"feedback point(s) {unknown} are not modules of this model")
+        for name in self.point_names:
+            self._hooks.append(modules[name].register_forward_hook(self._at_point))
+        self._out_shape = tuple(out.shape)
+
+    def _at_point(self, module, inputs, output):
+        if self._collect is None and self._watch is not None and torch.is_tensor(output) and output.requires_grad:
+            grads = self._watch.setdefault("true", [])  # the BP reference pass: backprop's signal here
+            grads.append(None)
+            i = len(grads) - 1
+            output.register_hook(lambda g: grads.__setitem__(i, g.detach()))
+            return None
+        if self._collect is None or not torch.is_tensor(output) or not output.requires_grad:
+            return None
+        self._collect.append(output)
+        return output.detach()
+
+    @staticmethod
+    def _layout(e_shape, shapes) -> list[tuple[int, int]]:
+        """Per point: (batch axis, width). Per-position output (B, T.., V): points (B, T.., ...).
+        Per-sample output (B, V): points with the batch first or, sequence-first, second."""
+        lead = len(e_shape) - 1
+        out = []
+        for s in shapes:
+            s = tuple(s)
+            if s[:lead] == tuple(e_shape[:lead]):
+                out.append((0, math.prod(s[lead:])))
+            elif lead == 1 and len(s) > 2 and s[1] == e_shape[0]:
+                out.append((1, math.prod(s) // s[1]))  # sequence-first (T, B, D)
+            else:
+                raise NeurosalError(f"a feedback point of shape {s} does not line up with the output "
+                                    f"{tuple(e_shape)}: its batch (and position) dims must match")
+        return out
+
+    def _materialise(self, e_shape, shapes) -> None:
+        widths = [w for _, w in self._layout(e_shape, shapes)]
+        ref = next(self.model.parameters())
+        self.widths = widths
+        self.projection = self.rule.make_projection(e_shape[-1], sum(widths), self._gen).to(ref.device, ref.dtype)
+
+    def _signals(self, e: torch.Tensor, shapes, dtypes) -> list[torch.Tensor]:
+        if self.projection is None:
+            self._materialise(tuple(e.shape), shapes)
+        layout = self._layout(tuple(e.shape), shapes)
+        widths = [w for _, w in layout]
+        if widths != self.widths:
+            raise NeurosalError(f"the feedback points changed shape ({widths} vs {self.widths} at the first "
+                                "step): mark fixed points with neurosal.Point")
+        b = self.projection
+        target = self.take_target(e)
+        g = (self.rule.source(e, target).to(b.dtype) @ b).to(e.dtype)
+        out = []
+        for part, s, dt, (axis, _) in zip(g.split(widths, dim=-1), shapes, dtypes, layout):
+            if axis:
+                part = part.reshape(s[1], s[0], *s[2:]).transpose(0, 1)
+            out.append(part.reshape(s).to(dt))
+        if self._watch is not None:
+            self._watch["ours"] = [o.detach() for o in out]
+        return out
+
+    def set_target(self, y: torch.Tensor) -> None:
+        """The integer targets of this batch (drtp teaches from them), read by the next backward."""
+        self._target = y
+
+    def materialise(self, *args, **kwargs) -> "Wrapped":
+        """Plan points and create the projection now from an example input (otherwise: the first
+        training step does it). Lets you read or set ``wrapped.projection`` before training."""
+        if self.chain:
+            if not self._chain_ready:
+                self._setup_chain(tuple(args[0].shape[1:]))
+            return self
+        if self.rule.direct and not self._hooks:
+            self._plan(args, kwargs)
+            was = self.training
+            self.eval()  # no running statistics move
+            self._collect = []
+            try:
+                with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+                    out = self.model(*args, **kwargs)
+            finally:
+                points, self._collect = self._collect, None
+                self.train(was)
+            self._materialise(tuple(out.shape), [tuple(p.shape) for p in points])
+        return self
+
+    def forward(self, *args, **kwargs):
+        if not self.training or not torch.is_grad_enabled():
+            return self.model(*args, **kwargs)
+        self.rule.after_step(self.model)  # per-batch bookkeeping (brsf's draw counter)
+        if self.chain and not self.rule.autograd:
+            if len(args) != 1 or kwargs:
+                raise NeurosalError("a spec chain takes one input tensor")
+            if not self._chain_ready:
+                self._setup_chain(tuple(args[0].shape[1:]))
+            anchor = next(p for p in self.model.parameters() if p.requires_grad)
+            return ChainStep.apply(self, args[0], anchor)
+        if not self.rule.direct:
+            return self.model(*args, **kwargs)
+        if not self._hooks and self.point_names != []:
+            self._plan(args, kwargs)
+        self._collect = []
+        try:
+            out = self.model(*args, **kwargs)
+        finally:
+            points, self._collect = self._collect, None
+        if not points or not out.requires_grad:
+            return out
+        return _Hub.apply(self, out, *points)
+
+    def unwrap(self) -> nn.Module:
+        """The plain model (hooks and patched forwards removed); the wrapper is unusable afterwards."""
+        for m in self._restore:
+            m.__dict__.pop("forward", None)
+        for h in self._hooks:
+            h.remove()
+        self._restore, self._hooks = [], []
+        return self.model
+
+
+def _angle(u: torch.Tensor, v: torch.Tensor) -> float:
+    nu, nv = u.norm(), v.norm()
+    if nu == 0 or nv == 0:
+        return float("nan")
+    return math.degrees(math.acos(float(torch.clamp((u * v).sum() / (nu * nv), -1.0, 1.0))))
+
+
+def update_alignment(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> list[float]:
+    """Per parametrised layer (Linear/Conv/attention projection/area layer, registration order), the
+    angle in degrees between the rule's weight update and backprop's on one batch (as BioTorch reports).
+    Read-only: gradients, running statistics and random state are as they were afterwards."""
+    return alignment_report(wrapped, x, y, loss_fn)["layers"]
+
+
+def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> dict:
+    """``layers``: :func:`update_alignment`'s angles; ``points`` (direct rules): per feedback point, the
+    angle between the signal the rule injects there and backprop's gradient at that point."""
+    model = wrapped.model
+    weights = [m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
+               for _, m in layer_sites(model)]
+    area_layers = [m for m in model.modules() if isinstance(m, AreaLinear)]
+    params = list(wrapped.parameters())
+    saved = [p.grad for p in params]
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    def update(w: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(w) if w.grad is None else w.grad.clone()
+
+    def grads(run) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        with torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []):
+            out = run(x)
+            if wrapped.rule.needs_target:
+                wrapped.set_target(y)
+            loss_fn(out, y).backward()
+        return [update(w) for w in weights] + [torch.stack([update(w) for w in m.area_weight]) for m in area_layers]
+
+    try:
+        wrapped._watch = {}
+        ours = grads(wrapped)
+        wrapped._bypass[0] = True
+        truth = grads(model)
+        watch = wrapped._watch
+    finally:
+        wrapped._watch = None
+        wrapped._bypass[0] = False
+        for p, g in zip(params, saved):
+            p.grad = g
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                if k in buffers:
+                    v.copy_(buffers[k])
+    points = [_angle(a, b) if b is not None else float("nan")
+              for a, b in zip(watch.get("ours", []), watch.get("true", []))]
+    return {"layers": [_angle(a, b) for a, b in zip(ours, truth)], "points": points}
+
+
+def sal_layers(model: nn.Module) -> list[str]:
+    """SAL's default area layers: every ``nn.Linear`` but the output head (the last one registered) and
+    the projections inside attention modules -- MLP hidden layers and transformer FFN layers."""
+    names = {m: n for n, m in model.named_modules()}
+    attention = [n for m, n in names.items() if isinstance(m, nn.MultiheadAttention)
+                 or "attention" in type(m).__name__.lower()]
+    linears = [n for m, n in names.items() if type(m) is nn.Linear]
+    linears = [n for n in linears if not any(n.startswith(a + ".") for a in attention if a)]
+    return linears[:-1]
+
+
+def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
+    """Replace each named ``nn.Linear`` by an area layer with the rule's K, routing per token."""
+    c = rule.config
+    modules = dict(model.named_modules())
+    for name in names:
+        lin = modules.get(name)
+        if type(lin) is not nn.Linear:
+            raise NeurosalError(f"sal: {name!r} is not an nn.Linear of this model")
+        area = AreaLinear(lin.in_features, lin.out_features, c.areas, c.route_dim, c.balance, c.temperature,
+                          c.center_momentum, tokens=True)
+        if lin.bias is None:
+            raise NeurosalError(f"sal: {name!r} has no bias; area layers keep one per area")
+        area.to(lin.weight.device, lin.weight.dtype)
+        keep_own_forward(area)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, area)
+
+
+def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: Iterable[str] | None = None,
+         areas_on: Iterable[str] | None = None, memory: str = "cache", **options) -> Wrapped:
+    """Train ``model`` with ``rule`` (a name and its options, or a built :class:`~neurosal.rules.base.Rule`).
+
+    * ``seed`` seeds the rule's feedback matrices (same seed, same matrices);
+    * ``points``: module names whose outputs are the direct rules' feedback points (default: chosen by
+      :func:`find_points`, or your :class:`Point` markers);
+    * ``areas_on``: for sal, the Linear layers that become area layers (default: :func:`sal_layers`);
+    * ``memory``: ``"recompute"`` for spec chains trained by direct rules (one block's activations alive
+      at a time);
+    * ``options``: the rule's options (``areas=8``, ``init="gaussian"``, ``rank=16``...).
+
+    Build the optimiser from the wrapped model's parameters *after* wrapping (sal replaces layers,
+    kp/ldef add learned feedback).
+    """
+    if isinstance(model, Wrapped):
+        raise NeurosalError("this model is wrapped already")
+    if not isinstance(model, nn.Module):
+        raise NeurosalError(f"wrap expects an nn.Module, got {type(model).__name__}")
+    r = rule if isinstance(rule, Rule) else make_rule(rule, **options)
+    if isinstance(rule, Rule) and options:
+        raise NeurosalError("give options either to make_rule or to wrap, not both")
+    chain = isinstance(model, Net)
+    has_areas = any(isinstance(m, AreaLinear) for m in model.modules())
+    if r.name == "sal" and chain and not has_areas:
+        raise NeurosalError("this spec chain was not built for sal: build it with make_rule('sal').build(...)")
+    if r.name == "sal" and not chain and (areas_on is not None or not has_areas):
+        names = list(areas_on) if areas_on is not None else sal_layers(model)
+        if not names:
+            raise NeurosalError("sal: this model has no hidden nn.Linear to split into areas; name them "
+                                "with areas_on=[...]")
+        to_areas(model, names, r)
+    elif areas_on is not None:
+        raise NeurosalError("areas_on is a sal option")
+    p = next(model.parameters(), None)
+    if p is None:
+        raise NeurosalError("this model has no parameters to train")
+    r.to(p.device)
+    return Wrapped(model, r, seed=seed, points=points, memory=memory)

@@ -1,0 +1,413 @@
+"""The general engine (neurosal.wrap): every rule on any nn.Module, inside a plain training loop."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import neurosal
+from neurosal import engine
+from neurosal.areas import AreaLinear
+from neurosal.errors import NeurosalError
+from neurosal.rules import make_rule, rule_names
+from neurosal.wrap import Point, alignment_report, find_blocks, layer_sites
+from neurosal.zoo import build_zoo
+
+from conftest import assert_close
+
+LAYERWISE = ["fa", "usf", "frsf", "brsf", "kp", "ldef"]
+DIRECT = ["dfa", "drtp", "sal"]
+
+
+# ----------------------------------------------------------------------------- models for the tests
+
+class TwoBranch(nn.Module):
+    """A user's model: two branches, LayerNorm, a residual add, functional activations."""
+
+    def __init__(self, n_in=64, width=64, n_classes=10):
+        super().__init__()
+        self.inp = nn.Linear(n_in, width)
+        self.left = nn.Linear(width, width)
+        self.right = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        h = F.relu(self.inp(x.flatten(1)))
+        h = self.norm(h + F.relu(self.left(h)) + self.right(h))
+        return self.head(h)
+
+
+class Encoder(nn.Module):
+    """A transformer encoder block (attention + LayerNorm + GELU) with a causal mask, sequence-first."""
+
+    def __init__(self, dim=16, heads=4, n_classes=5, norm_first=False):
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu",
+                                                norm_first=norm_first)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[0], dtype=x.dtype)
+        return self.head(self.block(x, src_mask=mask).mean(0))
+
+
+class CrossAttention(nn.Module):
+    """nn.MultiheadAttention called directly: cross-attention, key padding, attention weights used."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.conv = nn.Conv1d(dim, dim, 3, padding=1)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        pad[:, -1] = True
+        o, w = self.attn(x[:, :3], x, x, key_padding_mask=pad)
+        o = self.conv(o.transpose(1, 2)).transpose(1, 2)
+        return self.head(o.mean(1)) + w.sum((1, 2))[:, None]
+
+
+def _case(name):
+    torch.manual_seed(0)
+    if name == "resnet":
+        return build_zoo("resnet:8", (3, 12, 12), 10).double(), torch.randn(4, 3, 12, 12).double(), 10
+    if name == "vit":
+        return build_zoo("vit:patch=4,dim=16,depth=2,heads=4", (1, 8, 8), 10).double(), torch.randn(4, 1, 8, 8).double(), 10
+    if name == "encoder":
+        return Encoder().double(), torch.randn(6, 3, 16).double(), 5
+    if name == "encoder-prenorm":
+        return Encoder(norm_first=True).double(), torch.randn(6, 3, 16).double(), 5
+    if name == "cross-attention":
+        return CrossAttention().double(), torch.randn(3, 6, 16).double(), 5
+    return TwoBranch(16, 12, 4).double(), torch.randn(5, 16).double(), 4
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------- exact identities
+
+@pytest.mark.parametrize("case", ["resnet", "vit", "encoder", "encoder-prenorm", "cross-attention", "two-branch"])
+def test_fa_with_true_feedback_equals_autograd(case):
+    """B = W in every Linear/Conv/attention projection: every parameter's gradient is autograd's, through
+    BatchNorm, LayerNorm, softmax attention (masked), GELU, residual adds and pooling."""
+    model, x, n = _case(case)
+    y = torch.randint(0, n, (len(x) if case not in ("encoder", "encoder-prenorm") else x.shape[1],))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    wrapped = neurosal.wrap(model, "fa")
+    for slot, (_, m) in enumerate(layer_sites(wrapped.model)):
+        w = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
+        wrapped.rule.set_feedback(slot, w.detach())
+    F.cross_entropy(wrapped(x), y).backward()
+    got, want = _grads(wrapped.model), _grads(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert_close(got[k], want[k], msg=k)
+
+
+def test_fa_random_feedback_differs_from_autograd():
+    """The identity above is not vacuous: with its own random B the same model gets other gradients."""
+    model, x, n = _case("resnet")
+    y = torch.randint(0, n, (len(x),))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    wrapped = neurosal.wrap(model, "fa")
+    F.cross_entropy(wrapped(x), y).backward()
+    assert not torch.allclose(wrapped.model.conv.weight.grad, ref.conv.weight.grad)
+    assert_close(wrapped.model.fc.weight.grad, ref.fc.weight.grad)  # the head learns from e itself
+
+
+def test_dfa_one_hidden_layer_with_transposed_output_weights_is_backprop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    x, y = torch.randn(7, 8, dtype=torch.float64), torch.randint(0, 3, (7,))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    wrapped = neurosal.wrap(model, "dfa").materialise(x)
+    assert wrapped.point_names == ["1"]  # after the activation
+    assert wrapped.projection.shape == (3, 16)
+    wrapped.projection.copy_(model[2].weight.detach())
+    report = alignment_report(wrapped, x, y)
+    assert report["points"][0] < 1e-5 and max(report["layers"]) < 1e-5  # degrees: the same directions
+    F.cross_entropy(wrapped(x), y).backward()
+    for (k, a), b in zip(_grads(wrapped.model).items(), _grads(ref).values()):
+        assert_close(a, b, msg=k)
+    wrapped.projection.normal_()
+    report = alignment_report(wrapped, x, y)
+    assert report["points"][0] > 1 and report["layers"][1] < 1e-5  # random B: off; the head: exact
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa", "usf", "kp", "ldef", "dfa", "drtp", "sal"])
+def test_spec_chain_through_wrap_equals_train_step(rule):
+    """Spec chains take the fast path behind loss.backward(): the same updates as the engine's step."""
+    torch.manual_seed(0)
+    r = make_rule(rule)
+    net = r.build("mlp:9x7", (1, 4, 4), 4).double()
+    twin = copy.deepcopy(net)
+    x, y = torch.randn(6, 1, 4, 4, dtype=torch.float64), torch.randint(0, 4, (6,))
+    wrapped = neurosal.wrap(net, r, seed=3)
+    wrapped.materialise(x)
+    r2 = copy.deepcopy(r)
+    engine.train_step(twin, r2, x, y, 4)
+    if rule == "drtp":
+        wrapped.set_target(y)
+    F.cross_entropy(wrapped(x), y).backward()
+    for (k, a), b in zip(_grads(net).items(), _grads(twin).values()):
+        assert_close(a, b, msg=k)
+
+
+# ----------------------------------------------------------------------------- behaviour of the pieces
+
+def test_feedback_points_are_chosen_sensibly():
+    resnet = build_zoo("resnet:14", (3, 8, 8), 10)
+    assert find_blocks(resnet) == [f"layer{s}.{b}" for s in (1, 2, 3) for b in (0, 1)]
+    vit = build_zoo("vit:patch=4,dim=16,depth=3,heads=2", (1, 8, 8), 10)
+    w = neurosal.wrap(vit, "dfa").materialise(torch.randn(2, 1, 8, 8))
+    assert w.point_names == ["blocks.0", "blocks.1", "blocks.2"]
+    assert w.projection.shape == (10, 3 * 5 * 16)  # flattened tokens: the error is per sample
+    two = neurosal.wrap(TwoBranch(), "dfa").materialise(torch.randn(2, 64))
+    assert two.point_names == ["inp", "left", "right.1"]  # functional relu: the Linear; Tanh: after it
+    marked = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Point(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert neurosal.wrap(marked, "dfa").materialise(torch.randn(2, 4)).point_names == ["2"]
+
+
+def test_direct_rules_cut_the_graph_between_points():
+    """A point's signal trains only the layers up to the point below: with the projection zeroed, only
+    the head (which learns from e) gets a non-zero update."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    w = neurosal.wrap(model, "dfa").materialise(x)
+    w.projection.zero_()
+    F.cross_entropy(w(x), y).backward()
+    assert not model[0].weight.grad.any() and not model[2].weight.grad.any()
+    assert model[4].weight.grad.abs().sum() > 0
+
+
+def test_per_position_projection_for_sequences():
+    """Output (B, T, V): a point (B, T, D) gets at position t the projection of the error at t alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 6))
+    x = torch.randn(2, 5, 4)
+    w = neurosal.wrap(model, "dfa").materialise(x)
+    assert w.projection.shape == (6, 8)
+    seen = {}
+    model[0].register_forward_hook(lambda m, i, o: [o.register_hook(lambda g: seen.setdefault("g", g)), o][1])
+    out = w(x)
+    e = torch.zeros_like(out)
+    e[1, 3] = torch.randn(6)
+    out.backward(e)
+    a = model[0](x).detach().requires_grad_()
+    (want,) = torch.autograd.grad(F.gelu(a), a, torch.zeros(2, 5, 8).index_put_((torch.tensor(1), torch.tensor(3)),
+                                                                                e[1, 3] @ w.projection))
+    g = seen["g"]  # on the Linear's output: GELU's true derivative times the point's signal
+    assert_close(g, want)
+    assert not g[0].any() and not g[1, :3].any() and not g[1, 4:].any()
+
+
+def test_sal_on_any_model_routes_tokens_to_exclusive_areas():
+    torch.manual_seed(0)
+    model = Encoder(dim=16, heads=2)
+    w = neurosal.wrap(model, "sal", areas=16)
+    layers = [n for n, m in w.model.named_modules() if isinstance(m, AreaLinear)]
+    assert layers == ["block.linear1", "block.linear2"]  # the FFN; attention projections and head stay
+    x, y = torch.randn(6, 2, 16), torch.randint(0, 5, (2,))
+    F.cross_entropy(w(x), y).backward()
+    for name in layers:
+        layer = w.model.get_submodule(name)
+        used = layer.usage > 0
+        assert 1 <= int(used.sum()) < 16  # 12 tokens, 16 areas: some unchosen
+        for k in range(16):
+            assert (layer.area_weight[k].grad is not None) == bool(used[k])
+        assert layer.router.grad is not None and layer.router.grad.abs().sum() > 0
+        assert int(layer.usage.sum()) == 12  # every token routed once
+
+
+def test_sal_general_unchosen_areas_stay_put_under_adamw():
+    torch.manual_seed(0)
+    model = TwoBranch(16, 12, 4)
+    w = neurosal.wrap(model, "sal", areas=16)
+    opt = torch.optim.AdamW(w.parameters(), lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(3, 16), torch.randint(0, 4, (3,))
+    layer = w.model.left
+    before = [p.detach().clone() for p in layer.area_weight]
+    opt.zero_grad()
+    F.cross_entropy(w(x), y).backward()
+    opt.step()
+    chosen = layer.usage > 0
+    for k, (p, b) in enumerate(zip(layer.area_weight, before)):
+        assert torch.equal(p, b) != bool(chosen[k])  # max/compare, no rounding: bitwise is portable
+
+
+def test_drtp_asks_for_the_target():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    w = neurosal.wrap(model, "drtp")
+    with pytest.raises(NeurosalError, match="set_target"):
+        F.cross_entropy(w(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
+
+
+def test_wrap_refuses_bad_input():
+    with pytest.raises(NeurosalError, match="unknown rule"):
+        neurosal.wrap(nn.Linear(2, 2), "nope")
+    with pytest.raises(NeurosalError, match="no hidden nn.Linear"):
+        neurosal.wrap(nn.Linear(2, 2), "sal")
+    with pytest.raises(NeurosalError, match="wrapped already"):
+        neurosal.wrap(neurosal.wrap(nn.Linear(2, 2), "fa"), "fa")
+    with pytest.raises(NeurosalError, match="areas_on"):
+        neurosal.wrap(nn.Linear(2, 2), "fa", areas_on=["x"])
+    with pytest.raises(NeurosalError, match="padding_mode"):
+        neurosal.wrap(nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular"), "fa")
+
+
+def test_unwrap_restores_the_plain_model():
+    torch.manual_seed(0)
+    model = TwoBranch(16, 12, 4)
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(3, 16), torch.randint(0, 4, (3,))
+    plain = neurosal.wrap(model, "fa").unwrap()
+    F.cross_entropy(plain(x), y).backward()
+    F.cross_entropy(ref(x), y).backward()
+    for a, b in zip(_grads(plain).values(), _grads(ref).values()):
+        assert torch.equal(a, b)  # the same module code on the same inputs: the same path
+
+
+def test_every_rule_is_reachable_through_wrap():
+    assert set(LAYERWISE + DIRECT + ["bp"]) <= set(rule_names())
+    for rule in rule_names():
+        model = TwoBranch(16, 12, 4)
+        w = neurosal.wrap(model, rule)
+        x, y = torch.randn(5, 16), torch.randint(0, 4, (5,))
+        if w.rule.needs_target:
+            w.set_target(y)
+        F.cross_entropy(w(x), y).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for n, p in w.model.named_parameters() if "area_" not in n), rule
+
+
+# ----------------------------------------------------------------------------- learning
+
+def _digits():
+    from neurosal.data import load_dataset
+
+    d = load_dataset("digits", None, None)
+    return d.x_train, d.y_train, d.x_test, d.y_test
+
+
+def _train(wrapped, epochs, lr=3e-3, batch=32, seed=0):
+    xtr, ytr, xte, yte = _digits()
+    opt = torch.optim.Adam(wrapped.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        wrapped.train()
+        for idx in torch.randperm(len(xtr), generator=g).split(batch):
+            opt.zero_grad()
+            out = wrapped(xtr[idx])
+            if wrapped.rule.needs_target:
+                wrapped.set_target(ytr[idx])
+            F.cross_entropy(out, ytr[idx]).backward()
+            opt.step()
+            neurosal.finish_step(wrapped)
+    wrapped.eval()
+    with torch.no_grad():
+        return float((wrapped(xte).argmax(1) == yte).float().mean())
+
+
+@pytest.mark.parametrize("rule,bound", [("fa", 0.9), ("dfa", 0.9), ("sal", 0.88), ("kp", 0.9)])
+def test_user_module_learns_digits(rule, bound):
+    torch.manual_seed(0)
+    acc = _train(neurosal.wrap(TwoBranch(), rule), epochs=8)
+    assert acc >= bound, (rule, acc)
+
+
+def test_analog_conversion_of_a_user_module_trains():
+    from hw_models import convert
+
+    torch.manual_seed(0)
+    model = convert(TwoBranch(), "linear-256")
+    acc = _train(neurosal.wrap(model, "dfa"), epochs=8)
+    assert acc >= 0.85, acc
+
+
+def test_fused_transformer_path_does_not_bypass_area_layers():
+    """nn.TransformerEncoderLayer's eval fast path reads linear1.weight directly; SAL's area layers must
+    still run their own (routed) forward: eval output under no_grad == the same with autograd on."""
+    torch.manual_seed(0)
+    vit = build_zoo("vit:patch=4,dim=16,depth=2,heads=2", (1, 8, 8), 10)
+    w = neurosal.wrap(vit, "sal")
+    x = torch.randn(4, 1, 8, 8)
+    w.eval()
+    with torch.no_grad():
+        fast = w(x)
+    slow = w(x).detach()  # grad enabled + trainable weights: torch never takes the fast path
+    assert_close(fast, slow, ulps=1e3)
+
+
+def test_conv_same_padding_and_conv1d_feedback():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2)).double()
+    x, y = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1])
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    w = neurosal.wrap(model, "fa")
+    for slot, (_, m) in enumerate(layer_sites(model)):
+        w.rule.set_feedback(slot, m.weight.detach())
+    F.cross_entropy(w(x), y).backward()
+    for a, b in zip(_grads(model).values(), _grads(ref).values()):
+        assert_close(a, b)
+
+
+def test_examples_own_model_reaches_ninety_percent():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "examples" / "own_model.py")], capture_output=True, text=True,
+                       timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                         "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("test accuracy (dfa):"), last
+    assert float(last.split(":")[-1]) >= 0.90, last
+
+
+@pytest.mark.parametrize("model,rule", [("resnet:8", "dfa"), ("vit:patch=4,dim=16,depth=1,heads=2", "sal"),
+                                        ("{tmp}/mine.py:Mine:width=16", "sal")])
+def test_cli_trains_zoo_and_user_models_and_exports_them(tmp_path, model, rule):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "mine.py").write_text(
+        "import torch.nn as nn\n"
+        "class Mine(nn.Module):\n"
+        "    def __init__(self, n_classes, width=8):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.GELU(), nn.LayerNorm(width))\n"
+        "        self.head = nn.Linear(width, n_classes)\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.body(x))\n")
+    spec = model.replace("{tmp}", str(tmp_path))
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "neurosal.cli"]
+    r = subprocess.run(base + ["train", "--rule", rule, "--model", spec, "--data", "digits", "--epochs", "1",
+                               "--limit", "300", "--no-progress", "--alignment", "--out", str(run)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((run / "metrics.json").read_text())["epochs"][0]
+    assert len(m["alignment_deg"]) >= 2 and len(m["point_alignment_deg"]) >= 1
+    assert bool(m.get("area_usage")) == (rule == "sal")
+    r = subprocess.run(base + ["train", "--rule", rule, "--model", spec, "--data", "digits", "--epochs", "2",
+                               "--limit", "300", "--no-progress", "--out", str(run), "--resume"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(base + ["export", str(run), "--onnx", str(tmp_path / "m.onnx"), "--samples", "64"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "argmax agreement 100.0%" in r.stdout
