@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .errors import NeurosalError
 from .layers import apply_local_update, output_error, post_forward, post_vjp
 from .models import Net
-from .protocols import ReportsContext
+from .protocols import ReportsContext, implements
 
 MEMORY_MODES = ("cache", "recompute")
 
@@ -51,7 +51,7 @@ class LayerCache:
 
 def run_op(op: nn.Module, h: torch.Tensor):
     """The op's output and its context (layers with routing report it via ``forward_ctx``)."""
-    if isinstance(op, ReportsContext):
+    if implements(op, ReportsContext):
         return op.forward_ctx(h)
     return op(h), None
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import NeurosalError
-from .protocols import LocalDerivative, LocalUpdate, RoutedFeedback
+from .protocols import LocalDerivative, LocalUpdate, RoutedFeedback, implements
 
 PARAM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -67,7 +67,7 @@ def feedback(op: nn.Module, delta: torch.Tensor, weight: torch.Tensor, input_sha
     Layers with per-sample structure (area-partitioned layers) offer
     :class:`~neurosal.protocols.RoutedFeedback`.
     """
-    if isinstance(op, RoutedFeedback):
+    if implements(op, RoutedFeedback):
         return op.feedback_input(delta, weight, ctx)
     if isinstance(op, nn.Linear):
         return delta @ weight
@@ -114,7 +114,7 @@ def float_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> None:
 
 def apply_local_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor, ctx=None) -> None:
     """Let the layer's substrate turn a teaching signal into a weight change (into ``.grad``)."""
-    if isinstance(op, LocalUpdate):
+    if implements(op, LocalUpdate):
         op.local_update(x, delta, ctx)
     else:
         float_update(op, x, delta)
@@ -147,7 +147,7 @@ ELEMENTWISE = {
 def post_kind(post: nn.Module) -> str:
     """How a block's non-parametric tail is differentiated: a fast path, the tail's own *local* rule
     (``local_state``/``local_vjp``, e.g. spiking neurons' eligibility traces), or generic autograd."""
-    if isinstance(post, LocalDerivative):
+    if implements(post, LocalDerivative):
         return "local"
     mods = [m for m in (post if isinstance(post, nn.Sequential) else [post])
             if not isinstance(m, nn.Identity)]

@@ -16,11 +16,13 @@ signal into a weight change.** Neither knows the other, and neither assumes the 
 * a *substrate package* (analog arrays in ``hw_models``) offers :class:`Substrate` through an entry point.
 
 Everything here is a ``typing.Protocol``: implementations do not inherit from these classes; the
-engine checks them with ``isinstance`` (``runtime_checkable``), never by probing attribute names.
+engine checks them with ``isinstance`` (``runtime_checkable``), never by probing attribute names --
+on hot paths through :func:`implements`, which decides once per class.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -41,8 +43,10 @@ class LayerwiseFeedback(Protocol):
     def feedback_weight(self, slot: int, weight: torch.Tensor) -> torch.Tensor:
         """The matrix that stands in for ``weight`` on the way down."""
 
-    def learn_feedback(self, slot: int, op: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> None:
-        """Local plasticity of the feedback pathway (ldef, kp); fixed-feedback rules do nothing."""
+    def learn_feedback(self, slot: int, op: nn.Module, x: torch.Tensor, delta: torch.Tensor,
+                       dw: torch.Tensor | None = None) -> None:
+        """Local plasticity of the feedback pathway (ldef, kp); fixed-feedback rules do nothing. ``dw`` is
+        the layer's own update ``delta^T x`` when the engine has it already."""
 
 
 @runtime_checkable
@@ -54,6 +58,9 @@ class DirectFeedback(Protocol):
 
     def make_projection(self, n_out: int, width: int, generator: torch.Generator) -> torch.Tensor:
         """The fixed ``(n_out, width)`` feedback matrix for points of total width ``width``."""
+
+    def project(self, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``s @ b``: the global signal projected to all points in one matmul."""
 
 
 @runtime_checkable
@@ -113,3 +120,15 @@ class Substrate(Protocol):
 
     def apply(self, net: nn.Module, name: str, options: dict, seed: int) -> nn.Module:
         """Put every Linear/Conv of ``net`` (any module) on that device; the rule is unchanged."""
+
+
+@functools.cache
+def _class_implements(cls: type, proto: type) -> bool:
+    members = [m for m in proto.__dict__ if not m.startswith("_") and callable(proto.__dict__[m])]
+    return all(callable(getattr(cls, m, None)) for m in members)
+
+
+def implements(obj: Any, proto: type) -> bool:
+    """``isinstance(obj, proto)`` for the method-only protocols above, decided once per class (a
+    runtime-checkable ``isinstance`` costs ~10 us, too much per layer per step)."""
+    return _class_implements(type(obj), proto)

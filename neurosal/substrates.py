@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 from .errors import NeurosalError
-from .protocols import AfterStep, EpochStats, Substrate
+from .protocols import AfterStep, EpochStats, Substrate, implements
 
 
 def _load(group: str) -> list:
@@ -51,7 +51,7 @@ def epoch_stats(net) -> dict:
     per layer that reports a value (None means: nothing to report)."""
     out: dict = {}
     for m in net.modules():
-        if not isinstance(m, EpochStats):
+        if not implements(m, EpochStats):
             continue
         for key, value in m.epoch_stats().items():
             if value is not None:
@@ -62,5 +62,5 @@ def epoch_stats(net) -> dict:
 def finish_step(net) -> None:
     """After the optimiser step: let layers that realise updates physically (analog arrays) do so."""
     for m in net.modules():
-        if isinstance(m, AfterStep):
+        if implements(m, AfterStep):
             m.after_optimizer_step()

@@ -51,9 +51,10 @@ from .engine import MEMORY_MODES, ChainStep, block_output_shapes
 from .errors import NeurosalError
 from .layers import PARAM_LAYERS, _conv_args, feedback, keep_own_forward, weight_update
 from .models import Net
-from .protocols import DirectFeedback, LayerwiseFeedback, LocalUpdate
+from .protocols import DirectFeedback, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
 from .rules import make_rule
 from .rules.base import Rule
+from .rules.layerwise import LayerwiseRule
 
 #: modules whose output is a natural feedback point after a parametrised layer (a plain stack)
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
@@ -72,12 +73,17 @@ class Point(nn.Identity):
 
 @dataclass(eq=False)
 class Site:
-    """A parametrised layer as the layerwise engine sees it: its rule slot and the module whose
-    ``weight``/``bias`` and local update it uses."""
+    """A parametrised layer as the layerwise engine sees it: its rule slot, the module whose
+    ``weight``/``bias`` and local update it uses, and what its backward needs decided once."""
 
     slot: int
     op: nn.Module
     rule: Rule
+
+    def __post_init__(self):
+        self.local = implements(self.op, LocalUpdate)  # the layer's substrate writes its own .grad
+        self.learns = type(self.rule).learn_feedback is not LayerwiseRule.learn_feedback
+        self.linear = isinstance(self.op, nn.Linear) and not implements(self.op, RoutedFeedback)
 
 
 class _FeedbackLayer(torch.autograd.Function):
@@ -95,20 +101,39 @@ class _FeedbackLayer(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         site = ctx.site
         op, rule = site.op, site.rule
-        xg = x.to(g.dtype)
+        if x.dtype != g.dtype:  # autocast: the layer computed in g's dtype
+            x = x.to(g.dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if site.linear and not site.local:  # the common case, without the generic dispatch
+            g2 = g.reshape(-1, g.shape[-1])
+            gx = gw = gb = None
+            if need_x:
+                b = rule.feedback_weight(site.slot, op.weight)
+                gx = (g2 @ (b if b.dtype == g.dtype else b.to(g.dtype))).reshape(x.shape)
+            if need_w or site.learns:
+                dw = g2.t() @ x.reshape(-1, x.shape[-1])
+                if site.learns:
+                    rule.learn_feedback(site.slot, op, x, g, dw)
+                if need_w:
+                    gw = dw if dw.dtype == op.weight.dtype else dw.to(op.weight.dtype)
+            if need_b:
+                gb = g2.sum(0)
+                gb = gb if gb.dtype == op.bias.dtype else gb.to(op.bias.dtype)
+            return gx, gw, gb, None, None
         gx = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             b = rule.feedback_weight(site.slot, op.weight).to(g.dtype)
-            gx = feedback(op, g, b, x.shape).to(x.dtype)
-        rule.learn_feedback(site.slot, op, xg, g)
-        if isinstance(op, LocalUpdate):  # the layer's substrate writes its own .grad (analog arrays)
-            op.local_update(xg, g, None)
+            gx = feedback(op, g, b, x.shape).to(ctx.saved_tensors[0].dtype)
+        if site.learns:
+            rule.learn_feedback(site.slot, op, x, g)
+        if site.local:
+            op.local_update(x, g, None)
             return gx, None, None, None, None
         gw = gb = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dw, db = weight_update(op, xg, g)
-            gw = dw.to(op.weight.dtype) if ctx.needs_input_grad[1] else None
-            gb = db.to(op.bias.dtype) if db is not None and ctx.needs_input_grad[2] else None
+        if need_w or need_b:
+            dw, db = weight_update(op, x, g)
+            gw = dw.to(op.weight.dtype) if need_w else None
+            gb = db.to(op.bias.dtype) if db is not None and need_b else None
         return gx, gw, gb, None, None
 
 
@@ -460,7 +485,7 @@ class Wrapped(nn.Module):
                                 "step): mark fixed points with neurosal.Point")
         b = self.projection
         target = self.take_target(e)
-        g = (self.rule.source(e, target).to(b.dtype) @ b).to(e.dtype)
+        g = self.rule.project(self.rule.source(e, target).to(b.dtype), b).to(e.dtype)
         out = []
         for part, s, dt, (axis, _) in zip(g.split(widths, dim=-1), shapes, dtypes, layout):
             if axis:

@@ -411,3 +411,26 @@ def test_cli_trains_zoo_and_user_models_and_exports_them(tmp_path, model, rule):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "argmax agreement 100.0%" in r.stdout
+
+
+def test_sign_concordant_and_kolen_pollack_feedback():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 16, dtype=torch.float64), torch.randint(0, 4, (5,))
+    for rule in ("usf", "frsf", "brsf"):
+        w = neurosal.wrap(TwoBranch(16, 12, 4).double(), rule)
+        for slot, (_, m) in enumerate(layer_sites(w.model)):
+            b = w.rule.feedback_weight(slot, m.weight)
+            assert torch.equal(torch.sign(b), torch.sign(m.weight)), rule  # sign() rounds nothing
+            assert_close(b.norm(), m.weight.detach().norm())  # magnitude-matched ("norm" scaling)
+    w = neurosal.wrap(TwoBranch(16, 12, 4).double(), "brsf")
+    first = w.rule.feedback_weight(1, w.model.left.weight).clone()
+    w.rule.after_step(None)
+    assert not torch.equal(first, w.rule.feedback_weight(1, w.model.left.weight))  # redrawn per batch
+    w.rule.step.fill_(0)
+    assert torch.equal(first, w.rule.feedback_weight(1, w.model.left.weight))  # counter-based: resumable
+    kp = neurosal.wrap(TwoBranch(16, 12, 4).double(), "kp", decay=0.01)
+    b0 = {k: p.detach().clone() for k, p in kp.rule.feedback.items()}
+    F.cross_entropy(kp(x), y).backward()
+    for slot, (name, m) in enumerate(layer_sites(kp.model)):
+        want = m.weight.grad + 0.01 * b0[str(slot)]  # dB = dW + decay * B: B follows W's own updates
+        assert_close(kp.rule.feedback[str(slot)].grad, want, msg=name)

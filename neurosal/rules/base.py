@@ -2,7 +2,9 @@
 
 A rule decides the *teaching signal* ``delta_l`` (dL/da_l as the rule estimates it) that each layer
 receives. It never touches weights itself: the engine hands each ``delta_l`` to the layer's substrate
-(:func:`neurosal.layers.apply_local_update`), which turns it into a weight change. Rules that learn
+(:func:`neurosal.layers.apply_local_update`), which turns it into a weight change. The protocols a rule
+offers the engines are in :mod:`neurosal.protocols`; the engines are :mod:`neurosal.wrap` (any module)
+and :mod:`neurosal.engine` (the spec chains). Rules that learn
 their own feedback pathway (ldef) hold those parameters and set their ``.grad``.
 
 Two families:

@@ -74,6 +74,15 @@ class DirectRule(Rule):
     def source(self, e: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    @staticmethod
+    def project(s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``s @ b`` for all points at once (rows of ``s``: samples or positions). Computed as
+        ``(b^T s^T)^T``: with few classes the inner dimension is tiny and the product is bound by writing
+        its output, which BLAS does 2-3x faster in this layout (the result is a transposed view)."""
+        lead = s.shape[:-1]
+        s2 = s.reshape(-1, s.shape[-1])
+        return (b.t() @ s2.t()).t().reshape(*lead, b.shape[1])
+
     def feedback_slice(self, l: int) -> torch.Tensor:
         start, end = self.spans[l]
         return self.B[:, start:end]
@@ -84,14 +93,14 @@ class DirectRule(Rule):
 
     def signal(self, l: int, e, target) -> torch.Tensor:
         """The signal on hidden block ``l``'s output alone (low-memory path)."""
-        return self._over_time(l, self.source(e, target) @ self.feedback_slice(l))
+        return self._over_time(l, self.project(self.source(e, target), self.feedback_slice(l)))
 
     def teach(self, net, cache, e, target):
         last = len(cache) - 1
         yield last, cache[last].delta_from_output(e)
         if last == 0:
             return
-        g_all = self.source(e, target) @ self.B  # every hidden layer's projection in one matmul
+        g_all = self.project(self.source(e, target), self.B)  # every hidden layer's projection in one matmul
         for l in range(last - 1, -1, -1):
             start, end = self.spans[l]
             yield l, cache[l].delta_from_output(self._over_time(l, g_all[:, start:end]))

@@ -40,8 +40,10 @@ class LayerwiseRule(Rule):
         """The matrix that stands in for ``weight`` on the way down (layer ``slot``)."""
         raise NotImplementedError
 
-    def learn_feedback(self, slot: int, op: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> None:
-        """Local plasticity of the feedback pathway of layer ``slot`` (ldef, kp); default: fixed."""
+    def learn_feedback(self, slot: int, op: nn.Module, x: torch.Tensor, delta: torch.Tensor,
+                       dw: torch.Tensor | None = None) -> None:
+        """Local plasticity of the feedback pathway of layer ``slot`` (ldef, kp); default: fixed.
+        ``dw``: the layer's own update ``delta^T x``, when the engine has computed it already."""
 
     def teach(self, net, cache, e, target):
         last = len(cache) - 1
@@ -237,9 +239,10 @@ class KolenPollack(FeedbackAlignment):
             self.feedback[str(slot)].copy_(b)
 
     @torch.no_grad()
-    def learn_feedback(self, slot, op, x, delta):
+    def learn_feedback(self, slot, op, x, delta, dw=None):
         b = self.feedback[str(slot)]
-        dw, _ = weight_update(op, x, delta)
+        if dw is None:
+            dw, _ = weight_update(op, x, delta)
         accumulate_grad(b, dw.to(b.dtype) + self.config.decay * b)
 
 
@@ -300,7 +303,7 @@ class LowDimErrorFeedback(LayerwiseRule):
         return (a.detach() @ c.detach()).reshape(weight.shape)
 
     @torch.no_grad()
-    def learn_feedback(self, slot, op, x, delta):
+    def learn_feedback(self, slot, op, x, delta, dw=None):
         a, c = self._ac(slot)
         if isinstance(op, nn.Linear):  # project without forming the full dW (tokens: any leading dims)
             x2, d2 = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])

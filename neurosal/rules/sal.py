@@ -20,7 +20,15 @@ from this workplace, only the abstract and introduction; each choice is a config
 * depth: a parameter-free RMS scaling before each hidden activation (``norm="rms"``) bounds every
   activation; with ``norm="none"`` the stack is the plain MLP.
 
-Convolutional blocks in a SAL model stay dense and learn from the same direct signal.
+Convolutional blocks in a SAL model stay dense and learn from the same direct signal: an area per
+image for a shared kernel has no clean counterpart of "the sample's own parameters" that we could check
+against the paper, so we did not invent one.
+
+On any other ``nn.Module`` (:func:`neurosal.wrap`), the chosen ``nn.Linear`` layers (default: MLP hidden
+layers and transformer FFN layers) become area layers routing every token on its own (a top-1 mixture
+of experts), the error arrives at the feedback points through DFA's projection, and the areas learn
+through the true local derivatives between their point and the one below; unchosen areas get no
+gradient, the router learns from the same local objective when the backward pass reaches the layer.
 """
 
 from __future__ import annotations
