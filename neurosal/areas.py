@@ -184,7 +184,8 @@ class AreaLinear(nn.Module):
 
     def router_grad(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         """d router_loss / d R in closed form, reusing the forward pass's z and cosines."""
-        n, z, cos = len(x), route.z, route.cos
+        dt = self.router.dtype  # autocast may have computed the routing in bf16: the update in full precision
+        n, z, cos, x = len(x), route.z.to(dt), route.cos.to(dt), x.to(dt)
         frac = torch.tensor(route.counts, dtype=cos.dtype, device=cos.device) / n
         s = torch.softmax(cos / self.temperature, dim=1)
         c = (self.balance * self.areas / n) * frac  # d balance / d soft_bk, per area

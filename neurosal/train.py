@@ -305,7 +305,8 @@ class Trainer:
             loss, logits = self.train_batch(xb, yb)
             if self.reducer is not None:
                 self.reducer.wait()
-                reduce_learned_feedback(self.dist, self.rule)
+            if self.dist is not None:
+                reduce_learned_feedback(self.dist, self.rule)  # kp/ldef feedback: outside DDP's buckets
             self.opt.step()
             finish_step(self.net)
             if self.dist is not None:
@@ -407,8 +408,6 @@ def load_run(run_dir: str | Path, accel: str = "cpu"):
     device = resolve_device(accel)
     rule = make_rule(cfg.rule, **cfg.rule_options)
     net = build_net(cfg, rule, tuple(st["input_shape"]), st["n_classes"], device)
-    if not isinstance(net, Net) and not rule.direct:  # the layerwise rules' feedback state, by slot
-        wrap_for_training(cfg, net, rule, tuple(st["input_shape"]), None).unwrap()
     try:
         net.load_state_dict(st["net"])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:

@@ -124,26 +124,33 @@ class _FeedbackLayer(torch.autograd.Function):
         if need_x:
             b = rule.feedback_weight(site.slot, op.weight).to(g.dtype)
             gx = feedback(op, g, b, x.shape).to(ctx.saved_tensors[0].dtype)
-        if site.learns:
-            rule.learn_feedback(site.slot, op, x, g)
-        if site.local:
+        if site.local:  # the layer's substrate turns the signal into its change itself
+            if site.learns:
+                rule.learn_feedback(site.slot, op, x, g)
             op.local_update(x, g, None)
             return gx, None, None, None, None
         gw = gb = None
-        if need_w or need_b:
+        if need_w or need_b or site.learns:
             dw, db = weight_update(op, x, g)
+            if site.learns:
+                rule.learn_feedback(site.slot, op, x, g, dw)
             gw = dw.to(op.weight.dtype) if need_w else None
             gb = db.to(op.bias.dtype) if db is not None and need_b else None
         return gx, gw, gb, None, None
 
 
-def _layer_forward(site: Site, original, bypass: list):
-    def forward(x):
-        op = site.op
-        if bypass[0] or not torch.is_grad_enabled():
-            return original(x)
-        return _FeedbackLayer.apply(x, op.weight, op.bias, site, original)
-    return forward
+class _LayerForward:
+    """A layer's forward through :class:`_FeedbackLayer` (an object, not a closure, so ``copy.deepcopy``
+    of a wrapped model gives a copy whose layers point at their own parameters)."""
+
+    def __init__(self, site: Site, original, bypass: list):
+        self.site, self.original, self.bypass = site, original, bypass
+
+    def __call__(self, x):
+        if self.bypass[0] or not torch.is_grad_enabled():
+            return self.original(x)
+        op = self.site.op
+        return _FeedbackLayer.apply(x, op.weight, op.bias, self.site, self.original)
 
 
 class _InProjection(nn.Linear):
@@ -187,11 +194,15 @@ def _attention_mask(mha, attn_mask, key_padding_mask, is_causal, b, l, s, dtype,
     return mask
 
 
-def _mha_forward(mha: nn.MultiheadAttention, in_proj: nn.Module):
+class _MHAForward:
     """``nn.MultiheadAttention.forward`` with both projections through the rule's feedback layers."""
 
-    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def __init__(self, mha: nn.MultiheadAttention, in_proj: nn.Module):
+        self.mha, self.in_proj = mha, in_proj
+
+    def __call__(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                 average_attn_weights=True, is_causal=False):
+        mha, in_proj = self.mha, self.in_proj
         if not mha.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         b, l, e = query.shape
@@ -221,8 +232,6 @@ def _mha_forward(mha: nn.MultiheadAttention, in_proj: nn.Module):
         if attn is not None and average_attn_weights:
             attn = attn.mean(1)
         return out, attn
-
-    return forward
 
 
 def _check_mha(name: str, mha: nn.MultiheadAttention) -> None:
@@ -413,8 +422,8 @@ class Wrapped(nn.Module):
             if isinstance(m, nn.MultiheadAttention):
                 proj = _InProjection(m)
                 self.rule.init_feedback(slot, proj.weight, gen)
-                proj.forward = _layer_forward(Site(slot, proj, self.rule), proj.forward, self._bypass)
-                m.forward = _mha_forward(m, proj)
+                proj.forward = _LayerForward(Site(slot, proj, self.rule), proj.forward, self._bypass)
+                m.forward = _MHAForward(m, proj)
             else:
                 if isinstance(m, (nn.Conv2d, nn.Conv1d)):
                     try:
@@ -422,7 +431,7 @@ class Wrapped(nn.Module):
                     except NeurosalError as exc:
                         raise NeurosalError(f"{name}: {exc}") from None
                 self.rule.init_feedback(slot, m.weight, gen)
-                m.forward = _layer_forward(Site(slot, m, self.rule), m.forward, self._bypass)
+                m.forward = _LayerForward(Site(slot, m, self.rule), m.forward, self._bypass)
             self._restore.append(m)
 
     # -- direct
@@ -438,7 +447,6 @@ class Wrapped(nn.Module):
             raise NeurosalError(f"feedback point(s) {unknown} are not modules of this model")
         for name in self.point_names:
             self._hooks.append(modules[name].register_forward_hook(self._at_point))
-        self._out_shape = tuple(out.shape)
 
     def _at_point(self, module, inputs, output):
         if self._collect is None and self._watch is not None and torch.is_tensor(output) and output.requires_grad:

@@ -434,3 +434,38 @@ def test_sign_concordant_and_kolen_pollack_feedback():
     for slot, (name, m) in enumerate(layer_sites(kp.model)):
         want = m.weight.grad + 0.01 * b0[str(slot)]  # dB = dW + decay * B: B follows W's own updates
         assert_close(kp.rule.feedback[str(slot)].grad, want, msg=name)
+
+
+@pytest.mark.parametrize("rule", ["fa", "kp", "ldef", "dfa", "sal"])
+def test_autocast_bf16_gives_full_precision_finite_grads(rule):
+    """AMP: the layers compute in bf16, every update lands in the parameters' own dtype."""
+    torch.manual_seed(0)
+    m = neurosal.wrap(build_zoo("vit:patch=4,dim=16,depth=1,heads=2", (1, 8, 8), 10), rule)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+        loss = F.cross_entropy(out, y)
+    assert out.dtype == torch.bfloat16
+    loss.backward()
+    grads = [(n, p) for n, p in m.named_parameters() if p.grad is not None]
+    assert len(grads) > 10
+    for n, p in grads:
+        assert p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), n
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_a_deep_copy_of_a_wrapped_model_trains_its_own_parameters(rule):
+    """EMA/teacher copies: copy.deepcopy of a wrapped model is a wrapped model of its own."""
+    torch.manual_seed(0)
+    w = neurosal.wrap(build_zoo("vit:patch=4,dim=16,depth=1,heads=2", (1, 8, 8), 10), rule)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    F.cross_entropy(w(x), y).backward()  # plans the points before the copy
+    w.zero_grad(set_to_none=True)
+    twin = copy.deepcopy(w)
+    F.cross_entropy(twin(x), y).backward()
+    assert all(p.grad is None for p in w.parameters())
+    got = _grads(twin.model)
+    assert len(got) == sum(1 for _ in twin.model.parameters())
+    F.cross_entropy(w(x), y).backward()
+    for k, g in _grads(w.model).items():
+        assert torch.equal(g, got[k]), k  # same code path, same inputs: the same bits

@@ -310,8 +310,9 @@ class LowDimErrorFeedback(LayerwiseRule):
             ga = d2.t() @ (x2 @ c.t().to(x2.dtype))
             gc = (d2 @ a.to(d2.dtype)).t() @ x2
         else:
-            dw, _ = weight_update(op, x, delta)
-            dw = dw.reshape(dw.shape[0], -1)
+            if dw is None:
+                dw, _ = weight_update(op, x, delta)
+            dw = dw.reshape(dw.shape[0], -1).to(a.dtype)
             ga, gc = dw @ c.t(), a.t() @ dw
         ga, gc = ga.to(a.dtype), gc.to(c.dtype)
         lam = self.config.decay
