@@ -9,6 +9,9 @@ single-channel inputs (Fashion-MNIST's shape). Every rule runs through ``neurosa
   rules' feedback functions and feedback points);
 * ``chain``: the same mlp/LeNet as neurosal's spec chain (the fast path: no autograd graph).
 
+``dfa[recompute]``: DFA with one block's activations alive at a time (spec chains: the no-autograd
+recompute; ResNet/ViT: each feedback block recomputed under activation checkpointing).
+
 Each case is timed in rounds that interleave all its rules (median of the per-round medians), so
 ratios to BP are measured side by side under the same machine load. Activation memory is exact and
 allocator-independent: the bytes of non-parameter tensors autograd saves for backward (general), or
@@ -41,7 +44,7 @@ from neurosal.engine import forward_cached  # noqa: E402
 from neurosal.rules import make_rule  # noqa: E402
 from neurosal.zoo import ResNet, ViT  # noqa: E402
 
-RULES = ["bp", "fa", "usf", "kp", "dfa", "sal"]
+RULES = ["bp", "fa", "usf", "kp", "ldef", "dfa", "drtp", "sal", "dfa[recompute]"]
 
 
 def mlp_seq(depth: int, width: int = 256) -> nn.Module:
@@ -70,12 +73,14 @@ MODELS = {
 
 def build(model: str, path: str, rule: str):
     make, spec, batch = MODELS[model]
+    name, _, mode = rule.partition("[")
+    memory = mode.rstrip("]") or "cache"
     torch.manual_seed(0)
     if path == "chain":
-        r = make_rule(rule)
+        r = make_rule(name)
         net = r.build(spec, (1, 28, 28), 10)
-        return neurosal.wrap(net, r, seed=1), batch
-    return neurosal.wrap(make(), rule, seed=1), batch
+        return neurosal.wrap(net, r, seed=1, memory=memory), batch
+    return neurosal.wrap(make(), name, seed=1, memory=memory), batch
 
 
 def saved_bytes(wrapped, x, y) -> int:
@@ -108,6 +113,29 @@ def saved_bytes(wrapped, x, y) -> int:
     return sum(seen.values())
 
 
+def max_block_bytes(wrapped, x) -> int:
+    """Activation bytes of the largest feedback block, recomputed when its signal arrives."""
+    sizes = []
+    for name in wrapped.point_names:
+        block = wrapped.model.get_submodule(name)
+        seen: dict[int, int] = {}
+
+        def count(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        captured = {}
+        h = block.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].detach()))
+        with torch.no_grad():
+            wrapped.model(x)
+        h.remove()
+        params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            block.forward.original(captured["x"]) if hasattr(block.forward, "original") else block(captured["x"])
+        sizes.append(sum(v for k, v in seen.items() if k not in params))
+    return max(sizes)
+
+
 def biotorch_fa(model: str):
     """BioTorch's FA version of the same model, or None when biotorch is not importable."""
     try:
@@ -128,6 +156,8 @@ def run(models, rules, rounds: int, steps: int, bio: bool, notes: list) -> list[
             for rule in rules:
                 if rule == "sal" and model == "resnet20":
                     continue  # no hidden Linear: conv layers stay dense, sal would be dfa
+                if rule.endswith("[recompute]") and path == "general" and model in ("mlp-d8", "mlp-d16", "lenet"):
+                    continue  # plain stacks: the points are activations, no blocks to recompute
                 cases.append((path, rule, *build(model, path, rule)))
         if bio:
             b = biotorch_fa(model)
@@ -171,6 +201,8 @@ def run(models, rules, rounds: int, steps: int, bio: bool, notes: list) -> list[
                 per_round[i].append(statistics.median(times))
         for i, (path, rule, m, _) in enumerate(cases):
             act = saved_bytes(m, x, y) if path != "biotorch" else None
+            if act is not None and m.memory == "recompute" and not m.chain:
+                act += max_block_bytes(m, x)  # the one block alive during its recomputation
             rows.append({"model": model, "path": path, "rule": rule, "batch": batch,
                          "step_ms": 1000 * statistics.median(per_round[i]),
                          "activations_mb": None if act is None else act / 2 ** 20,

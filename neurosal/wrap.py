@@ -153,6 +153,24 @@ class _LayerForward:
         return _FeedbackLayer.apply(x, op.weight, op.bias, self.site, self.original)
 
 
+class _Recomputed:
+    """A feedback block's forward under activation checkpointing (direct rules, ``memory="recompute"``).
+
+    The graph is cut at every point, so each block's backward needs only that block: autograd keeps
+    just its input and recomputes the rest when the projected signal arrives, one block at a time.
+    Caveat (torch's): BatchNorm's running statistics move twice per step (forward and recompute)."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.original(*args, **kwargs)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.original, *args, use_reentrant=False, **kwargs)
+
+
 class _InProjection(nn.Linear):
     """The packed q/k/v projection of an ``nn.MultiheadAttention`` seen as a Linear (shares its tensors,
     registers nothing: it is not part of the module tree)."""
@@ -388,9 +406,8 @@ class Wrapped(nn.Module):
             if input_shape is not None or not rule.direct:
                 self._setup_chain(input_shape)
             return
-        if memory != "cache":
-            raise NeurosalError("memory='recompute' is the spec chains' low-memory mode; a general module "
-                                "keeps autograd's activations")
+        if memory == "recompute" and not rule.direct:
+            raise NeurosalError("memory='recompute' applies to the direct rules (dfa, drtp, sal)")
         if isinstance(rule, LayerwiseFeedback) and not rule.direct:
             self._install_layerwise(gen)
         elif not isinstance(rule, DirectFeedback):
@@ -447,6 +464,15 @@ class Wrapped(nn.Module):
             raise NeurosalError(f"feedback point(s) {unknown} are not modules of this model")
         for name in self.point_names:
             self._hooks.append(modules[name].register_forward_hook(self._at_point))
+        if self.memory == "recompute":
+            blocks = [modules[n] for n in self.point_names if any(True for _ in modules[n].parameters())]
+            if not blocks:
+                raise NeurosalError("memory='recompute' recomputes each feedback block in the backward pass; "
+                                    "this model's points are not blocks with parameters (mark blocks with "
+                                    "points=[...] or use the default cache mode)")
+            for m in blocks:
+                m.forward = _Recomputed(m.forward)
+                self._restore.append(m)
 
     def _at_point(self, module, inputs, output):
         if self._collect is None and self._watch is not None and torch.is_tensor(output) and output.requires_grad:
@@ -657,8 +683,9 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
     * ``points``: module names whose outputs are the direct rules' feedback points (default: chosen by
       :func:`find_points`, or your :class:`Point` markers);
     * ``areas_on``: for sal, the Linear layers that become area layers (default: :func:`sal_layers`);
-    * ``memory``: ``"recompute"`` for spec chains trained by direct rules (one block's activations alive
-      at a time);
+    * ``memory``: ``"recompute"`` for the direct rules: spec chains recompute block by block without
+      autograd; other models recompute each feedback block (activation checkpointing) when its signal
+      arrives, so one block's activations are alive at a time instead of the whole model's;
     * ``options``: the rule's options (``areas=8``, ``init="gaussian"``, ``rank=16``...).
 
     Build the optimiser from the wrapped model's parameters *after* wrapping (sal replaces layers,

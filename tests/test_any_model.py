@@ -469,3 +469,34 @@ def test_a_deep_copy_of_a_wrapped_model_trains_its_own_parameters(rule):
     F.cross_entropy(w(x), y).backward()
     for k, g in _grads(w.model).items():
         assert torch.equal(g, got[k]), k  # same code path, same inputs: the same bits
+
+
+def test_recompute_mode_on_any_model_gives_the_cache_modes_updates_in_less_memory():
+    def run(memory):
+        torch.manual_seed(0)
+        w = neurosal.wrap(build_zoo("vit:patch=4,dim=16,depth=4,heads=2", (1, 8, 8), 10), "dfa", memory=memory)
+        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+        w(x)  # plan the points
+        params = {p.untyped_storage().data_ptr() for p in w.parameters()}
+        seen = {}
+
+        def count(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            F.cross_entropy(w(x), y).backward()
+        return _grads(w.model), sum(seen.values())
+
+    cached, kept_cache = run("cache")
+    recomputed, kept_recompute = run("recompute")
+    assert cached.keys() == recomputed.keys()
+    for k in cached:
+        assert_close(recomputed[k], cached[k], msg=k)
+    assert kept_recompute < 0.5 * kept_cache, (kept_recompute, kept_cache)
+    with pytest.raises(NeurosalError, match="not blocks"):
+        plain = neurosal.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "dfa", memory="recompute")
+        plain(torch.randn(2, 4))
+    with pytest.raises(NeurosalError, match="direct rules"):
+        neurosal.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "fa", memory="recompute")
