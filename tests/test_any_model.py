@@ -1,6 +1,7 @@
 """The general engine (neurosal.wrap): every rule on any nn.Module, inside a plain training loop."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -500,3 +501,23 @@ def test_recompute_mode_on_any_model_gives_the_cache_modes_updates_in_less_memor
         plain(torch.randn(2, 4))
     with pytest.raises(NeurosalError, match="direct rules"):
         neurosal.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "fa", memory="recompute")
+
+
+@pytest.mark.parametrize("model", ["resnet:8", "vit:patch=8,dim=16,depth=1,heads=2"])
+def test_zoo_models_train_on_cifar10_binaries_a_user_points_to(tmp_path, model):
+    """Three-channel 32x32 inputs: the zoo builds from the data's shape (CIFAR-10 binary batches)."""
+    import numpy as np
+
+    from neurosal.train import TrainConfig, Trainer
+
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}.bin", 8) for i in range(1, 6)] + [("test_batch.bin", 8)]:
+        rec = np.concatenate([rng.integers(0, 10, (n, 1)), rng.integers(0, 256, (n, 3072))], 1)
+        rec.astype(np.uint8).tofile(tmp_path / name)
+    cfg = TrainConfig(rule="fa", model=model, data="cifar10", data_root=str(tmp_path), epochs=1,
+                      batch_size=16, progress=False)
+    tr = Trainer(cfg, None)
+    first = next(m for m in tr.net.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == 3
+    rec = tr.fit()["epochs"][0]
+    assert math.isfinite(rec["train_loss"]) and 0 <= rec["test_acc"] <= 1
