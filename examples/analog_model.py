@@ -26,7 +26,7 @@ torch.manual_seed(0)
 xtr, ytr, xte, yte = digits()
 model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                       nn.Linear(8 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
-model = hw_models.convert(model, args.device)  # convert first, then wrap
+model = hw_models.convert(model, device=args.device)  # convert first, then wrap
 model = neurosal.wrap(model, args.rule)
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 hw_models.attach(opt, model)  # after every opt.step(): pulses on the devices, weights read back

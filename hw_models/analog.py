@@ -235,11 +235,12 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
         return analog_mvm(rows, t.noisy(k), F.linear, t.cfg, t.w_max, self.in_features) + self.area_bias[k]
 
 
-def convert(net: nn.Module, cfg: DeviceConfig | str, seed: int = 0, include_output: bool = True,
+def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_output: bool = True,
             **options) -> nn.Module:
     """Put every ``nn.Linear``/``nn.Conv2d``/area layer of ``net`` -- any module, anywhere in it -- on
-    analog arrays (in place; returns ``net``). ``cfg`` is a :class:`DeviceConfig` or a preset name or
-    file (``options`` override its fields). The output layer is the last one registered.
+    analog arrays (in place; returns ``net``). ``device`` is a :class:`DeviceConfig` or a preset name or
+    file (``options`` override its fields: ``convert(model, device="rram-like", levels=64)``). The output
+    layer is the last one registered.
 
     Convert before :func:`neurosal.wrap` for the layerwise rules (wrapping patches the layers it finds);
     a model wrapped for a direct rule (dfa, drtp, sal) may be converted afterwards, before its first
@@ -247,12 +248,12 @@ def convert(net: nn.Module, cfg: DeviceConfig | str, seed: int = 0, include_outp
     """
     from neurosal.wrap import Wrapped
 
-    if isinstance(cfg, str):
+    if isinstance(device, str):
         from .presets import get_device
 
-        cfg = get_device(cfg, **options)
-    elif options:
-        cfg = cfg.replace(**options)
+        cfg = get_device(device, **options)
+    else:
+        cfg = device.replace(**options) if options else device
     cfg.validate()
     target = net
     if isinstance(net, Wrapped):

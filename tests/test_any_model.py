@@ -330,7 +330,7 @@ def test_analog_conversion_of_a_user_module_trains():
     from hw_models import convert
 
     torch.manual_seed(0)
-    model = convert(TwoBranch(), "linear-256")
+    model = convert(TwoBranch(), device="linear-256")
     acc = _train(neurosal.wrap(model, "dfa"), epochs=8)
     assert acc >= 0.85, acc
 
