@@ -56,8 +56,8 @@ class DirectFeedback(Protocol):
     def source(self, e: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """The global signal from the output error ``e`` = dL/doutput and the one-hot ``target``."""
 
-    def make_projection(self, n_out: int, width: int, generator: torch.Generator) -> torch.Tensor:
-        """The fixed ``(n_out, width)`` feedback matrix for points of total width ``width``."""
+    def make_projection(self, n_out: int, widths: list[int], generator: torch.Generator) -> torch.Tensor:
+        """The fixed ``(n_out, sum(widths))`` feedback matrix, one column block per point."""
 
     def project(self, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``s @ b``: the global signal projected to all points in one matmul."""

@@ -507,7 +507,7 @@ class Wrapped(nn.Module):
         widths = [w for _, w in self._layout(e_shape, shapes)]
         ref = next(self.model.parameters())
         self.widths = widths
-        self.projection = self.rule.make_projection(e_shape[-1], sum(widths), self._gen).to(ref.device, ref.dtype)
+        self.projection = self.rule.make_projection(e_shape[-1], widths, self._gen).to(ref.device, ref.dtype)
 
     def _signals(self, e: torch.Tensor, shapes, dtypes) -> list[torch.Tensor]:
         if self.projection is None:

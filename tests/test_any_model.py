@@ -521,3 +521,18 @@ def test_zoo_models_train_on_cifar10_binaries_a_user_points_to(tmp_path, model):
     assert first.in_channels == 3
     rec = tr.fit()["epochs"][0]
     assert math.isfinite(rec["train_loss"]) and 0 <= rec["test_acc"] <= 1
+
+
+def test_width_normalised_feedback_gives_each_point_the_errors_norm():
+    """feedback_norm="width": each point's projected signal has about the error's norm (TinyDFA's
+    normalisation); "classes" (default) grows with the point's width."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 32), nn.ReLU(),
+                          nn.Linear(32, 10))
+    x = torch.randn(64, 1, 8, 8)
+    e = torch.randn(64, 10)
+    for norm, lo, hi in (("width", 0.8, 1.25), ("classes", 5, 1e9)):
+        w = neurosal.wrap(copy.deepcopy(model), "dfa", feedback_norm=norm).materialise(x)
+        sig = w._signals(e, [(64, 8, 8, 8), (64, 32)], [torch.float32] * 2)
+        ratios = [float(s.norm() / e.norm()) for s in sig]
+        assert all(lo < r < hi for r in ratios[:1]), (norm, ratios)  # the 512-wide conv point

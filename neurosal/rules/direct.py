@@ -33,9 +33,16 @@ class DirectConfig(RuleConfig):
     scale: float = 1.0
     #: residual blocks use the feedback matrix of the stream they add to
     share_stream: bool = True
+    #: feedback variance: "classes" scale^2/n_classes per entry (each unit's signal ~ the error's size:
+    #: fine with Adam-style optimisers); "width" scale^2/width of the point, so a point's whole signal has
+    #: the error's norm, as backprop's gradients roughly do (TinyDFA's normalisation) -- use it with
+    #: plain SGD on wide points (conv feature maps), where "classes" makes updates width-times too large
+    feedback_norm: str = "classes"
 
     def __post_init__(self):
         check(self.init in ("gaussian", "uniform"), "rule option init", f"use gaussian or uniform, not {self.init!r}")
+        check(self.feedback_norm in ("classes", "width"), "rule option feedback_norm",
+              f"use classes or width, not {self.feedback_norm!r}")
         check(positive(self.scale), "rule option scale", f"must be a positive number, got {self.scale}")
 
 
@@ -49,6 +56,7 @@ class DirectRule(Rule):
         self.spans: list[tuple[int, int]] = []
         self.time_steps: list[int | None] = []  # spiking layers share one projection across time
         width = 0
+        widths: list[int] = []
         for l, shape in enumerate(out_shapes[:-1]):
             if getattr(net.blocks[l].post, "shares_feedback_over_time", False):
                 self.time_steps.append(shape[0])
@@ -60,16 +68,23 @@ class DirectRule(Rule):
             else:
                 self.spans.append((width, width + math.prod(shape)))
                 width += math.prod(shape)
+                widths.append(math.prod(shape))
         p = next(net.parameters())
-        self.register_buffer("B", self.make_projection(n_classes, width, generator).to(p.device, p.dtype))
+        self.register_buffer("B", self.make_projection(n_classes, widths, generator).to(p.device, p.dtype))
 
-    def make_projection(self, n_out: int, width: int, generator: torch.Generator) -> torch.Tensor:
-        """The fixed ``(n_out, width)`` feedback matrix: N(0, scale^2/n_out), or uniform of that variance."""
+    def make_projection(self, n_out: int, widths: list[int], generator: torch.Generator) -> torch.Tensor:
+        """The fixed ``(n_out, sum(widths))`` feedback matrix, one column block per point: N(0,
+        scale^2/n_out) (``feedback_norm="classes"``) or N(0, scale^2/width) per block (``"width"``); ``init=
+        "uniform"``: the same variances."""
         std = self.config.scale / math.sqrt(n_out)
-        shape = (n_out, width)
+        shape = (n_out, sum(widths))
         if self.config.init == "gaussian":
-            return gaussian(shape, std, generator)
-        return uniform(shape, std * math.sqrt(3), generator)
+            b = gaussian(shape, std, generator)
+        else:
+            b = uniform(shape, std * math.sqrt(3), generator)
+        if self.config.feedback_norm == "width" and widths:
+            b = torch.cat([part * math.sqrt(n_out / w) for part, w in zip(b.split(list(widths), dim=1), widths)], 1)
+        return b
 
     def source(self, e: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
