@@ -6,10 +6,12 @@ validation set being the 10k test set. Their recipe, as far as their published c
 LeNet configs in ``benchmark_configs/``; the Fashion-MNIST ones are not published): LeNet-MNIST
 (conv 6@5x5-pool-conv 16@5x5-pool-conv 120@5x5-fc 84-fc 10, no padding) on 32x32 resized images
 normalised by mean 0.2859 / std 0.3530, Xavier-uniform init, SGD momentum 0.9, weight decay 1e-4,
-batch 128, a multi-step schedule (x0.1 at 40/60/80 % of the epochs), 250 epochs.
+batch 128, a multi-step schedule (x0.1 at 40/60/80 % of the epochs), 250 epochs, learning rate 1e-3
+for every rule but DFA, 1e-4 for DFA.
 
 We run the same architecture, data pipeline, optimiser and schedule shape, each rule through
-``neurosal.wrap`` in a plain PyTorch loop, with fewer epochs (CPU budget: ``--epochs``), and report
+``neurosal.wrap`` in a plain PyTorch loop, with fewer epochs (CPU budget: ``--epochs``) and ten times
+their rates to make up for it (``--lr`` 1e-2; DFA ``dfa:lr=0.001``, keeping their 1:10 ratio), and report
 the same statistic (best test error over epochs) and the last-epoch error, 3 seeds. Our rules keep
 their own feedback initialisations (documented in ``neurosal/rules``), not BioTorch's.
 
@@ -76,7 +78,12 @@ def error(model, x, y) -> float:
 def train(make, rule: str, seed: int, d, epochs: int, lr: float, batch: int = 128) -> dict:
     xtr, ytr, xte, yte = d
     torch.manual_seed(seed)
-    model = neurosal.wrap(make(), rule, seed=seed)
+    name, _, opts = rule.partition(":")
+    from neurosal.rules import parse_options
+
+    options = parse_options(opts)
+    lr = options.pop("lr", lr)  # e.g. dfa:lr=0.001 -- BioTorch's DFA configs use a tenth of the others' rate
+    model = neurosal.wrap(make(), name, seed=seed, **options)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     miles = [max(1, round(epochs * f)) for f in (0.4, 0.6, 0.8)]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, miles, gamma=0.1)
@@ -104,7 +111,9 @@ def summary(runs: list[dict], key: str) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rules", default="bp,fa,dfa,usf,brsf,frsf")
+    ap.add_argument("--rules", default="bp,fa,dfa,usf,brsf,frsf",
+                    help="rule[:option=value] list, e.g. dfa:feedback_norm=width")
+    ap.add_argument("--append", action="store_true", help="add to an existing results.json")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=0.01,
@@ -120,11 +129,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"lenet": {}, "resnet20": {}, "settings": vars(args)}
+    if args.append and (out / "results.json").exists():
+        old = json.loads((out / "results.json").read_text())
+        results["lenet"], results["resnet20"] = old["lenet"], old["resnet20"]
+        results["settings"] = old["settings"]
     d = data(32, args.limit)
     for rule in [r for r in args.rules.split(",") if r]:
         results["lenet"][rule] = [train(LeNetMNIST, rule, s, d, args.epochs, args.lr) for s in range(args.seeds)]
         m, s = summary(results["lenet"][rule], "best")
-        print(f"lenet {rule}: best error {m:.2f} ± {s:.2f} (BioTorch {PUBLISHED.get(rule, '-')})", flush=True)
+        print(f"lenet {rule}: best error {m:.2f} ± {s:.2f} (BioTorch {PUBLISHED.get(rule.split(':')[0], '-')})",
+              flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     if args.resnet_epochs:
         d = data(None, args.resnet_limit)
@@ -158,7 +172,7 @@ def write_report(results: dict, out: Path) -> None:
     for rule, runs in results["lenet"].items():
         bm, bs = summary(runs, "best")
         lm, ls = summary(runs, "last")
-        pub = PUBLISHED.get(rule)
+        pub = PUBLISHED.get(rule.split(":")[0])
         diff = f"{bm - pub:+.2f}" if pub is not None else ""
         mins = statistics.mean(r["seconds"] for r in runs) / 60
         lines.append(f"| {rule} | {pub if pub is not None else '-'} | {bm:.2f} ± {bs:.2f} | {lm:.2f} ± {ls:.2f} | "
@@ -176,7 +190,7 @@ def write_report(results: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for rule, runs in results["lenet"].items():
         mean = [statistics.mean(v) for v in zip(*(r["errors"] for r in runs))]
-        ax.plot(range(1, len(mean) + 1), mean, label=f"{rule} (BioTorch {PUBLISHED.get(rule, '-')})")
+        ax.plot(range(1, len(mean) + 1), mean, label=f"{rule} (BioTorch {PUBLISHED.get(rule.split(':')[0], '-')})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)")
     ax.set_title("LeNet, Fashion-MNIST")

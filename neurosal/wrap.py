@@ -59,6 +59,10 @@ from .rules.layerwise import LayerwiseRule
 #: modules whose output is a natural feedback point after a parametrised layer (a plain stack)
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
                nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.PReLU, nn.SELU, nn.CELU)
+#: parameter-free modules a plain stack's feedback point moves through (activation, pooling, reshapes):
+#: the signal arrives where the next parametrised layer reads, as in a spec chain's block tail
+PASS_THROUGH = ACTIVATIONS + (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                              nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 #: torch's own composite layers that count as blocks
 TORCH_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -338,8 +342,9 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
 
     1. the :class:`Point` modules, if the model has any;
     2. else every repeated block (:func:`find_blocks`): residual blocks, transformer layers;
-    3. else, in a plain stack, every Linear/Conv but the last one called (the head): at the output of
-       the activation module applied to it, or at its own output when the activation is functional.
+    3. else, in a plain stack, every Linear/Conv but the last one called (the head): after the run of
+       activation/pooling/reshape modules applied to its output (where the next layer reads), or at its
+       own output when the activation is functional.
 
     A candidate whose output is the model's output is dropped (the output learns from ``e`` itself).
     """
@@ -355,12 +360,12 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
     layers = [(i, c) for i, c in enumerate(calls) if isinstance(c[1], PARAM_LAYERS + (AreaLinear,))]
     points: list[str] = []
     for i, (name, _, _, o) in layers[:-1]:
-        point = name
-        for later in calls[i + 1:]:
-            if later[2] is o:
-                if isinstance(later[1], ACTIVATIONS):
-                    point = later[0]
+        point, j = name, i
+        while True:  # follow the output through activation, pooling and reshapes
+            nxt = next(((k, c) for k, c in enumerate(calls[j + 1:], j + 1) if c[2] is o), None)
+            if nxt is None or not isinstance(nxt[1][1], PASS_THROUGH):
                 break
+            j, (point, _, _, o) = nxt[0], nxt[1]
         if point not in points:
             points.append(point)
     return points
