@@ -28,7 +28,7 @@ model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                       nn.Linear(8 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 model = hw_models.convert(model, device=args.device)  # convert first, then wrap
 model = neurosal.wrap(model, args.rule)
-opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+opt = torch.optim.Adam(model.parameters(), lr=3e-3)  # any optimiser: it proposes, the devices dispose
 hw_models.attach(opt, model)  # after every opt.step(): pulses on the devices, weights read back
 for epoch in range(args.epochs):
     model.train()

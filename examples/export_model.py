@@ -21,7 +21,7 @@ args = ap.parse_args()
 torch.manual_seed(0)
 xtr, ytr, xte, yte = digits()
 model = neurosal.wrap(ViT((1, 8, 8), 10, patch=2, dim=32, depth=2, heads=4), args.rule)
-fit(model, xtr, ytr, epochs=4)
+fit(model, xtr, ytr, epochs=10)
 plain = model.unwrap()  # the trained model without the rule's hooks
 export_onnx(plain, xte[:2], args.out)  # SAL's routing becomes ONNX ops (ArgMax + Gather)
 report = verify(plain, args.out, xte)

@@ -17,7 +17,7 @@ from _digits import accuracy, digits, fit
 ap = argparse.ArgumentParser()
 ap.add_argument("--rule", default="sal")
 ap.add_argument("--areas", type=int, default=4)
-ap.add_argument("--epochs", type=int, default=8)
+ap.add_argument("--epochs", type=int, default=20)
 args = ap.parse_args()
 
 torch.manual_seed(0)

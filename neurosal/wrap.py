@@ -491,25 +491,37 @@ class Wrapped(nn.Module):
         self._collect.append(output)
         return output.detach()
 
-    @staticmethod
-    def _layout(e_shape, shapes) -> list[tuple[int, int]]:
-        """Per point: (batch axis, width). Per-position output (B, T.., V): points (B, T.., ...).
-        Per-sample output (B, V): points with the batch first or, sequence-first, second."""
+    def _layout(self, e_shape, shapes) -> list[tuple[int, int, int]]:
+        """Per point: (batch axis, projected width, positions sharing it).
+
+        A per-position output (B, T.., V) feeds points (B, T.., ...) position by position. A per-sample
+        output (B, V) feeds a point with more axes -- (B, C, H, W) feature maps, (B, T, D) or
+        sequence-first (T, B, D) tokens -- with one signal per channel/feature, the same at every
+        position and divided by their number (the rule's ``positions="shared"``; the general engine's
+        default "auto"): the layers there share their weights over positions, and so does a pooled
+        readout's true gradient. ``positions="flatten"`` projects to every unit independently instead.
+        """
         lead = len(e_shape) - 1
+        mode = getattr(self.rule.config, "positions", "auto")
         out = []
-        for s in shapes:
-            s = tuple(s)
+        for s in map(tuple, shapes):
             if s[:lead] == tuple(e_shape[:lead]):
-                out.append((0, math.prod(s[lead:])))
+                axis = 0
             elif lead == 1 and len(s) > 2 and s[1] == e_shape[0]:
-                out.append((1, math.prod(s) // s[1]))  # sequence-first (T, B, D)
+                axis = 1  # sequence-first (T, B, D)
             else:
                 raise NeurosalError(f"a feedback point of shape {s} does not line up with the output "
                                     f"{tuple(e_shape)}: its batch (and position) dims must match")
+            units = math.prod(s) // math.prod(e_shape[:lead])  # per sample (or per position)
+            if lead == 1 and len(s) > 2 and mode != "flatten":
+                feat = s[1] if (len(s) == 4 and axis == 0) else s[-1]
+                out.append((axis, feat, units // feat))
+            else:
+                out.append((axis, units, 1))
         return out
 
     def _materialise(self, e_shape, shapes) -> None:
-        widths = [w for _, w in self._layout(e_shape, shapes)]
+        widths = [w for _, w, _ in self._layout(e_shape, shapes)]
         ref = next(self.model.parameters())
         self.widths = widths
         self.projection = self.rule.make_projection(e_shape[-1], widths, self._gen).to(ref.device, ref.dtype)
@@ -518,7 +530,7 @@ class Wrapped(nn.Module):
         if self.projection is None:
             self._materialise(tuple(e.shape), shapes)
         layout = self._layout(tuple(e.shape), shapes)
-        widths = [w for _, w in layout]
+        widths = [w for _, w, _ in layout]
         if widths != self.widths:
             raise NeurosalError(f"the feedback points changed shape ({widths} vs {self.widths} at the first "
                                 "step): mark fixed points with neurosal.Point")
@@ -526,8 +538,17 @@ class Wrapped(nn.Module):
         target = self.take_target(e)
         g = self.rule.project(self.rule.source(e, target).to(b.dtype), b).to(e.dtype)
         out = []
-        for part, s, dt, (axis, _) in zip(g.split(widths, dim=-1), shapes, dtypes, layout):
-            if axis:
+        for part, s, dt, (axis, _, positions) in zip(g.split(widths, dim=-1), shapes, dtypes, layout):
+            s = tuple(s)
+            if positions > 1:  # one signal per channel/feature, shared by every position
+                part = part / positions
+                if len(s) == 4 and axis == 0:
+                    part = part[:, :, None, None].expand(s)
+                elif axis == 0:
+                    part = part.reshape(s[0], *([1] * (len(s) - 2)), s[-1]).expand(s)
+                else:
+                    part = part.unsqueeze(0).expand(s)
+            elif axis:
                 part = part.reshape(s[1], s[0], *s[2:]).transpose(0, 1)
             out.append(part.reshape(s).to(dt))
         if self._watch is not None:

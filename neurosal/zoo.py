@@ -5,10 +5,12 @@
                                       shortcuts (option A: strided identity, zero-padded channels);
                                       resnet:N for N = 8, 14, 20, 32, 44, 56, 110, ...; resnet:20:width=32
                                       scales the channels
-    vit:patch=4,dim=64,depth=4,heads=4,mlp=2
+    vit:patch=4,dim=64,depth=4,heads=4,mlp=2,pool=mean
                                       a small Vision Transformer (Dosovitskiy et al. 2021): patch embedding,
-                                      class token, learned positions, pre-LayerNorm encoder layers with
-                                      GELU, LayerNorm, linear head on the class token (every field optional)
+                                      learned positions, pre-LayerNorm encoder layers with GELU, LayerNorm,
+                                      linear head on the mean of the tokens (pool=mean, as in Beyer et al.
+                                      2022's plain ViT baselines) or on a class token (pool=cls); every
+                                      field optional
     path/to/file.py:ClassName[:k=v,...]
                                       your own module: the class is imported from the file and built with
                                       the k=v options, plus ``n_classes`` / ``input_shape`` when its
@@ -115,16 +117,19 @@ class ResNet(nn.Module):
 
 class ViT(nn.Module):
     def __init__(self, input_shape=(1, 28, 28), n_classes: int = 10, patch: int = 4, dim: int = 64,
-                 depth: int = 4, heads: int = 4, mlp: float = 2.0):
+                 depth: int = 4, heads: int = 4, mlp: float = 2.0, pool: str = "mean"):
         super().__init__()
+        if pool not in ("mean", "cls"):
+            raise NeurosalError(f"vit: pool must be mean or cls, not {pool!r}")
+        self.pool = pool
         c, h, w = input_shape
         if h % patch or w % patch:
             raise NeurosalError(f"vit: patch {patch} does not divide the {h}x{w} images")
         if dim % heads:
             raise NeurosalError(f"vit: dim {dim} is not a multiple of heads {heads}")
         self.patch_embed = nn.Conv2d(c, dim, patch, patch)
-        n_tokens = (h // patch) * (w // patch) + 1
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        n_tokens = (h // patch) * (w // patch) + (pool == "cls")
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         self.pos = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(dim, heads, int(mlp * dim), dropout=0.0, activation="gelu",
@@ -135,10 +140,12 @@ class ViT(nn.Module):
 
     def forward(self, x):
         t = self.patch_embed(x).flatten(2).transpose(1, 2)
-        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        if self.cls is not None:
+            t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1)
+        t = t + self.pos
         for blk in self.blocks:
             t = blk(t)
-        return self.head(self.norm(t[:, 0]))
+        return self.head(self.norm(t[:, 0] if self.cls is not None else t.mean(1)))
 
 
 # ----------------------------------------------------------------------------- building
@@ -166,10 +173,14 @@ def build_zoo(spec: str, input_shape: tuple[int, ...], n_classes: int) -> nn.Mod
             raise NeurosalError(f"model {spec!r}: width must be a positive integer")
         return ResNet(depth, input_shape[0], n_classes, width)
     o = _options(rest, spec)
-    fields = {"patch": int, "dim": int, "depth": int, "heads": int, "mlp": (int, float)}
+    fields = {"patch": int, "dim": int, "depth": int, "heads": int, "mlp": (int, float), "pool": str}
     for k, v in o.items():
         if k not in fields:
             raise NeurosalError(f"model {spec!r}: unknown option {k!r}; vit takes {', '.join(fields)}")
+        if k == "pool":
+            if v not in ("mean", "cls"):
+                raise NeurosalError(f"model {spec!r}: pool must be mean or cls, not {v!r}")
+            continue
         if not isinstance(v, fields[k]) or isinstance(v, bool) or v <= 0:
             raise NeurosalError(f"model {spec!r}: {k} must be a positive number, got {v!r}")
     return ViT(tuple(input_shape), n_classes, **o)

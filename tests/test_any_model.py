@@ -171,7 +171,10 @@ def test_feedback_points_are_chosen_sensibly():
     vit = build_zoo("vit:patch=4,dim=16,depth=3,heads=2", (1, 8, 8), 10)
     w = neurosal.wrap(vit, "dfa").materialise(torch.randn(2, 1, 8, 8))
     assert w.point_names == ["blocks.0", "blocks.1", "blocks.2"]
-    assert w.projection.shape == (10, 3 * 5 * 16)  # flattened tokens: the error is per sample
+    assert w.projection.shape == (10, 3 * 16)  # per sample: one signal per feature, shared by the 4 tokens
+    flat = neurosal.wrap(build_zoo("vit:patch=4,dim=16,depth=3,heads=2", (1, 8, 8), 10), "dfa",
+                         positions="flatten").materialise(torch.randn(2, 1, 8, 8))
+    assert flat.projection.shape == (10, 3 * 4 * 16)  # one per unit
     two = neurosal.wrap(TwoBranch(), "dfa").materialise(torch.randn(2, 64))
     assert two.point_names == ["inp", "left", "right.1"]  # functional relu: the Linear; Tanh: after it
     marked = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Point(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -189,6 +192,23 @@ def test_direct_rules_cut_the_graph_between_points():
     F.cross_entropy(w(x), y).backward()
     assert not model[0].weight.grad.any() and not model[2].weight.grad.any()
     assert model[4].weight.grad.abs().sum() > 0
+
+
+def test_shared_positions_broadcast_one_signal_per_channel():
+    """Per-sample error, feature-map point: every position of a channel gets the same signal, divided
+    by the number of positions (a pooled readout's true gradient has that form)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    x, e = torch.randn(5, 1, 6, 6), torch.randn(5, 3)
+    w = neurosal.wrap(model, "dfa").materialise(x)
+    assert w.point_names == ["3"] and w.widths == [4]  # after ReLU, pool and flatten: (5, 4)
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.Flatten(), nn.Linear(32, 3))
+    w = neurosal.wrap(seq, "dfa").materialise(x)
+    assert w.point_names == ["1", "3"] and w.widths == [4, 32]  # conv maps shared, flattened features not
+    g, _ = w._signals(e, [(5, 4, 6, 6), (5, 32)], [torch.float32] * 2)
+    want = (e @ w.projection[:, :4]) / 36
+    assert_close(g, want[:, :, None, None].expand(5, 4, 6, 6))
 
 
 def test_per_position_projection_for_sequences():
@@ -532,7 +552,7 @@ def test_width_normalised_feedback_gives_each_point_the_errors_norm():
     x = torch.randn(64, 1, 8, 8)
     e = torch.randn(64, 10)
     for norm, lo, hi in (("width", 0.8, 1.25), ("classes", 5, 1e9)):
-        w = neurosal.wrap(copy.deepcopy(model), "dfa", feedback_norm=norm).materialise(x)
+        w = neurosal.wrap(copy.deepcopy(model), "dfa", feedback_norm=norm, positions="flatten").materialise(x)
         sig = w._signals(e, [(64, 8, 8, 8), (64, 32)], [torch.float32] * 2)
         ratios = [float(s.norm() / e.norm()) for s in sig]
         assert all(lo < r < hi for r in ratios[:1]), (norm, ratios)  # the 512-wide conv point

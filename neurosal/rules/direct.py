@@ -38,11 +38,16 @@ class DirectConfig(RuleConfig):
     #: the error's norm, as backprop's gradients roughly do (TinyDFA's normalisation) -- use it with
     #: plain SGD on wide points (conv feature maps), where "classes" makes updates width-times too large
     feedback_norm: str = "classes"
+    #: general engine, per-sample error, points with positions (feature maps, tokens): "auto"/"shared" one
+    #: signal per channel shared by the positions; "flatten" one per unit (what spec chains always do)
+    positions: str = "auto"
 
     def __post_init__(self):
         check(self.init in ("gaussian", "uniform"), "rule option init", f"use gaussian or uniform, not {self.init!r}")
         check(self.feedback_norm in ("classes", "width"), "rule option feedback_norm",
               f"use classes or width, not {self.feedback_norm!r}")
+        check(self.positions in ("auto", "shared", "flatten"), "rule option positions",
+              f"use auto, shared or flatten, not {self.positions!r}")
         check(positive(self.scale), "rule option scale", f"must be a positive number, got {self.scale}")
 
 
@@ -53,6 +58,9 @@ class DirectRule(Rule):
     def setup(self, net, out_shapes, n_classes, generator):
         if self.config.init not in ("gaussian", "uniform"):
             raise NeurosalError(f"{self.name}: init must be 'gaussian' or 'uniform'")
+        if self.config.positions == "shared":
+            raise NeurosalError(f"{self.name}: spec chains project to every unit (positions=flatten); "
+                                "positions=shared is for other models (neurosal.wrap)")
         self.spans: list[tuple[int, int]] = []
         self.time_steps: list[int | None] = []  # spiking layers share one projection across time
         width = 0
