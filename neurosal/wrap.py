@@ -550,7 +550,9 @@ class Wrapped(nn.Module):
                     part = part.unsqueeze(0).expand(s)
             elif axis:
                 part = part.reshape(s[1], s[0], *s[2:]).transpose(0, 1)
-            out.append(part.reshape(s).to(dt))
+            # a fresh, contiguous tensor: autograd may accumulate into an incoming gradient in place,
+            # which an expanded (stride-0) view cannot take
+            out.append(part.reshape(s).to(dt).contiguous())
         if self._watch is not None:
             self._watch["ours"] = [o.detach() for o in out]
         return out

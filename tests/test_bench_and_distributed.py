@@ -50,7 +50,7 @@ def launch(tmp_path, name, rule, nproc, *extra, model="mlp:32x16"):
 VIT = "vit:patch=4,dim=8,depth=1,heads=2"
 # plain SGD for the ViT: the attention's key bias has a zero true gradient (softmax ignores a constant
 # per row); Adam would turn its rounding noise into full-size steps that differ between 1 and 2 ranks
-SGD = ("--optimizer", "SGD", "--lr", "0.05")
+SGD = ("--optimizer", "SGD", "--lr", "0.01")  # 0.05 is chaotic for dfa here: 2e-7 -> 0.26 in an epoch
 
 
 @pytest.mark.parametrize("rule,extra,model", [("bp", (), "mlp:32x16"), ("dfa", (), "mlp:32x16"),
