@@ -39,7 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import neurosal  # noqa: E402
-from neurosal.bench import machine_info  # noqa: E402
+from neurosal.bench import machine_info, storage_counter  # noqa: E402
 from neurosal.engine import forward_cached  # noqa: E402
 from neurosal.rules import make_rule  # noqa: E402
 from neurosal.zoo import ResNet, ViT  # noqa: E402
@@ -85,26 +85,12 @@ def build(model: str, path: str, rule: str):
 
 def saved_bytes(wrapped, x, y) -> int:
     """Non-parameter bytes kept alive for the update of one step (see the module docstring)."""
-    params = {p.untyped_storage().data_ptr() for p in wrapped.parameters()}
-    seen: dict[int, int] = {}
-
-    def count(t):
-        if isinstance(t, torch.Tensor):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                seen[ptr] = t.untyped_storage().nbytes()
-        elif isinstance(t, (tuple, list)):
-            for v in t:
-                count(v)
-        elif hasattr(t, "x") and hasattr(t, "state"):
-            count([t.x, t.state])
-        return t
-
+    seen, count = storage_counter(wrapped.parameters())
     if wrapped.chain and not wrapped.rule.autograd:
         with torch.no_grad():
             _, cache = forward_cached(wrapped.model, x)
         for c in cache:
-            count(c)
+            count([c.x, c.state])
         return sum(seen.values())
     with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
         out = wrapped(x)
@@ -118,21 +104,15 @@ def max_block_bytes(wrapped, x) -> int:
     sizes = []
     for name in wrapped.point_names:
         block = wrapped.model.get_submodule(name)
-        seen: dict[int, int] = {}
-
-        def count(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         captured = {}
         h = block.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].detach()))
         with torch.no_grad():
             wrapped.model(x)
         h.remove()
-        params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        seen, count = storage_counter(block.parameters())
         with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
             block.forward.original(captured["x"]) if hasattr(block.forward, "original") else block(captured["x"])
-        sizes.append(sum(v for k, v in seen.items() if k not in params))
+        sizes.append(sum(seen.values()))
     return max(sizes)
 
 

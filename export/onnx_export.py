@@ -32,7 +32,7 @@ from hw_models.analog import analog_mvm
 from hw_models.snn import delay, lif_membrane
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import keep_own_forward
+from neurosal.layers import keep_own_forward, replace_module
 from neurosal.models import Block, Net
 from neurosal.protocols import LocalDerivative
 
@@ -192,13 +192,7 @@ class ModuleTwin(nn.Module):
                 new = LinearTwin(m)
             else:
                 continue
-            keep_own_forward(new)
-            parent, _, attr = name.rpartition(".")
-            holder = twin.get_submodule(parent) if parent else twin
-            if isinstance(holder, (nn.Sequential, nn.ModuleList)):
-                holder[int(attr)] = new
-            else:
-                setattr(holder, attr, new)
+            replace_module(twin, name, keep_own_forward(new))
         self.model = twin.eval()
 
     def output_names(self) -> list[str]:

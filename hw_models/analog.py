@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import float_update, keep_own_forward
+from neurosal.layers import float_update, keep_own_forward, replace_module
 
 from .array import DifferentialArray, clip_fraction
 from .devices import DeviceConfig
@@ -276,13 +276,7 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
             new = AnalogLinear.from_float(op, cfg, seed * 1000 + i)
         else:
             raise NeurosalError(f"{name}: no analog version of {type(op).__name__}")
-        keep_own_forward(new)
-        parent, _, attr = name.rpartition(".")
-        holder = target.get_submodule(parent) if parent else target
-        if isinstance(holder, (nn.Sequential, nn.ModuleList)):
-            holder[int(attr)] = new
-        else:
-            setattr(holder, attr, new)
+        replace_module(target, name, keep_own_forward(new))
     return net
 
 

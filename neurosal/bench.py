@@ -232,6 +232,28 @@ def measure(job: dict) -> dict:
     return res
 
 
+def storage_counter(exclude) -> tuple[dict, callable]:
+    """``(seen, count)``: ``count(t)`` records the bytes of each distinct storage of the tensors in ``t``
+    (a tensor, or nested tuples/lists of them) in ``seen``, skipping the storages of ``exclude``
+    (the parameters); it returns ``t``, so it serves as a saved-tensors pack hook too."""
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    seen: dict[int, int] = {}
+
+    def count(t):
+        if isinstance(t, torch.Tensor):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in skip:
+                seen[ptr] = t.untyped_storage().nbytes()
+        elif isinstance(t, (tuple, list)):
+            for v in t:
+                count(v)
+        return t
+
+    return seen, count
+
+
 def retained_activation_bytes(net, rule, x, y, n_classes: int, memory: str) -> int:
     """Exact bytes of activations a training step keeps alive for its update (parameters excluded):
     BP -- the tensors autograd saves for backward (unique storages); the local rules -- what the
@@ -241,20 +263,10 @@ def retained_activation_bytes(net, rule, x, y, n_classes: int, memory: str) -> i
 
     from .engine import forward_cached
 
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    seen: dict[int, int] = {}
-
-    def count(t):
-        if isinstance(t, torch.Tensor):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                seen[ptr] = t.untyped_storage().nbytes()
-        elif isinstance(t, (tuple, list)):
-            for v in t:
-                count(v)
+    seen, count = storage_counter(net.parameters())
 
     if rule.autograd:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: (count(t), t)[1], lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
             torch.nn.functional.cross_entropy(net(x), y)  # the graph (and what it saved) is dropped at once
         return sum(seen.values())
     with torch.no_grad():

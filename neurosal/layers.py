@@ -94,6 +94,16 @@ def keep_own_forward(module: nn.Module) -> nn.Module:
     return module
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted, as ``named_modules`` gives it) sits in ``root``."""
+    parent, _, attr = name.rpartition(".")
+    holder = root.get_submodule(parent) if parent else root
+    if isinstance(holder, (nn.Sequential, nn.ModuleList)):
+        holder[int(attr)] = new
+    else:
+        setattr(holder, attr, new)
+
+
 def accumulate_grad(p: torch.Tensor | None, g: torch.Tensor | None) -> None:
     """Add ``g`` to ``p.grad`` (creating it), in the parameter's dtype (autocast may compute in bf16)."""
     if p is None or g is None:

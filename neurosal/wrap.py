@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from .areas import AreaLinear
 from .engine import MEMORY_MODES, ChainStep, block_output_shapes
 from .errors import NeurosalError
-from .layers import PARAM_LAYERS, _conv_args, feedback, keep_own_forward, weight_update
+from .layers import PARAM_LAYERS, _conv_args, feedback, keep_own_forward, replace_module, weight_update
 from .models import Net
 from .protocols import DirectFeedback, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
 from .rules import make_rule
@@ -698,9 +698,7 @@ def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
         if lin.bias is None:
             raise NeurosalError(f"sal: {name!r} has no bias; area layers keep one per area")
         area.to(lin.weight.device, lin.weight.dtype)
-        keep_own_forward(area)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, attr, area)
+        replace_module(model, name, keep_own_forward(area))
 
 
 def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: Iterable[str] | None = None,
