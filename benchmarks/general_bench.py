@@ -101,17 +101,19 @@ def saved_bytes(wrapped, x, y) -> int:
 
 def max_block_bytes(wrapped, x) -> int:
     """Activation bytes of the largest feedback block, recomputed when its signal arrives."""
-    sizes = []
-    for name in wrapped.point_names:
-        block = wrapped.model.get_submodule(name)
-        captured = {}
-        h = block.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].detach()))
-        with torch.no_grad():
-            wrapped.model(x)
+    blocks = [wrapped.model.get_submodule(n) for n in wrapped.point_names]
+    inputs = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.setdefault(m, a[0].detach())) for b in blocks]
+    with torch.no_grad():  # one pass captures every block's input
+        wrapped.model(x)
+    for h in hooks:
         h.remove()
+    sizes = []
+    for block in blocks:
         seen, count = storage_counter(block.parameters())
+        run = block.forward.original if hasattr(block.forward, "original") else block
         with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            block.forward.original(captured["x"]) if hasattr(block.forward, "original") else block(captured["x"])
+            run(inputs[block])
         sizes.append(sum(seen.values()))
     return max(sizes)
 

@@ -502,7 +502,7 @@ class Wrapped(nn.Module):
         readout's true gradient. ``positions="flatten"`` projects to every unit independently instead.
         """
         lead = len(e_shape) - 1
-        mode = getattr(self.rule.config, "positions", "auto")
+        mode = self.rule.config.positions
         out = []
         for s in map(tuple, shapes):
             if s[:lead] == tuple(e_shape[:lead]):
