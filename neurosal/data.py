@@ -14,6 +14,8 @@ Names accepted by :func:`load_dataset`::
     mnist             IDX files of full MNIST in a folder the user gives (--data-root)
     cifar10           CIFAR-10 binary batches in a folder the user gives (--data-root)
     path/to/file.npz  arrays X, y (optionally X_test, y_test); y integer or string class names
+    austen            Jane Austen's novels, character level (:mod:`neurosal.text`)
+    path/to/file.txt  your own text, character level (:mod:`neurosal.text`)
     path/to/file.csv  numeric feature columns and one label column (the last, or --label-column
                       NAME|INDEX); labels integers or class names; an optional header row
 
@@ -479,16 +481,25 @@ OFFLINE = {
 
 
 def dataset_names() -> list[str]:
-    return sorted(OFFLINE)
+    return sorted(list(OFFLINE) + ["austen"])
 
 
 def load_dataset(name: str, root: str | None = None, limit: int | None = None,
-                 label_column: str | int | None = None) -> Dataset:
+                 label_column: str | int | None = None, context: int | None = None) -> Dataset:
     """Load a dataset by name or by file path; ``limit`` keeps the first N training samples;
-    ``label_column`` picks a CSV's label column by name or index."""
+    ``label_column`` picks a CSV's label column by name or index. Text (``austen``, ``file.txt``:
+    :mod:`neurosal.text`) comes as windows of ``context`` characters (default 128)."""
+    from .text import is_text, load_text
+
     if limit is not None and limit < 1:
         raise NeurosalError(f"--limit must be a positive number of samples, got {limit}")
     key = name.lower().replace("_", "-")
+    if is_text(name):
+        if label_column is not None:
+            raise NeurosalError("--label-column is for CSV tables, not text")
+        return load_text(name, root).windows(context or 128, limit)
+    if context is not None:
+        raise NeurosalError(f"a context length is for text data (austen, file.txt), not {name!r}")
     if key in OFFLINE:
         if label_column is not None:
             raise NeurosalError(f"--label-column is for your own CSV files, not the built-in {key!r}")
@@ -497,7 +508,7 @@ def load_dataset(name: str, root: str | None = None, limit: int | None = None,
         ds = load_file(name, label_column)
     else:
         raise NeurosalError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}, "
-                            "or a path to a .npz/.csv file")
+                            "or a path to a .npz/.csv/.txt file")
     if limit is not None:
         ds = replace(ds, x_train=ds.x_train[:limit], y_train=ds.y_train[:limit])
     return ds

@@ -37,6 +37,10 @@ class LayerwiseFeedback(Protocol):
     keeps whatever state its ``B`` needs per slot.
     """
 
+    def begin(self, n_outputs: int) -> None:
+        """Called once before the first ``init_feedback``: the model's output width (a classifier's
+        classes, a language model's vocabulary), for rules whose feedback is sized by it (ldef's rank)."""
+
     def init_feedback(self, slot: int, weight: torch.Tensor, generator: torch.Generator) -> None:
         """Create the feedback state of the layer in ``slot`` whose forward weight is ``weight``."""
 

@@ -44,6 +44,9 @@ class TrainConfig:
     data_root: str | None = None
     label_column: str | None = None  # user tables: the label column's name or index (default: the last)
     limit: int | None = None  # keep only the first N training samples
+    context: int | None = None  # text: characters per window (default: the gpt model's ctx, else 128)
+    epoch_samples: int | None = None  # samples drawn per epoch (without replacement); default: all
+    eval_limit: int | None = None  # evaluate on the first N test samples (windows); default: all
     epochs: int = 5
     batch_size: int = 128
     optimizer: str = "Adam"
@@ -60,7 +63,7 @@ class TrainConfig:
     progress: bool = True
 
     # fields that may change between a run and its resumption
-    RESUMABLE_CHANGES = ("epochs", "progress", "keep_checkpoints", "alignment", "accel")
+    RESUMABLE_CHANGES = ("epochs", "progress", "keep_checkpoints", "alignment", "accel", "eval_limit")
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -73,8 +76,10 @@ class TrainConfig:
             raise NeurosalError(f"unknown lr schedule {self.schedule!r}; use constant or cosine")
         if self.memory not in MEMORY_MODES:
             raise NeurosalError(f"unknown memory mode {self.memory!r}; use one of {MEMORY_MODES}")
-        if self.limit is not None and self.limit < 1:
-            raise NeurosalError(f"--limit must be a positive number of samples, got {self.limit}")
+        for name in ("limit", "context", "epoch_samples", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise NeurosalError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         for name in ("momentum", "weight_decay"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
@@ -121,16 +126,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def loss_and_hits(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
+    """Cross-entropy and the number of right guesses, per sample (``(B, V)`` logits, ``(B,)`` labels) or per
+    position (``(B, T.., V)`` logits, ``(B, T..)`` targets: a language model's loss over every position)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    loss = torch.nn.functional.cross_entropy(flat, y.reshape(-1), reduction=reduction)
+    return loss, (flat.argmax(-1) == y.reshape(-1)).sum()
+
+
 @torch.no_grad()
-def evaluate(net: Net, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> tuple[float, float]:
+def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy per target (per sample, or per position for sequences)."""
+    was = net.training
     net.eval()
-    total_loss, correct = 0.0, 0
+    if batch is None:  # about 2^18 targets at a time
+        batch = max(1, (1 << 18) // max(1, y[0].numel()))
+    total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
     for i in range(0, len(x), batch):
-        logits = net(x[i:i + batch])
-        total_loss += float(torch.nn.functional.cross_entropy(logits, y[i:i + batch], reduction="sum"))
-        correct += int((logits.argmax(1) == y[i:i + batch]).sum())
-    net.train()
-    return total_loss / len(x), correct / len(x)
+        loss, hits = loss_and_hits(net(x[i:i + batch]).float(), y[i:i + batch], "sum")
+        total_loss += loss.double()
+        correct += hits
+    net.train(was)
+    return float(total_loss) / y.numel(), int(correct) / y.numel()
 
 
 class Trainer:
@@ -146,7 +164,10 @@ class Trainer:
         if self.dist is not None and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.data_root, cfg.limit,
-                                                              label_column=cfg.label_column)
+                                                              label_column=cfg.label_column,
+                                                              context=context_for(cfg))
+        #: targets per sample: 1, or the positions of a text window (a language model's loss is per token)
+        self.sequence = ds.y_train.dim() > 1
         self.data = ds.to(self.device)
         self.rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
         self.net = build_net(cfg, self.rule, ds.input_shape, ds.n_classes, self.device)
@@ -253,9 +274,9 @@ class Trainer:
     def _batches(self, epoch: int):
         n = len(self.data.x_train)
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g).to(self.device)
+        perm = torch.randperm(n, generator=g)[:self.cfg.epoch_samples].to(self.device)
         bs = self.cfg.batch_size
-        return [perm[i:i + bs] for i in range(0, n, bs)]
+        return [perm[i:i + bs] for i in range(0, len(perm), bs)]
 
     def lr_at(self, epoch: int) -> float:
         if self.cfg.schedule == "cosine":
@@ -268,9 +289,9 @@ class Trainer:
         logits = self.model(xb)
         if self.rule.needs_target:
             self.wrapped.set_target(yb)
-        loss = torch.nn.functional.cross_entropy(logits, yb)
+        loss, hits = loss_and_hits(logits, yb)
         loss.backward()
-        return loss.detach(), logits.detach()
+        return loss.detach(), hits
 
     def train_epoch(self, epoch: int) -> dict:
         from tqdm.auto import tqdm
@@ -287,7 +308,8 @@ class Trainer:
                 rec["alignment_deg"] = alignment(self.net, self.rule, self.reference,
                                                  d.x_train[idx], d.y_train[idx], d.n_classes)
             else:
-                report = alignment_report(self.wrapped, d.x_train[idx], d.y_train[idx])
+                report = alignment_report(self.wrapped, d.x_train[idx], d.y_train[idx],
+                                          loss_fn=lambda out, y: loss_and_hits(out, y)[0])
                 rec["alignment_deg"] = report["layers"]
                 if report["points"]:
                     rec["point_alignment_deg"] = report["points"]
@@ -302,7 +324,7 @@ class Trainer:
                 idx = self.dist.shard(idx)
             xb, yb = d.x_train[idx], d.y_train[idx]
             t0 = time.perf_counter()
-            loss, logits = self.train_batch(xb, yb)
+            loss, hits = self.train_batch(xb, yb)
             if self.reducer is not None:
                 self.reducer.wait()
             if self.dist is not None:
@@ -314,21 +336,29 @@ class Trainer:
             _sync(self.device)
             step_times.append(time.perf_counter() - t0)
             loss_sum += loss * len(idx)
-            correct += (logits.argmax(1) == yb).sum()
+            correct += hits
             if len(step_times) % 50 == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
         if self.dist is not None:  # metrics of the global batch
             loss_sum, correct = self.dist.sum(loss_sum), self.dist.sum(correct)
-        train_loss = float(loss_sum) / len(d.x_train)
+        n_seen = sum(len(i) for i in batches)
+        per_sample = d.y_train[0].numel()
+        train_loss = float(loss_sum) / n_seen
         if not math.isfinite(train_loss):
             raise NeurosalError(f"training diverged in epoch {epoch}: the loss is NaN/Inf "
                                 "(try a lower learning rate); earlier checkpoints are intact")
-        test_loss, test_acc = evaluate(self.net, d.x_test, d.y_test)
+        n_eval = cfg.eval_limit or len(d.x_test)
+        test_loss, test_acc = evaluate(self.net, d.x_test[:n_eval], d.y_test[:n_eval])
         times = sorted(step_times)
-        rec.update(train_loss=train_loss, train_acc=int(correct) / len(d.x_train),
+        rec.update(train_loss=train_loss, train_acc=int(correct) / (n_seen * per_sample),
                    test_loss=test_loss, test_acc=test_acc,
                    step_time_ms=1000 * times[len(times) // 2],
                    epoch_time_s=time.perf_counter() - t_epoch)
+        if self.sequence:  # language models: bits per token (per character on text), tokens/s
+            rec.update(train_bpc=train_loss / math.log(2), test_bpc=test_loss / math.log(2),
+                       test_perplexity=math.exp(min(test_loss, 700.0)),
+                       tokens_seen=n_seen * per_sample + (self.history[-1]["tokens_seen"] if self.history else 0),
+                       tokens_per_s=n_seen * per_sample / max(sum(step_times), 1e-9))
         rec.update(self.rule.epoch_stats(self.net))
         rec.update(substrate_epoch_stats(self.net))
         return rec
@@ -372,7 +402,11 @@ class Trainer:
                 checkpoint.save(checkpoint.epoch_path(self.out, epoch), state)
                 checkpoint.prune(self.out, self.cfg.keep_checkpoints)
                 self.write_metrics()
-            if self.cfg.progress and self.main:
+            if self.cfg.progress and self.main and self.sequence:
+                print(f"[{self.cfg.rule}] epoch {epoch}: train {rec['train_bpc']:.3f} bpc, validation "
+                      f"{rec['test_bpc']:.3f} bpc ({100 * rec['test_acc']:.1f}% next-character), "
+                      f"{rec['tokens_per_s']:.0f} tokens/s", flush=True)
+            elif self.cfg.progress and self.main:
                 print(f"[{self.cfg.rule}] epoch {epoch}: loss {rec['train_loss']:.4f} "
                       f"test acc {100 * rec['test_acc']:.2f}% step {rec['step_time_ms']:.2f} ms", flush=True)
             clipped = max(rec.get("coincidence_clipped", [0.0]))
@@ -438,6 +472,22 @@ def build_net(cfg: TrainConfig, rule: Rule, input_shape, n_classes: int, device:
     if cfg.device:
         net = apply_device(net, cfg.device, cfg.device_options, cfg.seed)
     return net
+
+
+def context_for(cfg: TrainConfig) -> int | None:
+    """The window length of text data: ``cfg.context``, else the gpt model's ctx, else 128; None for
+    other data (a context given with non-text data is refused when the data loads)."""
+    from .text import is_text
+    from .zoo import context_length
+
+    if not is_text(cfg.data):
+        return cfg.context
+    ctx = context_length(cfg.model)
+    if cfg.context is not None:
+        if ctx is not None and cfg.context > ctx:
+            raise NeurosalError(f"--context {cfg.context} is longer than the model's ctx={ctx}")
+        return cfg.context
+    return ctx or 128
 
 
 def wrap_for_training(cfg: TrainConfig, net: torch.nn.Module, rule: Rule, input_shape, example) -> Wrapped:

@@ -440,7 +440,12 @@ class Wrapped(nn.Module):
     def _install_layerwise(self, gen: torch.Generator) -> None:
         if self.rule.autograd:
             return  # bp: plain autograd
-        for slot, (name, m) in enumerate(layer_sites(self.model)):
+        sites = layer_sites(self.model)
+        if sites:  # the last layer registered is taken as the output layer
+            last = sites[-1][1]
+            self.rule.begin(last.out_proj.out_features if isinstance(last, nn.MultiheadAttention)
+                            else last.weight.shape[0])
+        for slot, (name, m) in enumerate(sites):
             if isinstance(m, nn.MultiheadAttention):
                 proj = _InProjection(m)
                 self.rule.init_feedback(slot, proj.weight, gen)

@@ -11,6 +11,14 @@
                                       linear head on the mean of the tokens (pool=mean, as in Beyer et al.
                                       2022's plain ViT baselines) or on a class token (pool=cls); every
                                       field optional
+    gpt:layers=4,dim=256,heads=4,ctx=128,mlp=4
+                                      a GPT-style decoder for character-level text (Radford et al. 2019):
+                                      token embedding plus learned positions, pre-LayerNorm blocks of
+                                      causal self-attention (fused q/k/v Linear, scaled-dot-product
+                                      attention) and a GELU MLP (mlp x dim hidden units), final LayerNorm,
+                                      linear head to the vocabulary at every position; GPT-2
+                                      initialisation (N(0, 0.02), residual projections scaled by
+                                      1/sqrt(2 layers)); untied head. Every field optional.
     path/to/file.py:ClassName[:k=v,...]
                                       your own module: the class is imported from the file and built with
                                       the k=v options, plus ``n_classes`` / ``input_shape`` when its
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 import sys
 from pathlib import Path
 
@@ -33,7 +42,7 @@ import torch.nn.functional as F
 
 from .errors import NeurosalError
 
-KINDS = ("resnet", "vit")
+KINDS = ("resnet", "vit", "gpt")
 
 
 def is_zoo_spec(spec: str) -> bool:
@@ -148,6 +157,92 @@ class ViT(nn.Module):
         return self.head(self.norm(t[:, 0] if self.cls is not None else t.mean(1)))
 
 
+# ----------------------------------------------------------------------------- GPT
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t sees positions <= t only."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, int(mlp * dim))
+        self.fc2 = nn.Linear(int(mlp * dim), dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: ``(B, T)`` token indices -> ``(B, T, vocab)`` next-token logits."""
+
+    def __init__(self, vocab: int, layers: int = 4, dim: int = 256, heads: int = 4, ctx: int = 128,
+                 mlp: float = 4.0):
+        super().__init__()
+        if dim % heads:
+            raise NeurosalError(f"gpt: dim {dim} is not a multiple of heads {heads}")
+        self.ctx = ctx
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(ctx, dim)
+        self.blocks = nn.ModuleList(GPTBlock(dim, heads, mlp) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("proj.weight", "fc2.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx):
+        t = idx.shape[-1]
+        if t > self.ctx:
+            raise NeurosalError(f"gpt: {t} positions given, the model has ctx={self.ctx}")
+        if idx.is_floating_point():
+            raise NeurosalError("gpt takes token indices (an integer tensor), got floats")
+        h = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(self.ln_f(h))
+
+
+GPT_FIELDS = {"layers": int, "dim": int, "heads": int, "ctx": int, "mlp": (int, float)}
+
+
+def gpt_options(spec: str) -> dict:
+    """The checked k=v options of a ``gpt:...`` spec (defaults not filled in)."""
+    o = _options(spec.partition(":")[2], spec)
+    for k, v in o.items():
+        if k not in GPT_FIELDS:
+            raise NeurosalError(f"model {spec!r}: unknown option {k!r}; gpt takes {', '.join(GPT_FIELDS)}")
+        if not isinstance(v, GPT_FIELDS[k]) or isinstance(v, bool) or v <= 0:
+            raise NeurosalError(f"model {spec!r}: {k} must be a positive number, got {v!r}")
+    return o
+
+
+def context_length(spec: str) -> int | None:
+    """The context a model spec was built for (gpt's ctx, 128 by default), or None when it has none."""
+    if spec.split(":", 1)[0].strip().lower() != "gpt":
+        return None
+    return gpt_options(spec).get("ctx", 128)
+
+
 # ----------------------------------------------------------------------------- building
 
 def build_zoo(spec: str, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
@@ -156,6 +251,13 @@ def build_zoo(spec: str, input_shape: tuple[int, ...], n_classes: int) -> nn.Mod
         return _from_file(spec, *file, input_shape, n_classes)
     kind, _, rest = spec.strip().partition(":")
     kind = kind.lower()
+    if kind == "gpt":
+        o = gpt_options(spec)
+        ctx = o.setdefault("ctx", 128)
+        if len(input_shape) != 1 or input_shape[0] > ctx:
+            raise NeurosalError(f"model {spec!r} needs text windows of at most ctx={ctx} characters "
+                                f"(--data austen or a .txt file); the data has shape {tuple(input_shape)}")
+        return GPT(n_classes, **o)
     if len(input_shape) != 3:
         raise NeurosalError(f"model {spec!r} needs image inputs (C, H, W); the data has shape {tuple(input_shape)}")
     if kind == "resnet":
@@ -225,4 +327,4 @@ def describe(model: nn.Module) -> str:
     return f"{type(model).__name__} ({n_params(model) / 1e6:.3g}M parameters)"
 
 
-__all__ = ["BasicBlock", "ResNet", "ViT", "build_zoo", "is_zoo_spec", "describe"]
+__all__ = ["BasicBlock", "ResNet", "ViT", "GPT", "context_length", "build_zoo", "is_zoo_spec", "describe"]

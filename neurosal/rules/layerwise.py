@@ -33,6 +33,9 @@ class LayerwiseRule(Rule):
             if l:
                 self.init_feedback(l, blk.op.weight, generator)
 
+    def begin(self, n_outputs: int) -> None:
+        """The model's output width, before the first :meth:`init_feedback`; default: not needed."""
+
     def init_feedback(self, slot: int, weight: torch.Tensor, generator: torch.Generator) -> None:
         """Create the feedback state of layer ``slot``; default: none (B is a function of W)."""
 
@@ -248,7 +251,8 @@ class KolenPollack(FeedbackAlignment):
 
 @dataclasses.dataclass
 class LDEFConfig(RuleConfig):
-    #: rank of each feedback pathway (the error is compressed to this many dims); 0 = n_classes
+    #: rank of each feedback pathway (the error is compressed to this many dims); 0 = the model's output
+    #: width (a classifier's classes, a language model's vocabulary)
     rank: int = 0
     #: decay on the feedback factors (with the Kolen-Pollack-style update it makes B forget its init)
     decay: float = 1e-3
@@ -284,10 +288,13 @@ class LowDimErrorFeedback(LayerwiseRule):
         self.n_classes = n_classes
         super().setup(net, out_shapes, n_classes, generator)
 
+    def begin(self, n_outputs):
+        self.n_classes = n_outputs
+
     def init_feedback(self, slot, weight, generator):
         while len(self.factors) < 2 * slot:  # slots without feedback (a chain's first block) hold empties
             self.factors.append(nn.Parameter(torch.zeros(0, device=weight.device, dtype=weight.dtype)))
-        r = self.config.rank or self.n_classes or 10
+        r = self.config.rank or self.n_classes
         n_out, n_in = weight.shape[0], weight[0].numel()
         rank = min(r, n_out, n_in)
         a = gaussian((n_out, rank), 1 / math.sqrt(rank), generator)
