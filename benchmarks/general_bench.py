@@ -39,7 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import neurosal  # noqa: E402
-from neurosal.bench import machine_info, storage_counter  # noqa: E402
+from neurosal.bench import machine_info, storage_counter, wrapped_activation_bytes  # noqa: E402
 from neurosal.engine import forward_cached  # noqa: E402
 from neurosal.rules import make_rule  # noqa: E402
 from neurosal.zoo import ResNet, ViT  # noqa: E402
@@ -85,37 +85,14 @@ def build(model: str, path: str, rule: str):
 
 def saved_bytes(wrapped, x, y) -> int:
     """Non-parameter bytes kept alive for the update of one step (see the module docstring)."""
-    seen, count = storage_counter(wrapped.parameters())
     if wrapped.chain and not wrapped.rule.autograd:
+        seen, count = storage_counter(wrapped.parameters())
         with torch.no_grad():
             _, cache = forward_cached(wrapped.model, x)
         for c in cache:
             count([c.x, c.state])
         return sum(seen.values())
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-        out = wrapped(x)
-        F.cross_entropy(out, y)
-    wrapped.zero_grad(set_to_none=True)
-    return sum(seen.values())
-
-
-def max_block_bytes(wrapped, x) -> int:
-    """Activation bytes of the largest feedback block, recomputed when its signal arrives."""
-    blocks = [wrapped.model.get_submodule(n) for n in wrapped.point_names]
-    inputs = {}
-    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.setdefault(m, a[0].detach())) for b in blocks]
-    with torch.no_grad():  # one pass captures every block's input
-        wrapped.model(x)
-    for h in hooks:
-        h.remove()
-    sizes = []
-    for block in blocks:
-        seen, count = storage_counter(block.parameters())
-        run = block.forward.original if hasattr(block.forward, "original") else block
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            run(inputs[block])
-        sizes.append(sum(seen.values()))
-    return max(sizes)
+    return wrapped_activation_bytes(wrapped, x, y)
 
 
 def biotorch_fa(model: str):
@@ -182,9 +159,7 @@ def run(models, rules, rounds: int, steps: int, bio: bool, notes: list) -> list[
                     times.append(time.perf_counter() - t0)
                 per_round[i].append(statistics.median(times))
         for i, (path, rule, m, _) in enumerate(cases):
-            act = saved_bytes(m, x, y) if path != "biotorch" else None
-            if act is not None and m.memory == "recompute" and not m.chain:
-                act += max_block_bytes(m, x)  # the one block alive during its recomputation
+            act = saved_bytes(m, x, y) if path != "biotorch" else None  # recompute: + the largest block
             rows.append({"model": model, "path": path, "rule": rule, "batch": batch,
                          "step_ms": 1000 * statistics.median(per_round[i]),
                          "activations_mb": None if act is None else act / 2 ** 20,

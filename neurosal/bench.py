@@ -11,6 +11,13 @@ subprocess, so peak memory is the case's own:
   + weight updates + the projections) over the step time -- as a fraction of a matmul peak measured on
   the same device and dtype.
 
+Transformers (``gpt_params``: presets of 1e7, 1e8, 1e9 parameters; ``gpt_depths``: a depth sweep at
+``gpt_dim``) run through the general engine (:func:`neurosal.wrap`) on random token windows with a per-token
+loss; their FLOPs count the matmuls of the blocks, the causal attention and the head (BP and the
+layerwise rules: 3x the forward; the direct rules add the projection of the error and, recomputing, a
+second forward); SAL rows add the area load (largest area's share of tokens over an even split; areas
+have no capacity limit, no token is dropped).
+
 Results: ``bench.json`` (machine, versions, settings, rows), ``bench.md`` (one table, with time and
 memory ratios against BP on the same model) and ``bench.png`` (memory and time vs depth).
 Rules may carry a memory mode: ``dfa[recompute]``.
@@ -53,6 +60,12 @@ class BenchConfig:
     devices: list = field(default_factory=lambda: [None])  # analog device presets to include
     input_dim: int = 784
     n_classes: int = 10
+    gpt_params: list[float] = field(default_factory=list)  # transformer presets by size (GPT_PRESETS)
+    gpt_depths: list[int] = field(default_factory=list)  # transformer depth sweep at gpt_dim
+    gpt_dim: int = 256
+    ctx: int = 256  # tokens per window
+    vocab: int = 256
+    gpt_batch: int = 8  # windows per step
 
     def validate(self) -> None:
         """Refuse a sweep that could not run, before minutes of benchmarking (one ``error:`` line)."""
@@ -70,7 +83,14 @@ class BenchConfig:
                 raise NeurosalError(f"unknown memory mode {mode!r} in {text!r}; use one of {MEMORY_MODES}")
         if self.dtype not in ("float32", "bf16"):
             raise NeurosalError(f"bench dtype must be float32 or bf16, not {self.dtype!r}")
-        for name in ("width", "depth", "batch", "steps", "input_dim", "n_classes"):
+        for p in self.gpt_params:
+            if p not in GPT_PRESETS:
+                raise NeurosalError(f"no transformer preset of {p:g} parameters; presets: "
+                                    + ", ".join(f"{k:g}" for k in GPT_PRESETS))
+        if self.gpt_dim % 64 and self.gpt_dim > 64:
+            raise NeurosalError(f"gpt_dim must be a multiple of 64 (heads of 64), got {self.gpt_dim}")
+        for name in ("width", "depth", "batch", "steps", "input_dim", "n_classes", "gpt_dim", "ctx", "vocab",
+                     "gpt_batch"):
             if getattr(self, name) < 1:
                 raise NeurosalError(f"bench {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -87,12 +107,22 @@ class BenchConfig:
     @staticmethod
     def small() -> "BenchConfig":
         return BenchConfig(widths=[128, 512], depths=[2, 8, 32], params=[1e5, 1e6], width=256, depth=4,
-                           batch=128, steps=5, warmup=2)
+                           batch=128, steps=5, warmup=2, gpt_depths=[2, 8], gpt_dim=64, ctx=64, gpt_batch=4)
 
     @staticmethod
     def full() -> "BenchConfig":
         return BenchConfig(widths=[1024, 4096, 8192], depths=[2, 8, 32, 128], params=[1e7, 1e8, 1e9],
-                           width=2048, depth=8, batch=1024, steps=20, warmup=5, dtype="bf16")
+                           width=2048, depth=8, batch=1024, steps=20, warmup=5, dtype="bf16",
+                           gpt_params=[1e7, 1e8, 1e9], gpt_depths=[4, 16, 32], gpt_dim=1024, ctx=1024, gpt_batch=8)
+
+
+#: transformer presets: parameter count -> (layers, dim, heads); the blocks hold 12 * layers * dim^2
+#: weights (10.6M, 99.1M, 1.007B), heads of 64 (1e7, 1e8) or 128 (1e9) dimensions
+GPT_PRESETS = {1e7: (6, 384, 6), 1e8: (14, 768, 12), 1e9: (20, 2048, 16)}
+
+
+def gpt_spec(layers: int, dim: int, heads: int, ctx: int) -> str:
+    return f"gpt:layers={layers},dim={dim},heads={heads},ctx={ctx}"
 
 
 def parse_rule(text: str) -> tuple[str, str]:
@@ -114,6 +144,11 @@ def cases(cfg: BenchConfig) -> list[dict]:
         models.append(("params", w, cfg.depth))
     specs = [(sweep, f"mlp:{w}*{d}", w, d) for sweep, w, d in models]
     specs += [("model", spec, None, None) for spec in cfg.models]
+    for p in cfg.gpt_params:
+        layers, dim, heads = GPT_PRESETS[p]
+        specs.append(("gpt-params", gpt_spec(layers, dim, heads, cfg.ctx), None, layers))
+    for d in cfg.gpt_depths:
+        specs.append(("gpt-depth", gpt_spec(d, cfg.gpt_dim, max(1, cfg.gpt_dim // 64), cfg.ctx), None, d))
     seen, out = set(), []
     for sweep, spec, w, d in specs:
         for rule in cfg.rules:
@@ -135,6 +170,20 @@ def mlp_flops(rule: str, batch: int, dims: list[int], n_classes: int) -> float:
     proj = 2 * batch * n_classes * sum(dims[1:-1])  # DFA-family projections
     extra = fwd if parse_rule(rule)[1] == "recompute" else 0
     return fwd + 2 * batch * sum(mats) + proj + extra
+
+
+def gpt_flops(rule: str, batch: int, ctx: int, layers: int, dim: int, vocab: int, mlp: float = 4.0) -> float:
+    """FLOPs of one training step of :class:`~neurosal.zoo.GPT` on ``batch`` windows of ``ctx`` tokens."""
+    tokens = batch * ctx
+    per_token = 2 * layers * (4 + 2 * mlp) * dim * dim + 2 * layers * ctx * dim + 2 * dim * vocab  # causal: T/2 keys
+    fwd = tokens * per_token
+    name, memory = parse_rule(rule)
+    total = 3 * fwd
+    if name in ("dfa", "drtp", "sal"):
+        total += 2 * tokens * vocab * dim * layers  # the error projected to every block's output
+        if memory == "recompute":
+            total += fwd - tokens * 2 * dim * vocab
+    return total
 
 
 def _rss() -> int:
@@ -172,6 +221,8 @@ def measure(job: dict) -> dict:
     """One case, in this process: build, warm up, time ``steps`` steps, read the peak memory."""
     import torch
 
+    if job["model"].startswith("gpt"):
+        return measure_gpt(job)
     from .engine import block_output_shapes, train_step
     from .rules import make_rule
     from .substrates import apply_device, finish_step
@@ -203,6 +254,22 @@ def measure(job: dict) -> dict:
         opt.step()
         finish_step(net)
 
+    times, peak = _timed(step, job, dev)
+    med = statistics.median(times)
+    res = {"step_ms": 1000 * med, "samples_per_s": job["batch"] / med, "peak_mem_mb": peak / 2 ** 20,
+           "activations_mb": retained_activation_bytes(net, rule, x, y, n_classes, memory) / 2 ** 20,
+           "params": sum(p.numel() for p in net.parameters())}
+    if job["width"]:  # analytic FLOPs for the mlp:W*D sweeps
+        dims = [job["input_dim"]] + [job["width"]] * job["depth"] + [n_classes]
+        res["flops_per_step"] = flops = mlp_flops(job["rule"], job["batch"], dims, n_classes)
+        res["achieved_flops"] = flops / med
+    return res
+
+
+def _timed(step, job, dev) -> tuple[list[float], int]:
+    """Run ``warmup + steps`` steps; the timed steps' seconds and the peak memory above the start."""
+    import torch
+
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
         sync()
@@ -221,15 +288,96 @@ def measure(job: dict) -> dict:
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return times, peak
+
+
+def measure_gpt(job: dict) -> dict:
+    """One transformer case through the general engine (see the module docstring)."""
+    import torch
+
+    from .areas import AreaLinear
+    from .train import loss_and_hits
+    from .wrap import wrap
+    from .zoo import build_zoo, gpt_options
+
+    torch.manual_seed(0)
+    dev = resolve(job["accel"])
+    name, memory = parse_rule(job["rule"])
+    o = gpt_options(job["model"])
+    ctx, vocab, batch = o["ctx"], job["vocab"], job["gpt_batch"]
+    net = build_zoo(job["model"], (ctx,), vocab).to(dev)
+    wrapped = wrap(net, name, seed=1, memory=memory)
+    model = torch.compile(wrapped) if job.get("compile") and wrapped.rule.autograd else wrapped
+    opt = torch.optim.SGD(list(wrapped.parameters()), lr=1e-4)
+    x = torch.randint(0, vocab, (batch, ctx), device=dev)
+    y = torch.randint(0, vocab, (batch, ctx), device=dev)
+    amp = job.get("dtype") == "bf16"
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        if wrapped.rule.needs_target:
+            wrapped.set_target(y)
+        loss_and_hits(out.float(), y)[0].backward()
+        opt.step()
+
+    times, peak = _timed(step, job, dev)
     med = statistics.median(times)
-    res = {"step_ms": 1000 * med, "samples_per_s": job["batch"] / med, "peak_mem_mb": peak / 2 ** 20,
-           "activations_mb": retained_activation_bytes(net, rule, x, y, n_classes, memory) / 2 ** 20,
-           "params": sum(p.numel() for p in net.parameters())}
-    if job["width"]:  # analytic FLOPs for the mlp:W*D sweeps
-        dims = [job["input_dim"]] + [job["width"]] * job["depth"] + [n_classes]
-        res["flops_per_step"] = flops = mlp_flops(job["rule"], job["batch"], dims, n_classes)
-        res["achieved_flops"] = flops / med
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        act = wrapped_activation_bytes(wrapped, x, y)
+    layers, dim = o["layers"], o["dim"]
+    flops = gpt_flops(job["rule"], batch, ctx, layers, dim, vocab, o.get("mlp", 4.0))
+    res = {"step_ms": 1000 * med, "samples_per_s": batch / med, "tokens_per_s": batch * ctx / med,
+           "peak_mem_mb": peak / 2 ** 20, "activations_mb": act / 2 ** 20,
+           "params": sum(p.numel() for p in net.parameters()), "flops_per_step": flops,
+           "achieved_flops": flops / med}
+    areas = [m for m in net.modules() if isinstance(m, AreaLinear)]
+    if areas:  # tokens per area over the timed and warm-up steps, per layer: max / even split
+        loads = [m.take_usage() for m in areas]
+        res["area_load_max_over_mean"] = max(max(u) * len(u) / max(1, sum(u)) for u in loads)
+        res["dead_areas"] = sum(u.count(0) for u in loads)
     return res
+
+
+def wrapped_activation_bytes(wrapped, x, y) -> int:
+    """Bytes of activations one step of a wrapped (general) model keeps for its update: what autograd
+    saves in the forward (unique storages, parameters excluded); recomputing, plus the largest feedback
+    block's own, alive while it is recomputed."""
+    import torch
+
+    from .train import loss_and_hits
+
+    seen, count = storage_counter(wrapped.parameters())
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        out = wrapped(x)
+        loss_and_hits(out.float(), y)
+    wrapped.zero_grad(set_to_none=True)
+    total = sum(seen.values())
+    if wrapped.memory == "recompute" and not wrapped.chain:
+        total += max_block_bytes(wrapped, x)
+    return total
+
+
+def max_block_bytes(wrapped, x) -> int:
+    """Activation bytes of the largest feedback block, recomputed when its signal arrives."""
+    import torch
+
+    blocks = [wrapped.model.get_submodule(n) for n in wrapped.point_names]
+    inputs = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.setdefault(m, a[0].detach())) for b in blocks]
+    with torch.no_grad():  # one pass captures every block's input
+        wrapped.model(x)
+    for h in hooks:
+        h.remove()
+    sizes = []
+    for block in blocks:
+        seen, count = storage_counter(block.parameters())
+        run = block.forward.original if hasattr(block.forward, "original") else block
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            run(inputs[block])
+        sizes.append(sum(seen.values()))
+    return max(sizes)
 
 
 def storage_counter(exclude) -> tuple[dict, callable]:
@@ -330,7 +478,8 @@ def run(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
     rows = []
     for case in cases(cfg):
         job = {**case, "batch": cfg.batch, "steps": cfg.steps, "warmup": cfg.warmup, "accel": str(dev),
-               "dtype": cfg.dtype, "compile": cfg.compile, "input_dim": cfg.input_dim, "n_classes": cfg.n_classes}
+               "dtype": cfg.dtype, "compile": cfg.compile, "input_dim": cfg.input_dim, "n_classes": cfg.n_classes,
+               "vocab": cfg.vocab, "gpt_batch": cfg.gpt_batch}
         res = run_isolated(job)
         row = {**case, **res}
         if "achieved_flops" in res:

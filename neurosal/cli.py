@@ -179,6 +179,13 @@ def cmd_bench(args) -> int:
             setattr(cfg, name, number_list(getattr(args, name), name))
     if args.params is not None:
         cfg.params = number_list(args.params, "params", float)
+    if args.gpt_params is not None:
+        cfg.gpt_params = number_list(args.gpt_params, "gpt-params", float)
+    if args.gpt_depths is not None:
+        cfg.gpt_depths = number_list(args.gpt_depths, "gpt-depths")
+    for name in ("gpt_dim", "ctx", "vocab", "gpt_batch"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
     for name in ("width", "depth", "batch", "steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
@@ -259,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", default=None, help="depth sweep at --width, e.g. 2,8,32,128")
     p.add_argument("--params", default=None, help="parameter-count sweep at --depth, e.g. 1e8,1e9")
     p.add_argument("--models", default=None, help="extra model specs (28x28 inputs), e.g. 'cnn;snn:100:T=25'")
+    p.add_argument("--gpt-params", default=None, help="transformer presets by size: 1e7,1e8,1e9")
+    p.add_argument("--gpt-depths", default=None, help="transformer depth sweep at --gpt-dim, e.g. 4,16,32")
+    p.add_argument("--gpt-dim", type=positive_int, default=None, help="model width of the depth sweep")
+    p.add_argument("--ctx", type=positive_int, default=None, help="transformer tokens per window")
+    p.add_argument("--vocab", type=positive_int, default=None, help="transformer vocabulary (random tokens)")
+    p.add_argument("--gpt-batch", type=positive_int, default=None, help="transformer windows per step")
     p.add_argument("--width", type=positive_int, default=None)
     p.add_argument("--depth", type=positive_int, default=None)
     p.add_argument("--batch", type=positive_int, default=None)

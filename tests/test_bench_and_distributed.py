@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from neurosal.bench import BenchConfig, cases, mlp_flops, run
+from neurosal.bench import GPT_PRESETS, BenchConfig, cases, gpt_flops, mlp_flops, run
 
 
 def test_bench_runner_writes_a_valid_json_on_cpu(tmp_path):
@@ -35,6 +35,53 @@ def test_flop_counts():
     assert mlp_flops("bp", 5, [4, 3, 2], 2) == 180 + 180 + 2 * 5 * 6
     assert mlp_flops("dfa", 5, [4, 3, 2], 2) == 180 + 180 + 2 * 5 * 2 * 3
     assert mlp_flops("dfa[recompute]", 5, [4, 3, 2], 2) == 180 + 180 + 60 + 180
+
+
+def test_bench_transformer_rows_on_cpu(tmp_path):
+    """The transformer sweep through the general engine: tokens/s, FLOP fraction, activation bytes
+    (recomputing DFA keeps less than BP at depth 4), SAL's area load."""
+    cfg = BenchConfig(rules=["bp", "dfa", "dfa[recompute]", "sal"], widths=[], depths=[], params=[],
+                      gpt_depths=[4], gpt_dim=32, ctx=16, vocab=24, gpt_batch=2, steps=1, warmup=1, accel="cpu")
+    rows = run(cfg, tmp_path, progress=False)["rows"]
+    assert [r["rule"] for r in rows] == cfg.rules and all("error" not in r for r in rows), rows
+    by = {r["rule"]: r for r in rows}
+    for r in rows:
+        assert r["model"] == "gpt:layers=4,dim=32,heads=1,ctx=16" and r["sweep"] == "gpt-depth"
+        assert r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * 16) and 0 < r["flops_fraction"] < 5
+    assert by["dfa[recompute]"]["act_vs_bp"] < 0.75 * by["dfa"]["act_vs_bp"]
+    assert by["sal"]["area_load_max_over_mean"] >= 1.0 and "area_load_max_over_mean" not in by["bp"]
+
+
+def test_gpt_flops_match_torch_flop_counter():
+    """BP's count of the matmuls (all but attention) is what torch's FlopCounterMode counts, exactly;
+    attention (scaled_dot_product_attention) adds 3 x 2*T*T*D per layer and window (causal half)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from neurosal.train import loss_and_hits
+    from neurosal.zoo import build_zoo
+
+    layers, dim, ctx, vocab, batch = 2, 32, 16, 40, 3
+    net = build_zoo(f"gpt:layers={layers},dim={dim},heads=2,ctx={ctx}", (ctx,), vocab)
+    x, y = torch.randint(0, vocab, (batch, ctx)), torch.randint(0, vocab, (batch, ctx))
+    with FlopCounterMode(display=False) as counter:
+        loss_and_hits(net(x), y)[0].backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    matmuls = sum(v for k, v in counts.items() if k in ("aten.mm", "aten.addmm", "aten.bmm"))
+    attention = 3 * 2 * ctx * ctx * dim * layers * batch
+    assert matmuls == gpt_flops("bp", batch, ctx, layers, dim, vocab) - attention
+    assert gpt_flops("dfa", batch, ctx, layers, dim, vocab) - gpt_flops("bp", batch, ctx, layers, dim, vocab) \
+        == 2 * batch * ctx * vocab * dim * layers
+
+
+def test_transformer_presets_have_the_parameter_counts_they_claim():
+    from neurosal.zoo import GPT
+
+    for target, (layers, dim, heads) in GPT_PRESETS.items():
+        blocks = 12 * layers * dim * dim
+        assert 0.95 * target < blocks < 1.08 * target
+    small = GPT(256, *[6, 384, 6], ctx=64)
+    n = sum(p.numel() for p in small.blocks.parameters())
+    assert 0.99 < n / (12 * 6 * 384 ** 2) < 1.01  # biases and LayerNorms are the rest
 
 
 def launch(tmp_path, name, rule, nproc, *extra, model="mlp:32x16"):

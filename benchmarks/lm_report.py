@@ -1,0 +1,155 @@
+"""Language-model report: validation bits per character of every rule against BP on austen, equal tokens.
+
+    python benchmarks/lm_report.py --out benchmarks/reports/lm            # the committed report (CPU)
+    python benchmarks/lm_report.py --steps 100 --seeds 0 --out /tmp/lm    # a quick look
+
+Each rule trains the same GPT (``--model``) on the same windows of the five training novels for the same
+number of steps (so the same number of tokens), with Adam and a cosine learning-rate schedule, for each
+seed; the validation text is Persuasion, held out whole. Every ``--eval-every`` steps the validation bits
+per character on the first ``--eval-windows`` windows are logged (the learning curve); after the last
+step the whole of Persuasion is evaluated. Writes ``results.json`` (every curve), ``report.md`` (table:
+mean and spread over seeds, the gap to BP, the unigram level) and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neurosal.text import generate, load_text, unigram_bpc  # noqa: E402
+from neurosal.train import Trainer, TrainConfig, evaluate  # noqa: E402
+
+RULES = ["bp", "fa", "usf", "ldef", "dfa", "drtp", "sal"]
+
+
+def run_one(rule: str, seed: int, ds, args) -> dict:
+    epochs = args.steps // args.eval_every
+    cfg = TrainConfig(rule=rule, model=args.model, data="austen", epochs=epochs,
+                      epoch_samples=args.eval_every * args.batch, eval_limit=args.eval_windows,
+                      batch_size=args.batch, optimizer="AdamW", lr=args.lr, schedule="cosine", seed=seed,
+                      weight_decay=0.0, progress=False)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, None, dataset=ds)
+    hist = trainer.fit()["epochs"]
+    wall = time.perf_counter() - t0
+    full_loss, full_acc = evaluate(trainer.net, ds.x_test, ds.y_test)
+    return {"rule": rule, "seed": seed, "tokens": [h["tokens_seen"] for h in hist],
+            "val_bpc": [h["test_bpc"] for h in hist], "train_bpc": [h["train_bpc"] for h in hist],
+            "final_val_bpc": full_loss / math.log(2), "final_val_acc": full_acc,
+            "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist), "wall_s": wall,
+            "net": trainer.net}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="gpt:layers=4,dim=96,heads=4,ctx=64")
+    ap.add_argument("--rules", default=",".join(RULES))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-windows", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/reports/lm")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = load_text("austen")
+    ctx = int(args.model.split("ctx=")[1].split(",")[0]) if "ctx=" in args.model else 128
+    ds = corpus.windows(ctx)
+    unigram = unigram_bpc(corpus)
+    rules = [r for r in args.rules.split(",") if r]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    runs, samples = [], {}
+    for rule in rules:
+        for seed in seeds:
+            r = run_one(rule, seed, ds, args)
+            net = r.pop("net")
+            if seed == seeds[0]:
+                prompt = corpus.encode("It was a ")
+                samples[rule] = "It was a " + corpus.decode(generate(net, prompt, 160, ctx, 0.8, None, 0).tolist())
+            runs.append(r)
+            print(f"{rule} seed {seed}: validation {r['final_val_bpc']:.3f} bpc "
+                  f"({r['tokens_per_s']:.0f} tokens/s, {r['wall_s']:.0f} s)", flush=True)
+    info = {"model": args.model, "steps": args.steps, "batch": args.batch, "context": ctx,
+            "tokens": args.steps * args.batch * ctx, "optimizer": "AdamW", "lr": args.lr, "schedule": "cosine",
+            "validation": corpus.validation, "validation_chars": len(corpus.val), "unigram_bpc": unigram,
+            "threads": args.threads, "torch": torch.__version__}
+    (out / "results.json").write_text(json.dumps({"info": info, "runs": runs, "samples": samples}, indent=1))
+    write_markdown(out / "report.md", info, runs, rules, samples)
+    plot(out / "curves.png", info, runs, rules)
+    print(f"wrote {out}/results.json, report.md, curves.png")
+    return 0
+
+
+def _stats(values):
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_markdown(path: Path, info: dict, runs: list, rules: list, samples: dict) -> None:
+    by = {r: [x for x in runs if x["rule"] == r] for r in rules}
+    bp = statistics.fmean(x["final_val_bpc"] for x in by["bp"]) if by.get("bp") else None
+    lines = [f"# Character-level language modelling on austen: every rule at equal tokens\n",
+             f"Model `{info['model']}`, {info['steps']} steps of {info['batch']} windows x {info['context']} "
+             f"characters = {info['tokens']:,} training tokens per run; {info['optimizer']} lr {info['lr']}, "
+             f"cosine schedule; validation: {info['validation']}, all {info['validation_chars']:,} characters. "
+             f"Seeds: {sorted({x['seed'] for x in runs})}. CPU, {info['threads']} threads, torch {info['torch']}.\n",
+             f"Unigram level (training-text character frequencies on Persuasion): **{info['unigram_bpc']:.3f} "
+             "bits per character**.\n",
+             "| rule | validation bpc (mean ± sd) | gap to BP | below unigram by | next-char acc % | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for r in rules:
+        xs = by[r]
+        m, sd = _stats([x["final_val_bpc"] for x in xs])
+        acc = statistics.fmean(x["final_val_acc"] for x in xs)
+        tps = statistics.fmean(x["tokens_per_s"] for x in xs)
+        gap = f"{m - bp:+.3f}" if bp is not None and r != "bp" else "—"
+        lines.append(f"| {r} | {m:.3f} ± {sd:.3f} | {gap} | {info['unigram_bpc'] - m:.3f} | {100 * acc:.1f} | "
+                     f"{tps:,.0f} |")
+    lines += ["", "tokens/s: median training throughput of the run (steps only, evaluation excluded); the runs "
+              "shared the machine with nothing else, but a 2-core CPU's numbers are indicative only.", "",
+              "## Samples (seed 0, temperature 0.8, prompt \"It was a \")", ""]
+    for r in rules:
+        lines += [f"**{r}**", "", "```", samples.get(r, ""), "```", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, info: dict, runs: list, rules: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rules:
+        xs = [x for x in runs if x["rule"] == r]
+        tokens = xs[0]["tokens"]
+        curves = list(zip(*[x["val_bpc"] for x in xs]))
+        mean = [statistics.fmean(c) for c in curves]
+        lo, hi = [min(c) for c in curves], [max(c) for c in curves]
+        line, = ax.plot([t / 1e6 for t in tokens], mean, marker=".", label=r)
+        ax.fill_between([t / 1e6 for t in tokens], lo, hi, color=line.get_color(), alpha=0.15)
+    ax.axhline(info["unigram_bpc"], color="grey", ls="--", lw=1, label="unigram")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("validation bits per character")
+    ax.set_title(f"austen, {info['model']} (band: min-max over seeds)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
