@@ -28,7 +28,7 @@ def graph_inputs(net, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 def cmd_export(args) -> int:
     from neurosal.data import load_dataset
-    from neurosal.train import load_run
+    from neurosal.train import context_for, load_run
 
     from .extras import accuracy_onnx, export_nir, quantize_int8
     from .onnx_export import export_onnx, kind_of, verify
@@ -46,7 +46,7 @@ def cmd_export(args) -> int:
             ensure_writable_dir(Path(path).parent)
 
     net, _, cfg, st = load_run(args.run)
-    ds = load_dataset(cfg.data, cfg.data_root, label_column=cfg.label_column)
+    ds = load_dataset(cfg.data, cfg.data_root, label_column=cfg.label_column, context=context_for(cfg))
     x, y = graph_inputs(net, ds.x_test[:args.samples]), ds.y_test[:args.samples]
     report = {"run": str(args.run), "model": cfg.model, "rule": cfg.rule, "kind": kind_of(net).name,
               "classes": st.get("classes")}

@@ -41,6 +41,7 @@ class Route:
     area: torch.Tensor  # (B,) chosen area per sample
     order: torch.Tensor  # (B,) sample indices sorted by area (stable)
     counts: list[int]  # samples per area, length K
+    counts_t: torch.Tensor | None = None  # the same on the device (K,)
     z: torch.Tensor | None = None  # (B, route_dim) projection into the routing space
     cos: torch.Tensor | None = None  # (B, K) cosine to each prototype
     x: torch.Tensor | None = None  # (B, n_in) what was routed (time-averaged for spike trains)
@@ -106,11 +107,10 @@ class AreaLinear(nn.Module):
             x = x.mean(1)
         if self.training:
             mean = x.mean(0).to(self.center.dtype)  # autocast may hand us bf16
-            if not bool(self.center_ready):
-                self.center.copy_(mean)
-                self.center_ready.fill_(True)
-            else:
-                self.center.lerp_(mean, self.center_momentum)
+            # the first batch sets the centre, later ones move it; decided on the device (no host sync)
+            weight = torch.where(self.center_ready, self.center_momentum, 1.0).to(self.center.dtype)
+            self.center.lerp_(mean, weight)
+            self.center_ready.fill_(True)
         if self.areas == 1:
             area = torch.zeros(len(x), dtype=torch.long, device=x.device)
             return Route(area, torch.arange(len(x), device=x.device), [len(x)], x=x)
@@ -119,7 +119,8 @@ class AreaLinear(nn.Module):
         counts = torch.bincount(area, minlength=self.areas)
         if self.training:
             self.usage += counts
-        return Route(area, torch.argsort(area, stable=True), counts.tolist(), z, cos, x)
+        # counts.tolist() is this layer's one host sync per step: the grouping's split sizes
+        return Route(area, torch.argsort(area, stable=True), counts.tolist(), counts, z, cos, x)
 
     # ------------------------------------------------------------------ grouped compute
     def _grouped(self, rows: torch.Tensor, route: Route, fn, width: int) -> torch.Tensor:
@@ -178,7 +179,7 @@ class AreaLinear(nn.Module):
         in ``router``; training uses its closed-form gradient :meth:`router_grad`."""
         cos = self.scores(x, router)[1]
         pull = -cos.gather(1, route.area[:, None]).mean()
-        frac = torch.tensor(route.counts, dtype=cos.dtype, device=cos.device) / len(x)
+        frac = route.counts_t.to(cos.dtype) / len(x)
         soft = torch.softmax(cos / self.temperature, dim=1).mean(0)
         return pull + self.balance * self.areas * (frac * soft).sum()
 
@@ -186,7 +187,7 @@ class AreaLinear(nn.Module):
         """d router_loss / d R in closed form, reusing the forward pass's z and cosines."""
         dt = self.router.dtype  # autocast may have computed the routing in bf16: the update in full precision
         n, z, cos, x = len(x), route.z.to(dt), route.cos.to(dt), x.to(dt)
-        frac = torch.tensor(route.counts, dtype=cos.dtype, device=cos.device) / n
+        frac = route.counts_t.to(cos.dtype) / n
         s = torch.softmax(cos / self.temperature, dim=1)
         c = (self.balance * self.areas / n) * frac  # d balance / d soft_bk, per area
         g_cos = s * (c - (s * c).sum(1, keepdim=True)) / self.temperature

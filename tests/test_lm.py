@@ -198,6 +198,11 @@ def test_cli_trains_a_gpt_on_a_text_file_and_samples_from_it(tmp_path, capsys):
     assert capsys.readouterr().out != first
     assert main(["sample", str(out), "--prompt", "Ω"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
+    # the trained language model exports to ONNX and matches torch on held-out windows, every position
+    rep = tmp_path / "export.json"
+    assert main(["export", str(out), "--onnx", str(tmp_path / "lm.onnx"), "--samples", "4", "--report", str(rep)]) == 0
+    onnx = json.loads(rep.read_text())["onnx"]
+    assert onnx["max_abs_diff"] < 1e-4 and onnx["argmax_agreement"] == 1.0
 
 
 def test_sample_refuses_a_classifier_run(tmp_path, capsys):

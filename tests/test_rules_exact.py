@@ -119,6 +119,16 @@ def test_drtp_hand_reference():
     _check(net, drtp, x, y, _hand_reference(net, x, y, lambda e, d3: t @ b2, lambda e, d2: t @ b1))
 
 
+def test_drtp_centered_hand_reference():
+    """center=True: the batch's mean one-hot (its class frequencies) is taken off every target."""
+    net, x, y = tiny()
+    drtp = setup_rule("drtp", net, (1, 3, 3), 4, center=True)
+    onehot = F.one_hot(y, 4).double()
+    t = -(onehot - onehot.mean(0)) / len(y)
+    b1, b2 = drtp.B[:, :7], drtp.B[:, 7:12]
+    _check(net, drtp, x, y, _hand_reference(net, x, y, lambda e, d3: t @ b2, lambda e, d2: t @ b1))
+
+
 def test_ldef_hand_reference_and_factor_updates():
     net, x, y = tiny()
     ldef = setup_rule("ldef", net, (1, 3, 3), 4, rank=2, decay=0.01)

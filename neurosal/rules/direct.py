@@ -138,10 +138,20 @@ class DFA(DirectRule):
         return e
 
 
+@dataclasses.dataclass
+class DRTPConfig(DirectConfig):
+    #: subtract the batch's mean target (the class frequencies) from each one-hot target: the signal
+    #: keeps what tells samples apart and drops the part every sample shares, which a softmax output
+    #: learns from its own error (see the LM report: without it the shared part drifts every token's
+    #: features one way, and on text drtp stays above the unigram level)
+    center: bool = False
+
+
 @register
 class DRTP(DirectRule):
     name = "drtp"
     summary = "direct random target projection: the one-hot target, no error"
+    Config = DRTPConfig
 
     #: the signal is the target, not the error: the general engine needs ``set_target(y)`` per batch
     needs_target = True
@@ -150,4 +160,7 @@ class DRTP(DirectRule):
         if target is None:
             raise NeurosalError("drtp teaches from the target: call model.set_target(y) before backward()")
         # the one-hot target, negated, with the 1/batch scale of a mean-loss error (per row of e)
-        return -target.reshape(e.shape).to(e.dtype) / (e.numel() // e.shape[-1])
+        t = target.reshape(e.shape).to(e.dtype)
+        if self.config.center:
+            t = t - t.reshape(-1, t.shape[-1]).mean(0)
+        return -t / (e.numel() // e.shape[-1])
