@@ -9,7 +9,9 @@ input and keeps its area for the whole window. The layer holds K mutually exclus
     a = W_k(x) x + b_k(x)                  only the chosen area computes
 
 Samples are grouped by area once per batch and each group runs one matmul (a loop over the K areas,
-never over samples; no K-times dense compute). The same grouping serves the local weight update:
+never over samples; no K-times dense compute) -- or, in the general engine with ``grouped`` on (by
+default on CUDA), all groups in one ``torch.nn.functional.grouped_mm`` for the forward and two for the
+backward (:class:`_GroupedAreas`), with no Python loop over areas. The same grouping serves the local weight update:
 ``dW_k = delta_k^T x_k`` for the samples routed to area k. Areas that no sample chose get no gradient
 at all (``.grad`` stays ``None``), so no optimiser -- momentum, Adam moments, weight decay -- touches
 them: their update is exactly zero.
@@ -75,6 +77,8 @@ class AreaLinear(nn.Module):
         self.register_buffer("center", torch.zeros(n_in))
         self.register_buffer("center_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("usage", torch.zeros(areas, dtype=torch.long), persistent=False)
+        #: "auto" (one grouped matmul on CUDA), "on", "off": how :meth:`forward` runs the areas
+        self.grouped = "auto"
 
     @property
     def weight(self) -> torch.Tensor:
@@ -141,7 +145,20 @@ class AreaLinear(nn.Module):
 
     def forward_ctx(self, x: torch.Tensor):
         route = self.route(x)
+        if self._use_grouped(x):
+            return _GroupedAreas.apply(x, route, *self.area_weight, *self.area_bias), route
         return self._grouped(x, route, self.area_forward, self.out_features), route
+
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.areas == 1 or type(self).area_forward is not AreaLinear.area_forward:
+            return False  # one area: a plain matmul; a substrate's own area_forward: its loop
+        if self.area_weight[0].dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False  # grouped_mm has no float64 kernels
+        if self.in_features % 8 or self.out_features % 8:
+            return False  # its kernels want 16-byte aligned rows
+        if self.grouped == "auto":
+            return x.is_cuda and hasattr(F, "grouped_mm")
+        return self.grouped == "on"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Under autograd (the general engine) the chosen areas get their gradient from autograd and
@@ -206,3 +223,49 @@ class AreaLinear(nn.Module):
         counts = self.usage.tolist()
         self.usage.zero_()
         return counts
+
+
+class _GroupedAreas(torch.autograd.Function):
+    """All areas of one layer in one grouped matmul: rows sorted by area, ``offs`` the groups' ends.
+
+    forward ``y_i = W_k(i) x_i + b_k(i)``; backward ``dx = dy W_k`` (one grouped matmul) and
+    ``dW_k = dy_k^T x_k`` (one grouped matmul over the jagged row groups), ``db_k`` by index-add. An area
+    no row chose gets ``None``, so ``.grad`` stays ``None`` and no optimiser touches it, as in the
+    per-area loop (deciding that reads the counts on the host, as the loop's split does).
+    """
+
+    @staticmethod
+    def forward(ctx, x, route: Route, *params):
+        k = len(params) // 2
+        weights, biases = params[:k], params[k:]
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        w = torch.stack([p.to(dtype) for p in weights])  # (K, out, in)
+        xs = x.to(dtype).index_select(0, route.order).contiguous()
+        offs = torch.cumsum(route.counts_t, 0).to(torch.int32)
+        ys = F.grouped_mm(xs, w.transpose(1, 2), offs=offs)
+        ys = ys + torch.stack([b.to(dtype) for b in biases])[route.area.index_select(0, route.order)]
+        out = torch.empty_like(ys)
+        out.index_copy_(0, route.order, ys)
+        ctx.save_for_backward(xs, w, offs, route.order, route.area)
+        ctx.counts, ctx.in_dtype = route.counts, x.dtype
+        ctx.param_dtypes = [p.dtype for p in params]
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        xs, w, offs, order, area = ctx.saved_tensors
+        gs = g.to(w.dtype).index_select(0, order).contiguous()
+        gx_sorted = F.grouped_mm(gs, w, offs=offs)  # (N, in)
+        gx = torch.empty_like(gx_sorted)
+        gx.index_copy_(0, order, gx_sorted)
+        pad = -len(gs) % 8  # the jagged (token) dimension's stride must be a multiple of 16 bytes
+        gt = F.pad(gs.t(), (0, pad)).contiguous() if pad else gs.t().contiguous()
+        gw = F.grouped_mm(gt, F.pad(xs, (0, 0, 0, pad)) if pad else xs, offs=offs)  # (K, out, in)
+        gb = torch.zeros(w.shape[0], w.shape[1], dtype=g.dtype, device=g.device).index_add_(0, area, g)
+        k = w.shape[0]
+        used = [c > 0 for c in ctx.counts]
+        dts = ctx.param_dtypes
+        grads_w = [gw[i].to(dts[i]) if used[i] else None for i in range(k)]
+        grads_b = [gb[i].to(dts[k + i]) if used[i] else None for i in range(k)]
+        return (gx.to(ctx.in_dtype), None, *grads_w, *grads_b)
+

@@ -700,6 +700,7 @@ def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
             raise NeurosalError(f"sal: {name!r} is not an nn.Linear of this model")
         area = AreaLinear(lin.in_features, lin.out_features, c.areas, c.route_dim, c.balance, c.temperature,
                           c.center_momentum, tokens=True)
+        area.grouped = c.grouped
         if lin.bias is None:
             raise NeurosalError(f"sal: {name!r} has no bias; area layers keep one per area")
         area.to(lin.weight.device, lin.weight.dtype)

@@ -17,7 +17,7 @@ def assert_close(actual, expected, ulps: float = 1e4, msg=None):
     Tolerance from the dtype: ``ulps`` machine epsilons relative, and as much again of the largest
     magnitude as absolute slack (float64: ~2e-12)."""
     eps = torch.finfo(expected.dtype).eps
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=ulps * eps, atol=ulps * eps * max(scale, 1e-30), msg=msg)
 
 

@@ -234,3 +234,35 @@ def test_fashion_mnist_sal_within_1_5_points_of_bp():
                           progress=False, seed=0)
         acc[rule] = Trainer(cfg, None, dataset=ds).fit()["epochs"][-1]["test_acc"]
     assert acc["sal"] >= acc["bp"] - 0.015, acc
+
+
+def test_grouped_areas_equal_the_per_area_loop_and_leave_unchosen_areas_untouched():
+    """grouped="on" (one grouped_mm for all areas, as on CUDA) == the loop over areas: outputs and every
+    gradient; an area no token chose keeps .grad None, so AdamW leaves it exactly as it was."""
+    import copy
+
+    from neurosal.areas import AreaLinear
+
+    torch.manual_seed(0)
+    loop = AreaLinear(16, 24, areas=6, route_dim=8, tokens=True)
+    grouped = copy.deepcopy(loop)
+    loop.grouped, grouped.grouped = "off", "on"
+    x = torch.randn(1, 3, 16)  # 3 tokens, 6 areas: at least 3 areas unchosen
+    g = torch.randn(1, 3, 24)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = loop(xa), grouped(xb)
+    assert_close(yb, ya, ulps=64)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    assert_close(xb.grad, xa.grad, ulps=64)
+    unused = [k for k in range(6) if loop.area_weight[k].grad is None]
+    assert len(unused) >= 3
+    for k in range(6):
+        for pa, pb in ((loop.area_weight[k], grouped.area_weight[k]), (loop.area_bias[k], grouped.area_bias[k])):
+            assert (pb.grad is None) == (pa.grad is None)
+            if pa.grad is not None:
+                assert_close(pb.grad, pa.grad, ulps=64)
+    before = [grouped.area_weight[k].detach().clone() for k in unused]
+    torch.optim.AdamW(grouped.parameters(), lr=0.1, weight_decay=0.1).step()
+    for k, w in zip(unused, before):
+        assert torch.equal(grouped.area_weight[k], w)

@@ -59,6 +59,9 @@ class SALConfig(DirectConfig):
     center_momentum: float = 0.01
     #: "rms": parameter-free RMS scaling before each hidden activation; "none": plain
     norm: str = "rms"
+    #: area layers of the general engine: "auto" runs all areas as one grouped matmul
+    #: (torch.nn.functional.grouped_mm) on CUDA and a loop over the areas elsewhere; "on" / "off" force it
+    grouped: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,6 +72,8 @@ class SALConfig(DirectConfig):
         check(0 <= self.center_momentum <= 1, "rule option center_momentum",
               f"must be in [0, 1], got {self.center_momentum}")
         check(self.norm in ("rms", "none"), "rule option norm", f"use rms or none, not {self.norm!r}")
+        check(self.grouped in ("auto", "on", "off"), "rule option grouped",
+              f"use auto, on or off, not {self.grouped!r}")
 
 
 @register
