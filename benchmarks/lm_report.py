@@ -101,11 +101,11 @@ def _stats(values):
 def write_markdown(path: Path, info: dict, runs: list, rules: list, samples: dict) -> None:
     by = {r: [x for x in runs if x["rule"] == r] for r in rules}
     bp = statistics.fmean(x["final_val_bpc"] for x in by["bp"]) if by.get("bp") else None
-    lines = [f"# Character-level language modelling on austen: every rule at equal tokens\n",
+    lines = ["# Character-level language modelling on austen: every rule at equal tokens\n",
              f"Model `{info['model']}`, {info['steps']} steps of {info['batch']} windows x {info['context']} "
              f"characters = {info['tokens']:,} training tokens per run; {info['optimizer']} lr {info['lr']}, "
              f"cosine schedule; validation: {info['validation']}, all {info['validation_chars']:,} characters. "
-             f"Seeds: {sorted({x['seed'] for x in runs})}. CPU, {info['threads']} threads, torch {info['torch']}.\n",
+             f"Seeds: {sorted({x['seed'] for x in runs})}. CPU, torch threads: {info['threads']}, torch {info['torch']}.\n",
              f"Unigram level (training-text character frequencies on Persuasion): **{info['unigram_bpc']:.3f} "
              "bits per character**.\n",
              "| rule | validation bpc (mean ± sd) | gap to BP | below unigram by | next-char acc % | tokens/s |",
@@ -118,8 +118,8 @@ def write_markdown(path: Path, info: dict, runs: list, rules: list, samples: dic
         gap = f"{m - bp:+.3f}" if bp is not None and r != "bp" else "—"
         lines.append(f"| {r} | {m:.3f} ± {sd:.3f} | {gap} | {info['unigram_bpc'] - m:.3f} | {100 * acc:.1f} | "
                      f"{tps:,.0f} |")
-    lines += ["", "tokens/s: median training throughput of the run (steps only, evaluation excluded); the runs "
-              "shared the machine with nothing else, but a 2-core CPU's numbers are indicative only.", "",
+    lines += ["", "tokens/s: median training throughput of the run (steps only, evaluation excluded); other work "
+              "shared the 2-core CPU during some runs, so these numbers are indicative only.", "",
               "## Samples (seed 0, temperature 0.8, prompt \"It was a \")", ""]
     for r in rules:
         lines += [f"**{r}**", "", "```", samples.get(r, ""), "```", ""]

@@ -259,3 +259,16 @@ def test_sequence_targets_train_loss_and_accuracy_per_token():
     loss, hits = loss_and_hits(logits, y)
     assert_close(loss, F.cross_entropy(logits.permute(0, 2, 1), y))
     assert int(hits) == int((logits.argmax(-1) == y).sum())
+
+
+def test_sal_puts_its_areas_in_the_ffn_layers_of_a_gpt():
+    from neurosal.areas import AreaLinear
+
+    model = tiny_gpt().float()
+    wrapped = neurosal.wrap(model, "sal", areas=3)
+    areas = sorted(n for n, m in wrapped.model.named_modules() if isinstance(m, AreaLinear))
+    assert areas == ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"]
+    x, y = torch.randint(0, 11, (4, 12)), torch.randint(0, 11, (4, 12))
+    lm_loss(wrapped(x), y).backward()  # routed per token: 48 tokens over 3 areas
+    used = [int(m.usage.sum()) for m in wrapped.model.modules() if isinstance(m, AreaLinear)]
+    assert used == [48] * 4
