@@ -396,7 +396,7 @@ def load_file(path: str | os.PathLike, label_column: str | int | None = None) ->
         _check(name, x, y)
         xtr, ytr, xte, yte = _split(x, y, 0.2)
     else:
-        raise NeurosalError(f"unsupported data file {path}: use .npz or .csv")
+        raise NeurosalError(f"unsupported data file {path}: use .npz or .csv (tables, arrays) or .txt (text)")
     if xtr.ndim == 2:
         xtr, xte = _standardise(xtr, xte)
     return _make(name, xtr, ytr, xte, yte, len(classes), classes)

@@ -190,7 +190,10 @@ class Trainer:
                 from torch.nn.parallel import DistributedDataParallel
 
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                learned = [f"rule.{n}" for n, _ in self.rule.named_parameters()]  # reduced by reduce_learned_feedback
+                # learned feedback is reduced by reduce_learned_feedback; the rule's buffers (fixed feedback,
+                # brsf's CPU-resident counter) are the same on every rank by construction
+                learned = [f"rule.{n}" for n, _ in self.rule.named_parameters()]
+                learned += [f"rule.{n}" for n, _ in self.rule.named_buffers()]
                 DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.wrapped, learned)
                 self.model = DistributedDataParallel(self.wrapped, device_ids=ids)
             else:  # chains: each layer's all-reduce starts as soon as its update is ready

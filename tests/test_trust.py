@@ -106,6 +106,8 @@ def files(tmp: Path) -> dict[str, Path]:
     out["binary.csv"].write_bytes(bytes(range(256)) * 4)
     out["wrong.txt"] = tmp / "wrong.txt"
     out["wrong.txt"].write_text("1 2 3\n")
+    out["wrong.json"] = tmp / "wrong.json"
+    out["wrong.json"].write_text("[1, 2, 3]\n")
     npz("inf.npz", X=np.where(np.arange(200).reshape(50, 4) == 7, np.inf, x), y=y)
     npz("shapes.npz", X=x, y=y[:49])
     npz("xtest.npz", X=x, y=y, X_test=rng.normal(size=(10, 5)), y_test=np.arange(10) % 3)
@@ -284,7 +286,8 @@ CASES = [
     ("data-one-column-csv", T + ["--data", "{f:onecol.csv}"], "label column", None),
     ("data-missing-label", T + ["--data", "{f:missing_label.csv}"], "missing values", None),
     ("data-binary-csv", T + ["--data", "{f:binary.csv}"], "not a text CSV", None),
-    ("data-wrong-format", T + ["--data", "{f:wrong.txt}"], "use .npz or .csv", None),
+    ("data-wrong-format", T + ["--data", "{f:wrong.json}"], "use .npz or .csv", None),
+    ("data-short-text", T + ["--data", "{f:wrong.txt}"], "too few for one window", None),
     ("data-inf-npz", T + ["--data", "{f:inf.npz}"], "NaN/Inf", None),
     ("data-shapes-npz", T + ["--data", "{f:shapes.npz}"], "50 samples but 49 labels", None),
     ("data-xtest-npz", T + ["--data", "{f:xtest.npz}"], "X_test has shape", None),
@@ -364,7 +367,8 @@ CASES = [
     ("bench-zero-steps", B + ["--steps", "0"], "--steps", None),
     ("bench-unknown-model", B + ["--models", "transformer:9"], "unknown model", None),
     ("bench-unknown-device", B + ["--devices", "memristor-9000"], "unknown device", None),
-    ("bench-empty-sweep", B + ["--widths", "", "--depths", "", "--params", ""], "sweep is empty", None),
+    ("bench-empty-sweep", B + ["--widths", "", "--depths", "", "--params", "", "--gpt-params", "", "--gpt-depths", ""],
+     "sweep is empty", None),
     ("bench-read-only", B + ["--out", "{tmp}/ro/bench"], "cannot write to folder", "RO:ro"),
     # --- snn-crosscheck
     ("crosscheck-empty-widths", X + ["--widths", ","], "--widths is empty", None),

@@ -185,35 +185,31 @@ class BatchRandomSignFeedback(LayerwiseRule):
 
     def __init__(self, config=None):
         super().__init__(config)
-        # the counter lives in buffers (checkpoints) and in host integers (read every step: reading a
-        # CUDA buffer would wait for the device once per layer and step)
+        # the counter (seed, step) is read every step: its buffers stay on the CPU whatever device the
+        # rule moves to (see _apply), so reading them never waits for a GPU
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("seed", torch.zeros((), dtype=torch.long))
-        self._host = [0, 0]  # seed, step
         self._gens: dict = {}
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.step, self.seed = self.step.cpu(), self.seed.cpu()
+        return self
+
     def init_feedback(self, slot, weight, generator):
-        seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=generator))
-        self.seed.fill_(seed)
-        self._host[0] = seed
+        self.seed.fill_(int(torch.randint(0, 2 ** 31 - 1, (), generator=generator)))
 
     def feedback_weight(self, slot, weight):
         dev = weight.device
         gen = self._gens.get(dev)
         if gen is None:
             gen = self._gens[dev] = torch.Generator(dev)
-        gen.manual_seed(self._host[0] * 1_000_003 + self._host[1] * 7919 + slot)
+        gen.manual_seed(int(self.seed) * 1_000_003 + int(self.step) * 7919 + slot)
         r = torch.rand(weight.shape, generator=gen, device=dev, dtype=weight.dtype)
         return _sign_feedback(weight, r, self.config.scaling)
 
     def after_step(self, net) -> None:
         self.step += 1
-        self._host[1] += 1
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "seed" in state_dict and prefix + "step" in state_dict:
-            self._host[:] = [int(state_dict[prefix + "seed"]), int(state_dict[prefix + "step"])]
 
 
 @dataclasses.dataclass
