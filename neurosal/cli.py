@@ -111,7 +111,7 @@ def cmd_compare(args) -> int:
     from .checkpoint import atomic_write_text, ensure_writable_dir
     from .report import format_table, plot_curves, write_csv
     from .rules import REGISTRY, parse_options
-    from .train import Trainer
+    from .train import Trainer, context_for
 
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     if not rules:
@@ -129,7 +129,8 @@ def cmd_compare(args) -> int:
     for cfg in configs.values():
         cfg.validate()
     out = ensure_writable_dir(Path(args.out))
-    data = load_dataset(args.data, args.data_root, args.limit, label_column=args.label_column)
+    data = load_dataset(args.data, args.data_root, args.limit, label_column=args.label_column,
+                        context=context_for(next(iter(configs.values()))))
     rows, histories = [], {}
     for rule, cfg in configs.items():
         t0 = time.perf_counter()

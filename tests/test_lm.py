@@ -272,3 +272,13 @@ def test_sal_puts_its_areas_in_the_ffn_layers_of_a_gpt():
     lm_loss(wrapped(x), y).backward()  # routed per token: 48 tokens over 3 areas
     used = [int(m.usage.sum()) for m in wrapped.model.modules() if isinstance(m, AreaLinear)]
     assert used == [48] * 4
+
+
+def test_compare_on_text_uses_the_models_context(tmp_path, capsys):
+    f = tmp_path / "book.txt"
+    f.write_text(TEXT)
+    rc = main(["compare", "--rules", "bp,dfa", "--model", "gpt:layers=1,dim=16,heads=1,ctx=16", "--data", str(f),
+               "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "cmp"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert [r["rule"] for r in rows] == ["bp", "dfa"]
