@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neurosal.text import generate, load_text, unigram_bpc  # noqa: E402
+from neurosal.text import bits, generate, load_text, unigram_bpc  # noqa: E402
 from neurosal.train import Trainer, TrainConfig, evaluate  # noqa: E402
 
 RULES = ["bp", "fa", "usf", "ldef", "dfa", "drtp", "sal"]
@@ -44,7 +43,7 @@ def run_one(rule: str, seed: int, ds, args) -> dict:
     full_loss, full_acc = evaluate(trainer.net, ds.x_test, ds.y_test)
     return {"rule": rule, "seed": seed, "tokens": [h["tokens_seen"] for h in hist],
             "val_bpc": [h["test_bpc"] for h in hist], "train_bpc": [h["train_bpc"] for h in hist],
-            "final_val_bpc": full_loss / math.log(2), "final_val_acc": full_acc,
+            "final_val_bpc": bits(full_loss), "final_val_acc": full_acc,
             "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist), "wall_s": wall,
             "net": trainer.net}
 

@@ -324,6 +324,8 @@ def measure_gpt(job: dict) -> dict:
 
     times, peak = _timed(step, job, dev)
     med = statistics.median(times)
+    areas = [m for m in net.modules() if isinstance(m, AreaLinear)]
+    loads = [m.take_usage() for m in areas]  # tokens per area over the warm-up and timed steps
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
         act = wrapped_activation_bytes(wrapped, x, y)
     layers, dim = o["layers"], o["dim"]
@@ -332,9 +334,7 @@ def measure_gpt(job: dict) -> dict:
            "peak_mem_mb": peak / 2 ** 20, "activations_mb": act / 2 ** 20,
            "params": sum(p.numel() for p in net.parameters()), "flops_per_step": flops,
            "achieved_flops": flops / med}
-    areas = [m for m in net.modules() if isinstance(m, AreaLinear)]
-    if areas:  # tokens per area over the timed and warm-up steps, per layer: max / even split
-        loads = [m.take_usage() for m in areas]
+    if loads:  # per layer: the busiest area's tokens over an even split
         res["area_load_max_over_mean"] = max(max(u) * len(u) / max(1, sum(u)) for u in loads)
         res["dead_areas"] = sum(u.count(0) for u in loads)
     return res

@@ -118,7 +118,7 @@ def austen_dirs(root: str | None = None) -> list[Path]:
         r = Path(root)
         return [r, r / "data", r / "janeaustenr" / "data", r / "usr/lib/R/site-library/janeaustenr/data"]
     return [Path(sys.prefix) / "share/neurosal/janeaustenr/data",
-              Path("/usr/lib/R/site-library/janeaustenr/data"),
+            Path("/usr/lib/R/site-library/janeaustenr/data"),
             Path("/usr/local/lib/R/site-library/janeaustenr/data")]
 
 

@@ -28,6 +28,7 @@ from .rules import make_rule
 from .rules.base import Rule
 from .substrates import apply_device, finish_step
 from .substrates import epoch_stats as substrate_epoch_stats
+from .text import bits
 from .wrap import Wrapped, alignment_report, sal_layers, to_areas
 
 CLIP_WARNING = 0.1  # warn when analog pulse trains cut more than this share of an epoch's updates
@@ -358,7 +359,7 @@ class Trainer:
                    step_time_ms=1000 * times[len(times) // 2],
                    epoch_time_s=time.perf_counter() - t_epoch)
         if self.sequence:  # language models: bits per token (per character on text), tokens/s
-            rec.update(train_bpc=train_loss / math.log(2), test_bpc=test_loss / math.log(2),
+            rec.update(train_bpc=bits(train_loss), test_bpc=bits(test_loss),
                        test_perplexity=math.exp(min(test_loss, 700.0)),
                        tokens_seen=n_seen * per_sample + (self.history[-1]["tokens_seen"] if self.history else 0),
                        tokens_per_s=n_seen * per_sample / max(sum(step_times), 1e-9))
