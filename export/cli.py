@@ -46,7 +46,8 @@ def cmd_export(args) -> int:
             ensure_writable_dir(Path(path).parent)
 
     net, _, cfg, st = load_run(args.run)
-    ds = load_dataset(cfg.data, cfg.data_root, label_column=cfg.label_column, context=context_for(cfg))
+    ds = load_dataset(cfg.data, cfg.data_root, label_column=cfg.label_column, context=context_for(cfg),
+                      gray=cfg.grayscale)
     x, y = graph_inputs(net, ds.x_test[:args.samples]), ds.y_test[:args.samples]
     report = {"run": str(args.run), "model": cfg.model, "rule": cfg.rule, "kind": kind_of(net).name,
               "classes": st.get("classes")}

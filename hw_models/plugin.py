@@ -51,7 +51,7 @@ def _cmd_snn_plot(args) -> int:
     net, _, cfg, _ = load_run(args.run)
     if not cfg.model.startswith("snn"):
         raise NeurosalError(f"{args.run} holds a {cfg.model!r} model, not a spiking one")
-    ds = load_dataset(cfg.data, cfg.data_root, label_column=cfg.label_column)
+    ds = load_dataset(cfg.data, cfg.data_root, label_column=cfg.label_column, gray=cfg.grayscale)
     if not 0 <= args.sample < len(ds.x_test):
         raise NeurosalError(f"--sample {args.sample} is out of range: the test set has {len(ds.x_test)} samples")
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent

@@ -52,7 +52,7 @@ class Route:
 class AreaLinear(nn.Module):
     def __init__(self, n_in: int, n_out: int, areas: int = 4, route_dim: int = 16,
                  balance: float = 0.1, temperature: float = 0.1, center_momentum: float = 0.01,
-                 tokens: bool = False):
+                 tokens: bool = False, *, shared_init: bool = False, warmup_steps: int = 0):
         super().__init__()
         #: route every position of a ``(B, T, n_in)`` input on its own (transformer FFNs, a top-1
         #: mixture of experts); False: a 3-d input is a spike train, routed by its time average
@@ -64,9 +64,18 @@ class AreaLinear(nn.Module):
         self.in_features, self.out_features, self.areas = n_in, n_out, areas
         self.route_dim = route_dim
         self.balance, self.temperature, self.center_momentum = balance, temperature, center_momentum
-        dense = [nn.Linear(n_in, n_out) for _ in range(areas)]  # torch's default init, per area
-        self.area_weight = nn.ParameterList([nn.Parameter(d.weight.detach().clone()) for d in dense])
-        self.area_bias = nn.ParameterList([nn.Parameter(d.bias.detach().clone()) for d in dense])
+        if warmup_steps < 0:
+            raise NeurosalError(f"SAL warm-up steps must be >= 0, got {warmup_steps}")
+        # torch's default init, per area -- or one draw copied into every area (``shared_init``)
+        dense = [nn.Linear(n_in, n_out) for _ in range(1 if shared_init else areas)]
+        self.area_weight = nn.ParameterList([nn.Parameter(dense[0 if shared_init else k].weight.detach().clone())
+                                             for k in range(areas)])
+        self.area_bias = nn.ParameterList([nn.Parameter(dense[0 if shared_init else k].bias.detach().clone())
+                                           for k in range(areas)])
+        #: training steps (batches) before which all areas learn together from every sample
+        self.warmup_steps = int(warmup_steps)
+        #: training steps so far (saved with the module's state: a resumed run continues its warm-up)
+        self.steps = 0
         self.router = nn.Parameter(torch.randn(route_dim, n_in) / math.sqrt(n_in))
         protos = torch.randn(max(route_dim, areas), max(route_dim, areas))
         if areas <= route_dim:
@@ -88,6 +97,23 @@ class AreaLinear(nn.Module):
     @property
     def bias_stacked(self) -> torch.Tensor:
         return torch.stack(list(self.area_bias))
+
+    # ------------------------------------------------------------------ warm-up
+    @property
+    def joint(self) -> bool:
+        """Whether the next training step is a warm-up step: every area learns from the whole batch."""
+        return self.areas > 1 and self.steps < self.warmup_steps
+
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps, "warmup_steps": self.warmup_steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps, self.warmup_steps = int(state["steps"]), int(state["warmup_steps"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the warm-up existed: no steps recorded, no warm-up left
+        state_dict.setdefault(prefix + "_extra_state", {"steps": 0, "warmup_steps": 0})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, areas={self.areas}, route_dim={self.router.shape[0]}"
@@ -116,6 +142,8 @@ class AreaLinear(nn.Module):
             self.center.lerp_(mean, weight)
             self.center_ready.fill_(True)
         if self.areas == 1:
+            if self.training:
+                self.usage += len(x)  # the one area serves every sample (it is not dead)
             area = torch.zeros(len(x), dtype=torch.long, device=x.device)
             return Route(area, torch.arange(len(x), device=x.device), [len(x)], x=x)
         z, cos = self.scores(x)
@@ -162,13 +190,21 @@ class AreaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Under autograd (the general engine) the chosen areas get their gradient from autograd and
-        the router learns from its local objective when the backward pass reaches this layer."""
+        the router learns from its local objective when the backward pass reaches this layer; during the
+        warm-up every area gets the whole batch's gradient (:class:`_JointAreas`)."""
         lead = x.shape[:-1]
         if self.tokens:
             x = x.reshape(-1, self.in_features)
-        out, route = self.forward_ctx(x)
-        if self.areas > 1 and self.training and out.requires_grad:
-            out.register_hook(lambda g: self._learn_router(route.x, route))
+        learning = self.training and torch.is_grad_enabled()
+        if learning and self.joint:
+            route = self.route(x)
+            out = _JointAreas.apply(x, self, route, *self.area_weight, *self.area_bias)
+        else:
+            out, route = self.forward_ctx(x)
+        if learning and out.requires_grad:
+            self.steps += 1
+            if self.areas > 1:
+                out.register_hook(lambda g: self._learn_router(route.x, route))
         return out.reshape(*lead, self.out_features) if self.tokens else out
 
     def feedback_input(self, delta: torch.Tensor, weight: torch.Tensor, route: Route) -> torch.Tensor:
@@ -177,6 +213,16 @@ class AreaLinear(nn.Module):
 
     # ------------------------------------------------------------------ local plasticity
     def local_update(self, x: torch.Tensor, delta: torch.Tensor, route: Route) -> None:
+        joint = self.joint
+        self.steps += 1
+        if joint:  # warm-up: every area learns from the whole batch (all areas stay one copy if shared)
+            d2, x2 = delta.reshape(-1, self.out_features), x.reshape(-1, self.in_features)
+            gw, gb = d2.t() @ x2, d2.sum(0)
+            for w, b in zip(self.area_weight, self.area_bias):
+                accumulate_grad(w, gw)
+                accumulate_grad(b, gb)
+            self._learn_router(route.x, route)
+            return
         if self.areas == 1:
             parts_x, parts_d = [x], [delta]
         else:
@@ -269,3 +315,31 @@ class _GroupedAreas(torch.autograd.Function):
         grads_b = [gb[i].to(dts[k + i]) if used[i] else None for i in range(k)]
         return (gx.to(ctx.in_dtype), None, *grads_w, *grads_b)
 
+
+
+class _JointAreas(torch.autograd.Function):
+    """The warm-up step under autograd: the forward is the routed one (each row through its own area),
+    the input gradient goes back through the same areas, and every area's weight gets the whole batch's
+    update ``dW = g^T x``, ``db = sum g`` -- all areas learn together (from one shared initialisation
+    they stay one copy), while the router already learns its routing."""
+
+    @staticmethod
+    def forward(ctx, x, layer: AreaLinear, route: Route, *params):
+        out = layer._grouped(x, route, layer.area_forward, layer.out_features)
+        ctx.save_for_backward(x)
+        ctx.layer, ctx.route = layer, route
+        ctx.param_dtypes = [p.dtype for p in params]
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        layer, route = ctx.layer, ctx.route
+        weights = list(layer.area_weight)
+        gx = layer._grouped(g, route, lambda k, rows: rows @ weights[k].to(rows.dtype), layer.in_features)
+        g2 = g.reshape(-1, layer.out_features)
+        gw = g2.t() @ x.reshape(-1, layer.in_features).to(g.dtype)
+        gb = g2.sum(0)
+        k = layer.areas
+        dts = ctx.param_dtypes
+        return (gx.to(x.dtype), None, None, *[gw.to(dts[i]) for i in range(k)], *[gb.to(dts[k + i]) for i in range(k)])

@@ -53,6 +53,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default=None,
                    help="your CSV's label column: its header name or index (default: the last column)")
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N training samples")
+    p.add_argument("--grayscale", action="store_true", help="colour images to one luminance channel")
+    p.add_argument("--recipe", default=None,
+                   help="a paper's settings, e.g. sal-paper (flags you give win; see 'neurosal list')")
     p.add_argument("--context", type=positive_int, default=None,
                    help="text data: characters per window (default: the gpt model's ctx)")
     p.add_argument("--epoch-samples", type=positive_int, default=None,
@@ -78,17 +81,20 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _config(args, rule: str, options: dict):
     from .train import TrainConfig
 
+    from .recipes import apply_recipe
     from .rules import parse_options
 
-    return TrainConfig(rule=rule, rule_options=options, model=args.model, data=args.data,
-                       device=args.device, device_options=parse_options(args.device_options),
-                       data_root=args.data_root, label_column=args.label_column, limit=args.limit,
-                       context=args.context, epoch_samples=args.epoch_samples, eval_limit=args.eval_limit,
-                       epochs=args.epochs,
-                       batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
-                       momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
-                       accel=args.accel, memory=args.memory, alignment=args.alignment,
-                       progress=not args.no_progress)
+    settings = dict(model=args.model, data=args.data, device=args.device,
+                    device_options=parse_options(args.device_options), data_root=args.data_root,
+                    label_column=args.label_column, limit=args.limit, grayscale=args.grayscale,
+                    context=args.context, epoch_samples=args.epoch_samples, eval_limit=args.eval_limit,
+                    epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                    schedule=args.schedule, momentum=args.momentum, weight_decay=args.weight_decay,
+                    seed=args.seed, accel=args.accel, memory=args.memory, alignment=args.alignment,
+                    progress=not args.no_progress)
+    if args.recipe:  # the recipe's settings where no flag was given
+        settings, options = apply_recipe(args.recipe, rule, settings, options, getattr(args, "explicit", ()))
+    return TrainConfig(rule=rule, rule_options=options, **settings)
 
 
 def cmd_train(args) -> int:
@@ -129,8 +135,9 @@ def cmd_compare(args) -> int:
     for cfg in configs.values():
         cfg.validate()
     out = ensure_writable_dir(Path(args.out))
-    data = load_dataset(args.data, args.data_root, args.limit, label_column=args.label_column,
-                        context=context_for(next(iter(configs.values()))))
+    first = next(iter(configs.values()))
+    data = load_dataset(first.data, first.data_root, first.limit, label_column=first.label_column,
+                        context=context_for(first), gray=first.grayscale)
     rows, histories = [], {}
     for rule, cfg in configs.items():
         t0 = time.perf_counter()
@@ -234,9 +241,11 @@ def cmd_list(args) -> int:
     print("models:   mlp:256x256, mlp:256*8, mlp:100x100:tanh, mlp:64*32:relu:res, cnn, cnn:6,16/120,84, "
           "snn:100, resnet:20, vit:patch=4,dim=64,depth=4,heads=4,mlp=2, gpt:layers=4,dim=256,heads=4,ctx=128 "
           "(text), path/to/file.py:ClassName[:k=v,...]")
+    from .recipes import RECIPES
     from .substrates import device_names
 
     print("devices: ", ", ".join(device_names()) or "none (install hw_models)")
+    print("recipes: " + "; ".join(f"{r.name} ({r.summary})" for r in RECIPES.values()))
     return 0
 
 
@@ -251,14 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 (bp)")
     _common(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, subparser=p)
 
     p = sub.add_parser("compare", help="train each rule on the same data and print one table")
     p.add_argument("--rules", default="bp,fa,usf,dfa,drtp,ldef")
     p.add_argument("--rule-options", default=None)
     p.add_argument("--out", default="runs/compare")
     _common(p)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, subparser=p)
 
     p = sub.add_parser("bench", help="step time, memory and FLOP/s of rules over width/depth/size sweeps")
     p.add_argument("--small", action="store_true", help="preset that finishes in minutes on 2 CPU cores")
@@ -303,8 +312,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _explicit(sub: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options given on the command line (a recipe fills the others): the subcommand's parser
+    again, with every default suppressed."""
+    saved = {a.dest: a.default for a in sub._actions}
+    try:
+        for a in sub._actions:
+            a.default = argparse.SUPPRESS
+        given, _ = sub.parse_known_args(argv)
+    finally:
+        for a in sub._actions:
+            a.default = saved[a.dest]
+    return set(vars(given))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "recipe", None):
+        args.explicit = _explicit(args.subparser, argv[argv.index(args.command) + 1:])
     try:
         return args.func(args)
     except NeurosalError as exc:

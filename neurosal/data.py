@@ -13,11 +13,16 @@ Names accepted by :func:`load_dataset`::
     iris, wine, breast-cancer   sklearn tables (70/30 split)
     mnist             IDX files of full MNIST in a folder the user gives (--data-root)
     cifar10           CIFAR-10 binary batches in a folder the user gives (--data-root)
+    semeion           UCI Semeion handwritten digits: semeion.data in a folder the user gives
+                      (--data-root), or --data path/to/semeion.data (1,593 16x16 images, 70/30 split)
     path/to/file.npz  arrays X, y (optionally X_test, y_test); y integer or string class names
     austen            Jane Austen's novels, character level (:mod:`neurosal.text`)
     path/to/file.txt  your own text, character level (:mod:`neurosal.text`)
     path/to/file.csv  numeric feature columns and one label column (the last, or --label-column
                       NAME|INDEX); labels integers or class names; an optional header row
+
+``grayscale=True`` turns colour images (3 channels) into one luminance channel (ITU-R 601 weights,
+before standardising), as the SAL paper's recipe does; single-channel images and tables are unchanged.
 
 Labels of a user's file become class indices in sorted order (numbers numerically, names
 alphabetically); integer labels that already are 0..K-1 keep their values. The class names travel
@@ -203,8 +208,18 @@ def load_idx_folder(root: str | os.PathLike, name: str) -> Dataset:
     return _make(name, xtr[:, None], ytr, xte[:, None], yte, 10, DIGITS)
 
 
-def load_cifar10(root: str | os.PathLike) -> Dataset:
-    """CIFAR-10 'binary version' (data_batch_1..5.bin, test_batch.bin): 1 label byte + 3072 pixels."""
+LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
+
+
+def grayscale(x: np.ndarray) -> np.ndarray:
+    """``(N, 3, H, W)`` colour images -> ``(N, 1, H, W)`` luminance."""
+    w = np.asarray(LUMINANCE, dtype=x.dtype).reshape(1, 3, 1, 1)
+    return (x * w).sum(axis=1, keepdims=True)
+
+
+def load_cifar10(root: str | os.PathLike, gray: bool = False) -> Dataset:
+    """CIFAR-10 'binary version' (data_batch_1..5.bin, test_batch.bin): 1 label byte + 3072 pixels;
+    ``gray``: luminance images (then standardised like the colour ones)."""
     root = Path(root)
     if (root / "cifar-10-batches-bin").is_dir():
         root = root / "cifar-10-batches-bin"
@@ -225,6 +240,8 @@ def load_cifar10(root: str | os.PathLike) -> Dataset:
 
     xtr, ytr = read([root / f"data_batch_{i}.bin" for i in range(1, 6)])
     xte, yte = read([root / "test_batch.bin"])
+    if gray:
+        xtr, xte = grayscale(xtr), grayscale(xte)
     mean = xtr.mean(axis=(0, 2, 3), keepdims=True)
     std = xtr.std(axis=(0, 2, 3), keepdims=True)
     return _make("cifar10", (xtr - mean) / std, ytr, (xte - mean) / std, yte, 10, CIFAR10_CLASSES)
@@ -402,6 +419,30 @@ def load_file(path: str | os.PathLike, label_column: str | int | None = None) ->
     return _make(name, xtr, ytr, xte, yte, len(classes), classes)
 
 
+def load_semeion(path: str | os.PathLike) -> Dataset:
+    """UCI Semeion: each line 256 pixel values (0/1) of a 16x16 digit, then its label one-hot in 10
+    columns. ``path`` is the file or a folder holding ``semeion.data``; 70/30 split, fixed seed."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "semeion.data"
+    if not path.is_file():
+        raise NeurosalError(f"semeion: {path} not found (download semeion.data from the UCI repository "
+                            "yourself and pass its folder with --data-root)")
+    try:
+        rows = [line.split() for line in path.read_text(encoding="ascii").splitlines() if line.strip()]
+        table = np.array([[float(v) for v in r] for r in rows], dtype=np.float64) if rows else None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise NeurosalError(f"semeion: {path} is not the Semeion text table ({first_line(exc)})") from None
+    if table is None or table.ndim != 2 or table.shape[1] != 266:
+        raise NeurosalError(f"semeion: {path} must have rows of 266 numbers (256 pixels + 10 one-hot label "
+                            f"columns)" + ("" if table is None else f"; got {len(rows[0])} in the first row"))
+    onehot = table[:, 256:]
+    if not (np.isin(onehot, (0.0, 1.0)).all() and (onehot.sum(1) == 1).all()):
+        raise NeurosalError(f"semeion: {path}: the last 10 columns of every row must be a one-hot label")
+    x = table[:, :256].astype(np.float32).reshape(-1, 1, 16, 16)
+    return _make("semeion", *_split(x, onehot.argmax(1), 0.3), 10, DIGITS)
+
+
 def _check_features(name: str, x: np.ndarray, y: np.ndarray) -> None:
     """The checks of :func:`_check` that hold before labels are encoded."""
     if y.ndim != 1:
@@ -449,11 +490,13 @@ def _mnist1d():
 
 
 def _needs_root(name):
-    def load(root=None):
+    def load(root=None, gray=False):
         if root is None:
             raise NeurosalError(f"dataset {name!r} has no offline source here: download it yourself "
                                 f"and pass its folder with --data-root")
-        return load_idx_folder(root, name) if name == "mnist" else load_cifar10(root)
+        if name == "mnist":
+            return load_idx_folder(root, name)
+        return load_semeion(root) if name == "semeion" else load_cifar10(root, gray)
     return load
 
 
@@ -477,6 +520,7 @@ OFFLINE = {
     "breast-cancer": _sklearn("load_breast_cancer", "breast-cancer"),
     "mnist": _needs_root("mnist"),
     "cifar10": _needs_root("cifar10"),
+    "semeion": _needs_root("semeion"),
 }
 
 
@@ -485,10 +529,12 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(name: str, root: str | None = None, limit: int | None = None,
-                 label_column: str | int | None = None, context: int | None = None) -> Dataset:
+                 label_column: str | int | None = None, context: int | None = None,
+                 gray: bool = False) -> Dataset:
     """Load a dataset by name or by file path; ``limit`` keeps the first N training samples;
     ``label_column`` picks a CSV's label column by name or index. Text (``austen``, ``file.txt``:
-    :mod:`neurosal.text`) comes as windows of ``context`` characters (default 128)."""
+    :mod:`neurosal.text`) comes as windows of ``context`` characters (default 128). ``gray``: colour
+    images become one luminance channel."""
     from .text import is_text, load_text
 
     if limit is not None and limit < 1:
@@ -503,12 +549,17 @@ def load_dataset(name: str, root: str | None = None, limit: int | None = None,
     if key in OFFLINE:
         if label_column is not None:
             raise NeurosalError(f"--label-column is for your own CSV files, not the built-in {key!r}")
-        ds = OFFLINE[key](root)
+        ds = OFFLINE[key](root, gray) if key == "cifar10" else OFFLINE[key](root)
+    elif Path(name).name == "semeion.data":
+        ds = load_semeion(name)
     elif name.endswith((".npz", ".csv")) or os.path.sep in name:
         ds = load_file(name, label_column)
     else:
         raise NeurosalError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}, "
                             "or a path to a .npz/.csv/.txt file")
+    if gray and ds.x_train.dim() == 4 and ds.x_train.shape[1] == 3:  # a user's colour images (cifar10: above)
+        lum = torch.tensor(LUMINANCE, dtype=ds.x_train.dtype).reshape(1, 3, 1, 1)
+        ds = replace(ds, x_train=(ds.x_train * lum).sum(1, keepdim=True), x_test=(ds.x_test * lum).sum(1, keepdim=True))
     if limit is not None:
         ds = replace(ds, x_train=ds.x_train[:limit], y_train=ds.y_train[:limit])
     return ds

@@ -143,6 +143,14 @@ class RMSScale(nn.Module):
         return a * torch.rsqrt(a.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
 
 
+class RMSClip(nn.Module):
+    """RMS scaling that only shrinks: ``a / max(sqrt(mean(a^2)), 1)``. Bounds every sample's RMS by 1 as
+    :class:`RMSScale` does (deep stacks stay finite) but leaves small activations as they are (SAL's
+    ``norm="rms_clip"``; differentiated by autograd, the generic tail path)."""
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return a * torch.rsqrt(a.pow(2).mean(dim=-1, keepdim=True).clamp_min(1.0))
+
 
 RMS_EPS = 1e-6
 

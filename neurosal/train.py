@@ -45,6 +45,7 @@ class TrainConfig:
     data_root: str | None = None
     label_column: str | None = None  # user tables: the label column's name or index (default: the last)
     limit: int | None = None  # keep only the first N training samples
+    grayscale: bool = False  # colour images to one luminance channel (the SAL paper's recipe)
     context: int | None = None  # text: characters per window (default: the gpt model's ctx, else 128)
     epoch_samples: int | None = None  # samples drawn per epoch (without replacement); default: all
     eval_limit: int | None = None  # evaluate on the first N test samples (windows); default: all
@@ -166,11 +167,13 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.data_root, cfg.limit,
                                                               label_column=cfg.label_column,
-                                                              context=context_for(cfg))
+                                                              context=context_for(cfg), gray=cfg.grayscale)
         #: targets per sample: 1, or the positions of a text window (a language model's loss is per token)
         self.sequence = ds.y_train.dim() > 1
         self.data = ds.to(self.device)
         self.rule: Rule = make_rule(cfg.rule, **cfg.rule_options)
+        n_epoch = min(cfg.epoch_samples or len(ds.x_train), len(ds.x_train))
+        self.rule.plan(cfg.epochs * math.ceil(n_epoch / cfg.batch_size))  # the run's length (SAL's warm-up)
         self.net = build_net(cfg, self.rule, ds.input_shape, ds.n_classes, self.device)
         self.wrapped = wrap_for_training(cfg, self.net, self.rule, ds.input_shape, self.data.x_train[:2])
         self.model = self.wrapped  # what each step calls (DDP-wrapped when distributed)

@@ -645,6 +645,7 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
     params = list(wrapped.parameters())
     saved = [p.grad for p in params]
     buffers = {k: v.clone() for k, v in model.named_buffers()}
+    area_steps = [m.steps for m in area_layers]  # a probe is not a training step (SAL's warm-up clock)
 
     def update(w: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(w) if w.grad is None else w.grad.clone()
@@ -670,6 +671,8 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
         wrapped._bypass[0] = False
         for p, g in zip(params, saved):
             p.grad = g
+        for m, n in zip(area_layers, area_steps):
+            m.steps = n
         with torch.no_grad():
             for k, v in model.named_buffers():
                 if k in buffers:
@@ -691,18 +694,22 @@ def sal_layers(model: nn.Module) -> list[str]:
 
 
 def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
-    """Replace each named ``nn.Linear`` by an area layer with the rule's K, routing per token."""
-    c = rule.config
+    """Replace each named ``nn.Linear`` by an area layer with the rule's K, routing per token. With
+    ``area_init="shared"`` (default) every area starts as a copy of the Linear's own weights (a
+    pretrained layer stays what it was until its areas diverge)."""
     modules = dict(model.named_modules())
     for name in names:
         lin = modules.get(name)
         if type(lin) is not nn.Linear:
             raise NeurosalError(f"sal: {name!r} is not an nn.Linear of this model")
-        area = AreaLinear(lin.in_features, lin.out_features, c.areas, c.route_dim, c.balance, c.temperature,
-                          c.center_momentum, tokens=True)
-        area.grouped = c.grouped
         if lin.bias is None:
             raise NeurosalError(f"sal: {name!r} has no bias; area layers keep one per area")
+        area = rule.area_layer(lin.in_features, lin.out_features, tokens=True)
+        if rule.config.area_init == "shared":
+            with torch.no_grad():
+                for w, b in zip(area.area_weight, area.area_bias):
+                    w.copy_(lin.weight)
+                    b.copy_(lin.bias)
         area.to(lin.weight.device, lin.weight.dtype)
         replace_module(model, name, keep_own_forward(area))
 

@@ -15,6 +15,7 @@ from conftest import assert_close, setup_rule
 
 
 def sal_net(spec="mlp:12x10", shape=(1, 3, 3), seed=0, **opt):
+    opt.setdefault("warmup", 0.0)  # exclusive from the first step unless a test asks for the warm-up
     torch.manual_seed(seed)
     rule = make_rule("sal", **opt)
     net = rule.build(spec, shape, 4).double()
@@ -122,6 +123,7 @@ def test_unselected_areas_are_exactly_unchanged_by_adam_with_momentum():
     xs, ys = x[keep], y[keep]  # a batch that uses a single area of layer 0
     before = [w.detach().clone() for w in layer.area_weight]
     net.train()
+    layer.center_momentum = 0.0  # the routing centre stays put: the step routes as the probe above did
     opt.zero_grad(set_to_none=True)
     engine.train_step(net, rule, xs, ys, 4)
     opt.step()
@@ -198,7 +200,9 @@ def test_depth_128_stays_finite_bounded_and_learns():
             h = blk(h)
             assert torch.isfinite(h).all()
             assert float(h.pow(2).mean(1).sqrt().max()) <= 1 + 127 ** 0.5
-    assert hist[-1]["test_acc"] >= 0.6, [r["test_acc"] for r in hist]  # chance is 0.1; measured 0.75
+    # chance is 0.1; measured 0.525 (seeds 1, 2: 0.43, 0.62) with the defaults (shared initialisation and
+    # warm-up, which learn slower at this depth in 4 epochs than independent areas did: 0.75)
+    assert hist[-1]["test_acc"] >= 0.3, [r["test_acc"] for r in hist]
 
 
 def test_bad_sal_options_are_refused():
@@ -266,3 +270,125 @@ def test_grouped_areas_equal_the_per_area_loop_and_leave_unchosen_areas_untouche
     torch.optim.AdamW(grouped.parameters(), lr=0.1, weight_decay=0.1).step()
     for k, w in zip(unused, before):
         assert torch.equal(grouped.area_weight[k], w)
+
+
+def test_warm_up_gives_every_area_the_whole_batch_then_areas_are_exclusive():
+    """Warm-up (warmup=0.5 of a 4-step run: 2 steps): each area's update is the sum of what the K
+    exclusive areas would get (the whole batch's update); from one shared initialisation the areas stay
+    one copy through Adam. After it, an area no sample chose is exactly unchanged."""
+    net, rule = sal_net(areas=4, warmup=0.5, run_steps=4)
+    layers = [blk.op for blk in net.blocks[:-1]]
+    assert all(m.warmup_steps == 2 and m.steps == 0 for m in layers)
+    assert all(torch.equal(w, m.area_weight[0]) for m in layers for w in m.area_weight)  # shared init
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, y = batch(n=30)
+    for _ in range(2):
+        ref, _ = naive_grads(net, rule, x, y)  # the exclusive per-area updates for this batch
+        net.eval()  # the reference's routing statistics
+        opt.zero_grad(set_to_none=True)
+        engine.train_step(net, rule, x, y, 4)
+        for l, m in enumerate(layers):
+            whole = sum(ref[(l, k)] for k in range(m.areas))
+            for w in m.area_weight:
+                assert_close(w.grad, whole)
+        opt.step()
+        # same update from the same start, through the same code: bitwise one copy
+        assert all(torch.equal(w, m.area_weight[0]) for m in layers for w in m.area_weight)
+    assert all(m.steps == 2 and not m.joint for m in layers)
+    layer = layers[0]
+    area = layer.route(x.flatten(1)).area  # still in eval mode: the step below routes the same way
+    keep = area == area[0]
+    before = [w.detach().clone() for w in layer.area_weight]
+    opt.zero_grad(set_to_none=True)
+    engine.train_step(net, rule, x[keep], y[keep], 4)
+    opt.step()
+    for k, (w, w0) in enumerate(zip(layer.area_weight, before)):
+        assert torch.equal(w, w0) != (k == int(area[0])), k
+
+
+def test_warm_up_under_autograd_equals_the_whole_batch_update():
+    """The general engine's warm-up step (:class:`_JointAreas`): the output and the input gradient are the
+    routed ones (as without warm-up), every area's weight gradient is ``g^T x`` over all tokens; the
+    step after the warm-up is exclusive again."""
+    import copy
+
+    torch.manual_seed(0)
+    joint = AreaLinear(6, 5, areas=4, route_dim=4, tokens=True, shared_init=False, warmup_steps=1).double()
+    plain = copy.deepcopy(joint)
+    plain.warmup_steps = 0
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    g = torch.randn(2, 7, 5, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = joint(xa), plain(xb)
+    assert_close(ya, yb)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    assert_close(xa.grad, xb.grad)
+    whole_w = g.reshape(-1, 5).t() @ x.reshape(-1, 6)
+    for w, b in zip(joint.area_weight, joint.area_bias):
+        assert_close(w.grad, whole_w)
+        assert_close(b.grad, g.reshape(-1, 5).sum(0))
+    assert joint.router.grad is not None  # the router learns during the warm-up
+    assert joint.steps == 1 and not joint.joint
+    joint.zero_grad(set_to_none=True)
+    joint(torch.randn(1, 1, 6, dtype=torch.float64, requires_grad=True)).sum().backward()
+    assert sum(w.grad is None for w in joint.area_weight) == 3  # one token: one area learns
+
+
+def test_shared_areas_start_as_the_users_own_linear():
+    """wrap(..., rule="sal"): with area_init="shared" every area is a copy of the Linear it replaces, so
+    the wrapped model computes what the user's model did before training."""
+    import neurosal
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x = torch.randn(20, 8)
+    with torch.no_grad():
+        before = model(x)
+    wrapped = neurosal.wrap(model, rule="sal", areas=4, run_steps=10)
+    area = wrapped.model[0]
+    assert isinstance(area, AreaLinear) and area.warmup_steps == 5
+    with torch.no_grad():
+        assert_close(wrapped(x), before)
+
+
+def test_wrap_without_the_run_length_warns_and_skips_the_warm_up():
+    import neurosal
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with pytest.warns(UserWarning, match="run_steps"):
+        wrapped = neurosal.wrap(model, rule="sal")
+    assert wrapped.model[0].warmup_steps == 0
+
+
+def test_warm_up_clock_is_saved_and_old_state_dicts_still_load():
+    layer = AreaLinear(5, 4, areas=3, warmup_steps=7)
+    layer.steps = 3
+    fresh = AreaLinear(5, 4, areas=3)
+    fresh.load_state_dict(layer.state_dict())
+    assert (fresh.steps, fresh.warmup_steps) == (3, 7)
+    old = {k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")}
+    fresh.load_state_dict(old)  # written before the warm-up existed: no warm-up left
+    assert (fresh.steps, fresh.warmup_steps) == (0, 0)
+
+
+def test_trainer_plans_the_warm_up_from_the_run_length():
+    from neurosal.data import load_dataset
+    from neurosal.train import TrainConfig, Trainer
+
+    ds = load_dataset("digits", limit=100)
+    tr = Trainer(TrainConfig(rule="sal", model="mlp:16x16", epochs=2, batch_size=32, progress=False), None,
+                 dataset=ds)
+    layers = [m for m in tr.net.modules() if isinstance(m, AreaLinear)]
+    assert [m.warmup_steps for m in layers] == [4, 4]  # half of 2 epochs x 4 batches
+    tr.fit()
+    assert [m.steps for m in layers] == [8, 8]
+
+
+def test_bad_warm_up_options_are_refused():
+    with pytest.raises(NeurosalError, match="warmup"):
+        make_rule("sal", warmup=1.5)
+    with pytest.raises(NeurosalError, match="area_init"):
+        make_rule("sal", area_init="zeros")
+    with pytest.raises(NeurosalError, match="run_steps"):
+        make_rule("sal", run_steps=-1)

@@ -70,6 +70,10 @@ class Rule(nn.Module):
 
         return build_model(spec, input_shape, n_classes, self.hidden_layer, self.hidden_tail)
 
+    def plan(self, run_steps: int) -> None:
+        """Told before the model is built: the run's length in training steps (batches), for rules with a
+        schedule over the run (SAL's warm-up); default: not needed."""
+
     def setup(self, net, out_shapes: list[tuple[int, ...]], n_classes: int, generator: torch.Generator):
         """Create feedback state for ``net``; ``out_shapes[l]`` is block l's per-sample output shape."""
 

@@ -34,11 +34,12 @@ gradient, the router learns from the same local objective when the backward pass
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch.nn as nn
 
 from ..areas import AreaLinear
-from ..layers import RMSScale
+from ..layers import RMSClip, RMSScale
 from ..errors import NeurosalError
 from .base import register
 from ..options import check, non_negative, positive
@@ -57,8 +58,18 @@ class SALConfig(DirectConfig):
     temperature: float = 0.1
     #: EMA momentum of the routing input's running mean
     center_momentum: float = 0.01
-    #: "rms": parameter-free RMS scaling before each hidden activation; "none": plain
+    #: "rms": parameter-free RMS scaling before each hidden activation; "rms_clip": scale down only
+    #: (samples whose RMS exceeds 1); "none": plain
     norm: str = "rms"
+    #: "shared": all areas of a layer start from one initialisation (in a user's model: the Linear's own
+    #: weights) and diverge as their samples do; "independent": one random draw per area
+    area_init: str = "shared"
+    #: share of the run during which all areas learn together from every sample, while the router
+    #: already learns its routing; areas are mutually exclusive after it. 0: exclusive from the start
+    warmup: float = 0.5
+    #: the run's length in training steps (batches), which ``warmup`` is a share of: neurosal's trainer
+    #: fills it in; a user's loop passes it (0: unknown -- no warm-up, with a warning)
+    run_steps: int = 0
     #: area layers of the general engine: "auto" runs all areas as one grouped matmul
     #: (torch.nn.functional.grouped_mm) on CUDA and a loop over the areas elsewhere; "on" / "off" force it
     grouped: str = "auto"
@@ -71,7 +82,13 @@ class SALConfig(DirectConfig):
         check(positive(self.temperature), "rule option temperature", f"must be positive, got {self.temperature}")
         check(0 <= self.center_momentum <= 1, "rule option center_momentum",
               f"must be in [0, 1], got {self.center_momentum}")
-        check(self.norm in ("rms", "none"), "rule option norm", f"use rms or none, not {self.norm!r}")
+        check(self.norm in ("rms", "rms_clip", "none"), "rule option norm",
+              f"use rms, rms_clip or none, not {self.norm!r}")
+        check(self.area_init in ("shared", "independent"), "rule option area_init",
+              f"use shared or independent, not {self.area_init!r}")
+        check(0 <= self.warmup <= 1, "rule option warmup", f"must be a share of the run in [0, 1], got {self.warmup}")
+        check(isinstance(self.run_steps, int) and self.run_steps >= 0, "rule option run_steps",
+              f"must be an integer >= 0, got {self.run_steps}")
         check(self.grouped in ("auto", "on", "off"), "rule option grouped",
               f"use auto, on or off, not {self.grouped!r}")
 
@@ -87,17 +104,36 @@ class SAL(DirectRule):
         c = self.config
         if c.areas < 1:
             raise NeurosalError(f"sal: areas must be >= 1, got {c.areas}")
-        if c.norm not in ("rms", "none"):
-            raise NeurosalError(f"sal: norm must be 'rms' or 'none', not {c.norm!r}")
         if c.balance < 0 or c.temperature <= 0:
             raise NeurosalError("sal: balance must be >= 0 and temperature > 0")
 
-    def hidden_layer(self, n_in, n_out):
+    def plan(self, run_steps: int) -> None:
+        if not self.config.run_steps:  # a length the user gave wins
+            self.config.run_steps = int(run_steps)
+
+    def warmup_steps(self) -> int:
+        """The warm-up in training steps: ``warmup`` times the run's length."""
         c = self.config
-        return AreaLinear(n_in, n_out, c.areas, c.route_dim, c.balance, c.temperature, c.center_momentum)
+        if c.warmup > 0 and c.areas > 1 and not c.run_steps:
+            warnings.warn("sal: the warm-up is a share of the run, whose length is unknown: pass run_steps "
+                          "(the run's training steps) or warmup=0; training without warm-up", stacklevel=3)
+            return 0
+        return round(c.warmup * c.run_steps)
+
+    def area_layer(self, n_in: int, n_out: int, tokens: bool = False) -> AreaLinear:
+        """An area layer with this rule's options (``tokens``: route every position on its own)."""
+        c = self.config
+        layer = AreaLinear(n_in, n_out, c.areas, c.route_dim, c.balance, c.temperature, c.center_momentum, tokens,
+                           shared_init=c.area_init == "shared", warmup_steps=self.warmup_steps())
+        layer.grouped = c.grouped
+        return layer
+
+    def hidden_layer(self, n_in, n_out):
+        return self.area_layer(n_in, n_out)
 
     def hidden_tail(self, activation: nn.Module) -> nn.Module:
-        return nn.Sequential(RMSScale(), activation) if self.config.norm == "rms" else activation
+        norm = {"rms": RMSScale, "rms_clip": RMSClip}.get(self.config.norm)
+        return nn.Sequential(norm(), activation) if norm else activation
 
     def source(self, e, target):
         return e
