@@ -20,7 +20,8 @@ args = ap.parse_args()
 
 torch.manual_seed(0)
 xtr, ytr, xte, yte = digits()
-model = neurosal.wrap(ViT((1, 8, 8), 10, patch=2, dim=32, depth=2, heads=4), args.rule)
+options = {"run_steps": 10 * -(-len(xtr) // 32)} if args.rule == "sal" else {}  # sal's warm-up: the run's length
+model = neurosal.wrap(ViT((1, 8, 8), 10, patch=2, dim=32, depth=2, heads=4), args.rule, **options)
 fit(model, xtr, ytr, epochs=10)
 plain = model.unwrap()  # the trained model without the rule's hooks
 export_onnx(plain, xte[:2], args.out)  # SAL's routing becomes ONNX ops (ArgMax + Gather)

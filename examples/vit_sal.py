@@ -23,7 +23,9 @@ args = ap.parse_args()
 torch.manual_seed(0)
 xtr, ytr, xte, yte = digits()
 vit = ViT((1, 8, 8), 10, patch=2, dim=32, depth=2, heads=4)
-options = {"areas": args.areas} if args.rule == "sal" else {}
+# sal's warm-up (all areas learn together for the first half of the run) is a share of the run's length
+steps = args.epochs * -(-len(xtr) // 32)  # epochs x batches of 32 (what fit() below runs)
+options = {"areas": args.areas, "run_steps": steps} if args.rule == "sal" else {}
 model = neurosal.wrap(vit, args.rule, **options)
 fit(model, xtr, ytr, args.epochs)
 print("feedback points:", model.point_names)

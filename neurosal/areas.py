@@ -16,6 +16,11 @@ backward (:class:`_GroupedAreas`), with no Python loop over areas. The same grou
 at all (``.grad`` stays ``None``), so no optimiser -- momentum, Adam moments, weight decay -- touches
 them: their update is exactly zero.
 
+Warm-up (``warmup_steps``, set by the sal rule from its ``warmup`` share of the run): for the first
+training steps every area gets the whole batch's update ``dW = delta^T x`` (routing is still computed
+and the router still learns); with ``shared_init`` all areas start as one copy and stay one copy
+through any optimiser until the warm-up ends. The step clock is saved with the module's state.
+
 The router's projection learns locally from the layer's own input: it is pulled towards the
 prototype each sample chose (routing sharpens and stays stable, since the targets are frozen) and
 pushed towards balanced use of the areas by a Switch-style load term
@@ -325,7 +330,10 @@ class _JointAreas(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer: AreaLinear, route: Route, *params):
-        out = layer._grouped(x, route, layer.area_forward, layer.out_features)
+        if layer._use_grouped(x):  # the forward as one grouped matmul (CUDA); the backward loops over areas
+            out = _GroupedAreas.apply(x, route, *params)
+        else:
+            out = layer._grouped(x, route, layer.area_forward, layer.out_features)
         ctx.save_for_backward(x)
         ctx.layer, ctx.route = layer, route
         ctx.param_dtypes = [p.dtype for p in params]

@@ -146,3 +146,18 @@ def test_seeded_runs_are_reproducible():
         return t.net.state_dict()
     a, b = once(), once()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recipe_fills_what_the_command_line_does_not_give(tmp_path):
+    """--recipe sal-paper: the paper's optimiser, lr, batch, model, grayscale and SAL-16; a flag given on
+    the command line (--epochs) wins, and rule options given win over the recipe's."""
+    out = tmp_path / "run"
+    rc = main(["train", "--recipe", "sal-paper", "--rule", "sal", "--rule-options", "route_dim=8", "--data",
+               "digits", "--limit", "64", "--epochs", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    cfg = json.loads((out / "metrics.json").read_text())["config"]
+    assert (cfg["optimizer"], cfg["lr"], cfg["momentum"], cfg["batch_size"], cfg["model"], cfg["grayscale"],
+            cfg["schedule"]) == ("SGD", 1e-4, 0.0, 16, "mlp:256", True, "constant")
+    assert cfg["epochs"] == 1 and cfg["rule_options"] == {"areas": 16, "route_dim": 8}
+    r = cli("train", "--recipe", "nope", "--out", str(tmp_path / "y"), "--no-progress")
+    assert r.returncode == 2 and "unknown recipe 'nope'" in r.stderr and "Traceback" not in r.stderr

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from neurosal.data import FASHION_MNIST_DIR, load_dataset, read_idx
 from neurosal.errors import NeurosalError
@@ -82,3 +83,55 @@ def test_fashion_mnist_from_debian_package():
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
     with pytest.raises(NeurosalError, match="apt-get install -y dataset-fashion-mnist"):
         load_dataset("fashion-mnist", root=str(tmp_path / "nowhere"))
+
+
+def write_semeion(path, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        pixels = rng.integers(0, 2, 256).astype(float)
+        label = np.eye(10)[i % 10]
+        rows.append(" ".join(f"{v:.4f}" for v in pixels) + " " + " ".join(str(int(v)) for v in label))
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_semeion_from_a_folder_or_the_file(tmp_path):
+    write_semeion(tmp_path / "semeion.data")
+    ds = load_dataset("semeion", root=str(tmp_path))
+    assert ds.x_train.shape[1:] == (1, 16, 16) and len(ds.x_train) + len(ds.x_test) == 40
+    assert ds.n_classes == 10 and set(ds.y_train.tolist()) | set(ds.y_test.tolist()) == set(range(10))
+    same = load_dataset(str(tmp_path / "semeion.data"))
+    assert np.array_equal(same.x_train.numpy(), ds.x_train.numpy())
+    with pytest.raises(NeurosalError, match="no offline source"):
+        load_dataset("semeion")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("1 0 1\n", "rows of 266 numbers"),
+    (" ".join(["1"] * 256 + ["1", "1"] + ["0"] * 8) + "\n", "one-hot"),
+    (" ".join(["x"] * 266) + "\n", "not the Semeion text table"),
+    ("", "rows of 266 numbers"),
+])
+def test_bad_semeion_files_are_refused(tmp_path, text, message):
+    (tmp_path / "semeion.data").write_text(text)
+    with pytest.raises(NeurosalError, match=message):
+        load_dataset("semeion", root=str(tmp_path))
+
+
+def test_grayscale_turns_colour_images_into_luminance(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}.bin", 4) for i in range(1, 6)] + [("test_batch.bin", 3)]:
+        rec = np.concatenate([rng.integers(0, 10, (n, 1)), rng.integers(0, 256, (n, 3072))], 1)
+        rec.astype(np.uint8).tofile(tmp_path / name)
+    gray = load_dataset("cifar10", root=str(tmp_path), gray=True)
+    assert gray.x_train.shape == (20, 1, 32, 32) and gray.x_test.shape == (3, 1, 32, 32)
+    # standardised after the conversion: zero mean, unit deviation over the training images
+    assert abs(float(gray.x_train.mean())) < 1e-4 and abs(float(gray.x_train.std()) - 1) < 1e-2
+    x = rng.random((12, 3, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "colour.npz", X=x, y=np.arange(12) % 3)
+    ds = load_dataset(str(tmp_path / "colour.npz"), gray=True)
+    plain = load_dataset(str(tmp_path / "colour.npz"))
+    lum = (plain.x_train * torch.tensor([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
+    assert ds.x_train.shape[1] == 1 and torch.allclose(ds.x_train, lum, rtol=0, atol=1e-6)
+    digits = load_dataset("digits", gray=True)  # one channel already: unchanged
+    assert digits.x_train.shape[1:] == (1, 8, 8)

@@ -392,3 +392,22 @@ def test_bad_warm_up_options_are_refused():
         make_rule("sal", area_init="zeros")
     with pytest.raises(NeurosalError, match="run_steps"):
         make_rule("sal", run_steps=-1)
+
+
+def test_warm_up_step_is_the_same_with_the_grouped_forward():
+    """grouped="on" runs the warm-up's forward as one grouped matmul: outputs and gradients as the loop's."""
+    import copy
+
+    torch.manual_seed(1)
+    loop = AreaLinear(16, 24, areas=4, route_dim=8, tokens=True, shared_init=True, warmup_steps=1)
+    grouped = copy.deepcopy(loop)
+    loop.grouped, grouped.grouped = "off", "on"
+    x, g = torch.randn(2, 5, 16), torch.randn(2, 5, 24)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = loop(xa), grouped(xb)
+    assert_close(yb, ya, ulps=64)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    assert_close(xb.grad, xa.grad, ulps=64)
+    for pa, pb in zip(loop.parameters(), grouped.parameters()):
+        assert_close(pb.grad, pa.grad, ulps=64)

@@ -18,7 +18,14 @@ from this workplace, only the abstract and introduction; each choice is a config
 * the router's projection learns by a local objective on the layer input (pull to the chosen
   prototype + load balance, see :mod:`neurosal.areas`), updated by the same optimiser as the weights.
 * depth: a parameter-free RMS scaling before each hidden activation (``norm="rms"``) bounds every
-  activation; with ``norm="none"`` the stack is the plain MLP.
+  activation; ``norm="rms_clip"`` only scales down; with ``norm="none"`` the stack is the plain MLP.
+* K areas split the data: each sees about 1/K of it, which on small sets made SAL worse than the DFA it
+  refines (benchmarks/reports/sal). Two defaults answer that, each an option with an ablation row in
+  the report: the areas of a layer start from **one shared initialisation** (``area_init="shared"``;
+  in a user's model, the Linear's own weights), and for the **first half of the run** (``warmup=0.5``,
+  a share of ``run_steps``, which neurosal's trainer fills in) every sample's update reaches every area
+  while the router already learns its routing -- the areas stay one copy, trained on all the data, then
+  specialise on their own samples. After the warm-up each sample updates only its area, as above.
 
 Convolutional blocks in a SAL model stay dense and learn from the same direct signal: an area per
 image for a shared kernel has no clean counterpart of "the sample's own parameters" that we could check
