@@ -83,7 +83,9 @@ def layer_case(batch, n_in, n_out, areas, device, repeats):
 
 def net_case(batch, width, depth, areas, device, repeats, optimizer: bool):
     shape = (1, 28, 28)
-    cases = {"dfa (dense)": ("dfa", {}), "sal K=1": ("sal", {"areas": 1}), f"sal K={areas}": ("sal", {"areas": areas})}
+    # exclusive steps (warmup=0): what SAL costs after its warm-up; a warm-up step is one dense update per area
+    cases = {"dfa (dense)": ("dfa", {}), "sal K=1": ("sal", {"areas": 1, "warmup": 0.0}),
+             f"sal K={areas}": ("sal", {"areas": areas, "warmup": 0.0})}
     out = {}
     for name, (rule_name, opts) in cases.items():
         torch.manual_seed(0)
