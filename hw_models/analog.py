@@ -225,10 +225,25 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
     def from_float(cls, layer: AreaLinear, cfg: DeviceConfig, seed: int) -> "AnalogAreaLinear":
         new = cls(layer.in_features, layer.out_features, layer.areas, layer.route_dim, layer.balance,
                   layer.temperature, layer.center_momentum, layer.tokens)
-        new.load_state_dict(layer.state_dict(), strict=False)
+        new.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")},
+                            strict=False)
+        new.steps, new.warmup_steps = layer.steps, layer.warmup_steps  # the warm-up clock (its extra state)
+        new.grouped = layer.grouped
         new.to(layer.router.device, layer.router.dtype)
         new.tiles = AnalogTiles(cfg, list(new.area_weight), layer.in_features, seed)
         return new
+
+    def get_extra_state(self):
+        return {"analog_tiles": self.tiles.state(), "area_clock": AreaLinear.get_extra_state(self)}
+
+    def set_extra_state(self, state):
+        if isinstance(state, dict) and "area_clock" in state:
+            AreaLinear.set_extra_state(self, state["area_clock"])
+            self.tiles.load(state["analog_tiles"])
+        elif isinstance(state, dict) and set(state) == {"steps", "warmup_steps"}:  # a float area layer's
+            AreaLinear.set_extra_state(self, state)
+        else:  # written before SAL's warm-up clock existed: the tiles' state alone
+            self.tiles.load(state)
 
     def area_forward(self, k: int, rows: torch.Tensor) -> torch.Tensor:
         t = self.tiles

@@ -250,3 +250,23 @@ def test_coincidence_training_needs_plain_sgd_and_learns(rule):
                       device_options={"pulses": "coincidence"})  # Adam
     with pytest.raises(NeurosalError, match="needs plain SGD"):
         Trainer(bad, None, dataset=ds).fit()
+
+
+def test_analog_area_layer_keeps_sals_warm_up_clock():
+    """An area layer moved onto arrays keeps its warm-up clock, and the clock travels with the tiles'
+    state through a state dict (a checkpoint)."""
+    from hw_models.analog import AnalogAreaLinear, convert
+    from neurosal.rules import make_rule
+
+    def net():
+        torch.manual_seed(0)
+        return make_rule("sal", areas=3, run_steps=10).build("mlp:8", (1, 2, 2), 3)
+
+    a = net()
+    a.blocks[0].op.steps = 2
+    convert(a, "linear-256", seed=0)
+    layer = a.blocks[0].op
+    assert isinstance(layer, AnalogAreaLinear) and (layer.steps, layer.warmup_steps) == (2, 5)
+    b = convert(net(), "linear-256", seed=0)
+    b.load_state_dict(a.state_dict())
+    assert (b.blocks[0].op.steps, b.blocks[0].op.warmup_steps) == (2, 5)
