@@ -223,9 +223,9 @@ class AreaLinear(nn.Module):
         if joint:  # warm-up: every area learns from the whole batch (all areas stay one copy if shared)
             d2, x2 = delta.reshape(-1, self.out_features), x.reshape(-1, self.in_features)
             gw, gb = d2.t() @ x2, d2.sum(0)
-            for w, b in zip(self.area_weight, self.area_bias):
-                accumulate_grad(w, gw)
-                accumulate_grad(b, gb)
+            for k, (w, b) in enumerate(zip(self.area_weight, self.area_bias)):  # own storage per area: an
+                accumulate_grad(w, gw if k == 0 else gw.clone())  # in-place clip or accumulation of one
+                accumulate_grad(b, gb if k == 0 else gb.clone())  # area's grad must not touch another's
             self._learn_router(route.x, route)
             return
         if self.areas == 1:
@@ -350,4 +350,6 @@ class _JointAreas(torch.autograd.Function):
         gb = g2.sum(0)
         k = layer.areas
         dts = ctx.param_dtypes
-        return (gx.to(x.dtype), None, None, *[gw.to(dts[i]) for i in range(k)], *[gb.to(dts[k + i]) for i in range(k)])
+        # a separate tensor per area (as in the loop): autograd may hand each one over as that area's .grad
+        return (gx.to(x.dtype), None, None, *[gw.to(dts[i], copy=i > 0) for i in range(k)],
+                *[gb.to(dts[k + i], copy=i > 0) for i in range(k)])

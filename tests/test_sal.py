@@ -240,25 +240,29 @@ def test_fashion_mnist_sal_within_1_5_points_of_bp():
     assert acc["sal"] >= acc["bp"] - 0.015, acc
 
 
-def test_grouped_areas_equal_the_per_area_loop_and_leave_unchosen_areas_untouched():
-    """grouped="on" (one grouped_mm for all areas, as on CUDA) == the loop over areas: outputs and every
-    gradient; an area no token chose keeps .grad None, so AdamW leaves it exactly as it was."""
+def loop_and_grouped(layer: AreaLinear, lead: tuple):
+    """``layer`` with grouped="off" and a copy with grouped="on", each run forward and backward on the same
+    random tokens of shape ``(*lead, in)``; outputs and input gradients checked equal. Returns both."""
     import copy
 
-    from neurosal.areas import AreaLinear
-
-    torch.manual_seed(0)
-    loop = AreaLinear(16, 24, areas=6, route_dim=8, tokens=True)
-    grouped = copy.deepcopy(loop)
-    loop.grouped, grouped.grouped = "off", "on"
-    x = torch.randn(1, 3, 16)  # 3 tokens, 6 areas: at least 3 areas unchosen
-    g = torch.randn(1, 3, 24)
+    grouped = copy.deepcopy(layer)
+    layer.grouped, grouped.grouped = "off", "on"
+    x, g = torch.randn(*lead, layer.in_features), torch.randn(*lead, layer.out_features)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = loop(xa), grouped(xb)
+    ya, yb = layer(xa), grouped(xb)
     assert_close(yb, ya, ulps=64)
     (ya * g).sum().backward()
     (yb * g).sum().backward()
     assert_close(xb.grad, xa.grad, ulps=64)
+    return layer, grouped
+
+
+def test_grouped_areas_equal_the_per_area_loop_and_leave_unchosen_areas_untouched():
+    """grouped="on" (one grouped_mm for all areas, as on CUDA) == the loop over areas: outputs and every
+    gradient; an area no token chose keeps .grad None, so AdamW leaves it exactly as it was."""
+    torch.manual_seed(0)
+    # 3 tokens, 6 areas: at least 3 areas unchosen
+    loop, grouped = loop_and_grouped(AreaLinear(16, 24, areas=6, route_dim=8, tokens=True), (1, 3))
     unused = [k for k in range(6) if loop.area_weight[k].grad is None]
     assert len(unused) >= 3
     for k in range(6):
@@ -304,6 +308,23 @@ def test_warm_up_gives_every_area_the_whole_batch_then_areas_are_exclusive():
     opt.step()
     for k, (w, w0) in enumerate(zip(layer.area_weight, before)):
         assert torch.equal(w, w0) != (k == int(area[0])), k
+
+
+def test_warm_up_grads_have_their_own_storage():
+    """Every area gets the same warm-up update, each in its own tensor: clipping or accumulating one
+    area's .grad in place leaves the others as they were (chain engine and autograd alike)."""
+    net, rule = sal_net(areas=3, warmup=1.0, run_steps=5)
+    x, y = batch(n=12)
+    engine.train_step(net, rule, x, y, 4)
+    layer = net.blocks[0].op
+    kept = layer.area_weight[1].grad.clone()
+    layer.area_weight[0].grad.mul_(0.5)
+    assert torch.equal(layer.area_weight[1].grad, kept)
+    torch.manual_seed(0)
+    tok = AreaLinear(6, 5, areas=3, route_dim=4, tokens=True, shared_init=True, warmup_steps=1)
+    tok(torch.randn(2, 4, 6)).sum().backward()
+    grads = [w.grad for w in tok.area_weight]
+    assert len({g.data_ptr() for g in grads}) == 3 and all(torch.equal(g, grads[0]) for g in grads)
 
 
 def test_warm_up_under_autograd_equals_the_whole_batch_update():
@@ -396,18 +417,8 @@ def test_bad_warm_up_options_are_refused():
 
 def test_warm_up_step_is_the_same_with_the_grouped_forward():
     """grouped="on" runs the warm-up's forward as one grouped matmul: outputs and gradients as the loop's."""
-    import copy
-
     torch.manual_seed(1)
-    loop = AreaLinear(16, 24, areas=4, route_dim=8, tokens=True, shared_init=True, warmup_steps=1)
-    grouped = copy.deepcopy(loop)
-    loop.grouped, grouped.grouped = "off", "on"
-    x, g = torch.randn(2, 5, 16), torch.randn(2, 5, 24)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = loop(xa), grouped(xb)
-    assert_close(yb, ya, ulps=64)
-    (ya * g).sum().backward()
-    (yb * g).sum().backward()
-    assert_close(xb.grad, xa.grad, ulps=64)
+    layer = AreaLinear(16, 24, areas=4, route_dim=8, tokens=True, shared_init=True, warmup_steps=1)
+    loop, grouped = loop_and_grouped(layer, (2, 5))
     for pa, pb in zip(loop.parameters(), grouped.parameters()):
         assert_close(pb.grad, pa.grad, ulps=64)
