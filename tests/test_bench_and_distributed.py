@@ -11,7 +11,7 @@ from neurosal.bench import GPT_PRESETS, BenchConfig, cases, gpt_flops, mlp_flops
 
 
 def test_bench_runner_writes_a_valid_json_on_cpu(tmp_path):
-    cfg = BenchConfig(rules=["bp", "dfa", "dfa[recompute]"], widths=[], depths=[2], params=[2e4],
+    cfg = BenchConfig(rules=["bp", "dfa[recompute]"], widths=[], depths=[2], params=[2e4],  # a subprocess per row
                       width=32, depth=2, batch=16, steps=2, warmup=1, models=["cnn:4/16", "snn:8:T=4"],
                       accel="cpu")
     res = run(cfg, tmp_path, progress=False)

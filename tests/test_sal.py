@@ -226,12 +226,12 @@ def test_area_usage_is_logged(tmp_path):
 @pytest.mark.skipif(not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"),
                     reason="Debian package dataset-fashion-mnist not installed (make setup installs it)")
 def test_fashion_mnist_sal_within_1_5_points_of_bp():
-    """Equal epochs, same MLP, optimiser and schedule. Measured (3 seeds): BP 87.97 +- 0.09,
-    SAL 87.96 +- 0.21 (benchmarks/reports/sal)."""
+    """Equal epochs, same MLP, optimiser and schedule, on the first 20,000 training images (the full set:
+    benchmarks/reports/sal, 3 seeds: BP 88.01 +- 0.03, SAL 88.25 +- 0.14). Measured here: BP 85.40, SAL 85.76."""
     from neurosal.data import load_dataset
     from neurosal.train import TrainConfig, Trainer
 
-    ds = load_dataset("fashion-mnist")
+    ds = load_dataset("fashion-mnist", limit=20000)
     acc = {}
     for rule in ("bp", "sal"):
         cfg = TrainConfig(rule=rule, model="mlp:256x256", epochs=5, batch_size=128, schedule="cosine",
