@@ -225,9 +225,7 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
     def from_float(cls, layer: AreaLinear, cfg: DeviceConfig, seed: int) -> "AnalogAreaLinear":
         new = cls(layer.in_features, layer.out_features, layer.areas, layer.route_dim, layer.balance,
                   layer.temperature, layer.center_momentum, layer.tokens)
-        new.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")},
-                            strict=False)
-        new.steps, new.warmup_steps = layer.steps, layer.warmup_steps  # the warm-up clock (its extra state)
+        new.load_state_dict(layer.state_dict(), strict=False)  # with the float layer's warm-up clock
         new.grouped = layer.grouped
         new.to(layer.router.device, layer.router.dtype)
         new.tiles = AnalogTiles(cfg, list(new.area_weight), layer.in_features, seed)

@@ -558,8 +558,8 @@ def load_dataset(name: str, root: str | None = None, limit: int | None = None,
         raise NeurosalError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}, "
                             "or a path to a .npz/.csv/.txt file")
     if gray and ds.x_train.dim() == 4 and ds.x_train.shape[1] == 3:  # a user's colour images (cifar10: above)
-        lum = torch.tensor(LUMINANCE, dtype=ds.x_train.dtype).reshape(1, 3, 1, 1)
-        ds = replace(ds, x_train=(ds.x_train * lum).sum(1, keepdim=True), x_test=(ds.x_test * lum).sum(1, keepdim=True))
+        ds = replace(ds, x_train=torch.from_numpy(grayscale(ds.x_train.numpy())),
+                     x_test=torch.from_numpy(grayscale(ds.x_test.numpy())))
     if limit is not None:
         ds = replace(ds, x_train=ds.x_train[:limit], y_train=ds.y_train[:limit])
     return ds
