@@ -553,13 +553,16 @@ class Wrapped(nn.Module):
                     part = part.reshape(s[0], *([1] * (len(s) - 2)), s[-1]).expand(s)
                 else:
                     part = part.unsqueeze(0).expand(s)
+                # a fresh tensor: autograd may accumulate into an incoming gradient in place, which an
+                # expanded (stride-0) view cannot take
+                part = part.reshape(s).contiguous()
             elif axis:
                 part = part.reshape(s[1], s[0], *s[2:]).transpose(0, 1)
-            # a fresh, contiguous tensor: autograd may accumulate into an incoming gradient in place,
-            # which an expanded (stride-0) view cannot take
-            out.append(part.reshape(s).to(dt).contiguous())
+            # other parts stay views into the one projection (columns of a transposed product: no copy;
+            # a view of its own rows can take an in-place accumulation without touching other points)
+            out.append(part.reshape(s).to(dt))
         if self._watch is not None:
-            self._watch["ours"] = [o.detach() for o in out]
+            self._watch["ours"] = [o.detach().clone() for o in out]
         return out
 
     def set_target(self, y: torch.Tensor) -> None:
