@@ -33,6 +33,7 @@ seed, same result, and checkpoints resume bit for bit.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -99,8 +100,30 @@ class DifferentialArray:
     def _randn(self, shape):
         return torch.randn(shape, generator=self.gen, device=self.g.device, dtype=self.g.dtype)
 
-    def _rand(self, shape):
-        return torch.rand(shape, generator=self.gen, device=self.g.device, dtype=self.g.dtype)
+    def _fires(self, p: torch.Tensor, lead: tuple[int, ...] = (), dtype=torch.bool) -> torch.Tensor:
+        """Bernoulli draws of shape ``lead + p.shape`` (``p`` broadcast over the leading axes), 1 with
+        probability ``p`` resolved to 1/65536: exactly ``round(p * 65536) / 65536`` for ``0 <= p <= 1``
+        (``p = 0`` never fires, ``p = 1`` always does). ``dtype``: of the 0/1 result.
+
+        Each draw takes 16 random bits: one 64-bit word from the generator gives four, which is 2-4x
+        faster than one float uniform per draw on a CPU generator (the pulse trains of the coincidence
+        mode need bl * batch * width draws per layer and step), and the comparison stays in 16-bit
+        integers. The resolution moves an expected pulse count by at most 1.5e-5 pulses per slot.
+        """
+        shape = (*lead, *p.shape)
+        n = math.prod(shape)
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=self.gen.device)
+        words.random_(-2 ** 63, None, generator=self.gen)  # every 64-bit pattern equally likely
+        h = words.view(torch.int16)[:n].view(shape)  # h + 32768: uniform on 0..65535
+        q = torch.round(p * 65536)
+        out = torch.lt(h, (q - 32768).clamp(-32768, 32767).to(torch.int16),
+                       out=torch.empty(shape, dtype=dtype, device=h.device))
+        # 65537 outcomes do not fit 16 bits: a certain draw (q = 65536) would miss h = 32767 (the check
+        # is skipped where it is free to ask whether any draw is certain: on the CPU)
+        certain = q >= 65536
+        if certain.device.type != "cpu" or bool(certain.any()):
+            out.bitwise_or_(certain.to(dtype))
+        return out
 
     # ------------------------------------------------------------------ programming
     def pulse_counts(self, dw: torch.Tensor) -> torch.Tensor:
@@ -108,7 +131,7 @@ class DifferentialArray:
         p = dw.abs() / self.dw_pulse
         if self.cfg.pulses == "stochastic":
             base = p.floor()
-            p = base + (self._rand(p.shape) < (p - base)).to(p.dtype)
+            p = base + self._fires(p - base).to(p.dtype)
         else:
             p = torch.round(p)
         if self.cfg.max_pulses:
@@ -151,14 +174,16 @@ class DifferentialArray:
         px, pd = ax.clamp(max=1), ad.clamp(max=1)
         asked = (ax.sum(1) * ad.sum(1)).sum()  # expected pulses per slot, summed over devices
         self.clip += torch.stack([asked - (px.sum(1) * pd.sum(1)).sum(), asked]).to(self.clip.dtype)
-        fire_x = (self._rand((bl, *px.shape)) < px).to(x.dtype)  # (bl, batch, n): sample signs broadcast
-        fire_d = (self._rand((bl, *pd.shape)) < pd).to(d.dtype)
-        signed_x = (fire_x * torch.sign(x)).reshape(-1, x.shape[-1])
-        signed_d = (fire_d * torch.sign(-d)).reshape(-1, d.shape[-1])
+        # 0/1 trains (bl, batch, n) and sample signs as 8-bit integers: the coincidence counts are integer
+        # matmuls (exact, ~3x faster than float on CPU)
+        fire_x = self._fires(px, (bl,), torch.int8)
+        fire_d = self._fires(pd, (bl,), torch.int8)
+        signed_x = (fire_x * torch.sign(x).to(torch.int8)).reshape(-1, x.shape[-1])
+        signed_d = (fire_d * torch.sign(-d).to(torch.int8)).reshape(-1, d.shape[-1])
         # all coincidences and their signed sum; up and down follow (both counts are whole numbers)
-        total = fire_d.reshape(-1, d.shape[-1]).t() @ fire_x.reshape(-1, x.shape[-1])
-        net = signed_d.t() @ signed_x
-        return (total + net) / 2, (total - net) / 2
+        total = _count(fire_d.reshape(-1, d.shape[-1]).t(), fire_x.reshape(-1, x.shape[-1]))
+        net = _count(signed_d.t(), signed_x)
+        return ((total + net) // 2).to(self.g.dtype), ((total - net) // 2).to(self.g.dtype)
 
     def take_clip(self) -> tuple[float, float]:
         """Coincidence pulses (cut, requested) since the last call, then reset."""
@@ -261,6 +286,23 @@ class DifferentialArray:
             # stream seeded from it -- deterministic, but not the stream the other device would draw
             self.gen.manual_seed(int.from_bytes(hashlib.sha256(rng.numpy().tobytes()).digest()[:8], "little"))
         self._bind()
+
+
+def _count(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of small integers (int8 0/+-1 trains), exact, as int32.
+
+    torch's integer matmul where it takes the operands (CPU: row-major ``b``, ``a`` row-major or a
+    transposed row-major tensor; CUDA: sizes multiple of 8), else float (exact below 2^24). Operands with
+    a dimension of 1 take the float path: torch 2.13's CPU ``_int_mm`` miscounts them (their strides are
+    ambiguous, e.g. (1, 1)), and they are tiny."""
+    (m, k), n = a.shape, b.shape[1]
+    canonical = a.stride() in ((k, 1), (1, m)) and b.stride() == (n, 1)
+    if min(m, k, n) > 1 and canonical:
+        try:
+            return torch._int_mm(a, b)
+        except RuntimeError:
+            pass
+    return (a.float() @ b.float()).round().to(torch.int32)
 
 
 def clip_fraction(arrays) -> float | None:

@@ -82,14 +82,43 @@ def test_coincidence_trains_have_a_fixed_length_and_report_what_they_cut(monkeyp
     cfg = DeviceConfig(levels=1_000_000, pulses="coincidence", bl=31)
     arr = DifferentialArray(cfg, (8, 16), 1.0, 0, dtype=torch.float64)
     shapes = []
-    real = arr._rand
-    monkeypatch.setattr(arr, "_rand", lambda shape: shapes.append(tuple(shape)) or real(shape))
+    real = arr._fires
+    monkeypatch.setattr(arr, "_fires", lambda p, lead=(), dtype=torch.bool: shapes.append((*lead, *p.shape))
+                        or real(p, lead, dtype))
     x, d = torch.rand(4, 16, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
     arr.coincidence_pulses(x, d, lr=0.1)
-    assert shapes and all(s[0] == 31 for s in shapes)
+    assert sorted(shapes) == [(31, 4, 8), (31, 4, 16)]  # bl slots per sample and row/column
     cut = arr.take_clip_fraction()
     assert cut is not None and cut > 0.9  # ideal devices: a tiny dw_pulse, almost everything asked is cut
     assert arr.take_clip_fraction() is None  # reset after reading
+
+
+def test_pulse_draws_have_the_stated_probability_and_certain_ends():
+    """The 16-bit Bernoulli draws behind stochastic rounding and the coincidence trains: p = 0 never
+    fires, p = 1 always does (the one outcome 16 bits cannot hold), and in between the rate is p within
+    its binomial spread."""
+    arr = DifferentialArray(DeviceConfig(levels=100), (1,), 1.0, 0)
+    p = torch.tensor([0.0, 1.0, 0.3, 1e-3, 0.5 / 65536, 1 - 0.4 / 65536])
+    fires = arr._fires(p, (400_000,), torch.int8).double().mean(0)
+    assert fires[0] == 0 and fires[1] == 1
+    for rate, q in zip(fires[2:4], (0.3, 1e-3)):
+        assert abs(rate - q) < 5 * (q * (1 - q) / 400_000) ** 0.5
+    assert fires[4] < 1e-4 and fires[5] == 1  # resolved to 1/65536: rounds to 0 and to certain
+
+
+@pytest.mark.parametrize("shape", [(1, 31, 1), (1, 62, 17), (2, 31, 1), (17, 93, 3), (64, 992, 8)])
+def test_coincidence_counts_are_exact_integer_products(shape):
+    """The integer matmul behind the coincidence counts equals the float product for every layout it
+    gets (a transposed view of the trains; one row is the case torch's CPU kernel miscounts)."""
+    from hw_models.array import _count
+
+    m, k, n = shape
+    g = torch.Generator().manual_seed(m * k + n)
+    a = torch.randint(-1, 2, (k, m), generator=g, dtype=torch.int8).t()
+    b = torch.randint(-1, 2, (k, n), generator=g, dtype=torch.int8)
+    ref = a.double() @ b.double()
+    assert torch.equal(_count(a, b).double(), ref)
+    assert torch.equal(_count(a.contiguous(), b).double(), ref)
 
 
 def test_coincidence_cut_is_exact_for_one_device():
