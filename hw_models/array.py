@@ -122,7 +122,7 @@ class DifferentialArray:
         # is skipped where it is free to ask whether any draw is certain: on the CPU)
         certain = q >= 65536
         if certain.device.type != "cpu" or bool(certain.any()):
-            out.bitwise_or_(certain.to(dtype))
+            out.logical_or_(certain)
         return out
 
     # ------------------------------------------------------------------ programming
@@ -131,7 +131,7 @@ class DifferentialArray:
         p = dw.abs() / self.dw_pulse
         if self.cfg.pulses == "stochastic":
             base = p.floor()
-            p = base + self._fires(p - base).to(p.dtype)
+            p = base + self._fires(p - base, dtype=p.dtype)
         else:
             p = torch.round(p)
         if self.cfg.max_pulses:

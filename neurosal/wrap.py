@@ -558,8 +558,8 @@ class Wrapped(nn.Module):
                 part = part.reshape(s).contiguous()
             elif axis:
                 part = part.reshape(s[1], s[0], *s[2:]).transpose(0, 1)
-            # other parts stay views into the one projection (columns of a transposed product: no copy;
-            # a view of its own rows can take an in-place accumulation without touching other points)
+            # other parts stay views of their columns of the one row-major projection (no copy); an
+            # in-place accumulation into one touches only that point's columns
             out.append(part.reshape(s).to(dt))
         if self._watch is not None:
             self._watch["ours"] = [o.detach().clone() for o in out]

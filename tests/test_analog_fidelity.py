@@ -104,6 +104,8 @@ def test_pulse_draws_have_the_stated_probability_and_certain_ends():
     for rate, q in zip(fires[2:4], (0.3, 1e-3)):
         assert abs(rate - q) < 5 * (q * (1 - q) / 400_000) ** 0.5
     assert fires[4] < 1e-4 and fires[5] == 1  # resolved to 1/65536: rounds to 0 and to certain
+    as_float = arr._fires(p[:2], (1000,), torch.float64)  # stochastic rounding's dtype
+    assert torch.equal(as_float, torch.tensor([0.0, 1.0], dtype=torch.float64).expand(1000, 2))
 
 
 @pytest.mark.parametrize("shape", [(1, 31, 1), (1, 62, 17), (2, 31, 1), (17, 93, 3), (64, 992, 8)])
