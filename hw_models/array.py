@@ -164,13 +164,15 @@ class DifferentialArray:
         """
         x = x.reshape(-1, x.shape[-1])
         d = d.reshape(-1, d.shape[-1])
-        xmax, dmax = x.abs().max(), d.abs().max()
-        if xmax == 0 or dmax == 0 or lr == 0:
+        if lr == 0:
             zero = torch.zeros(self.shape, dtype=self.g.dtype, device=self.g.device)
             return zero, zero
+        # all-zero x or d: root = 0, so no train fires (decided on the device: no host sync)
+        xmax, dmax = x.abs().max(), d.abs().max()
         bl = self.cfg.bl
-        root = torch.sqrt(lr * xmax * dmax / (self.dw_pulse * bl))  # sqrt(c), a tensor: no host sync
-        ax, ad = x.abs() * (root / xmax), d.abs() * (root / dmax)
+        root = torch.sqrt(lr * xmax * dmax / (self.dw_pulse * bl))  # sqrt(c), a tensor
+        tiny = torch.finfo(x.dtype).tiny
+        ax, ad = x.abs() * (root / xmax.clamp_min(tiny)), d.abs() * (root / dmax.clamp_min(tiny))
         px, pd = ax.clamp(max=1), ad.clamp(max=1)
         asked = (ax.sum(1) * ad.sum(1)).sum()  # expected pulses per slot, summed over devices
         self.clip += torch.stack([asked - (px.sum(1) * pd.sum(1)).sum(), asked]).to(self.clip.dtype)

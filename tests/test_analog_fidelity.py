@@ -123,6 +123,15 @@ def test_coincidence_counts_are_exact_integer_products(shape):
     assert torch.equal(_count(a.contiguous(), b).double(), ref)
 
 
+def test_coincidence_with_a_silent_side_fires_nothing():
+    """All-zero inputs or errors: no pulse and nothing asked (decided on the device, without a branch)."""
+    arr = DifferentialArray(DeviceConfig(levels=100, pulses="coincidence"), (3, 4), 1.0, 0)
+    for x, d in ((torch.zeros(2, 4), torch.randn(2, 3)), (torch.randn(2, 4), torch.zeros(2, 3))):
+        up, down = arr.coincidence_pulses(x, d, lr=0.1)
+        assert not up.any() and not down.any() and torch.isfinite(up).all()
+    assert arr.take_clip_fraction() is None
+
+
 def test_coincidence_cut_is_exact_for_one_device():
     cfg = DeviceConfig(levels=10, pulses="coincidence", bl=31)
     arr = DifferentialArray(cfg, (1, 1), 1.0, 0, dtype=torch.float64)
