@@ -293,13 +293,14 @@ class DifferentialArray:
 def _count(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` of small integers (int8 0/+-1 trains), exact, as int32.
 
-    torch's integer matmul where it takes the operands (CPU: row-major ``b``, ``a`` row-major or a
-    transposed row-major tensor; CUDA: sizes multiple of 8), else float (exact below 2^24). Operands with
-    a dimension of 1 take the float path: torch 2.13's CPU ``_int_mm`` miscounts them (their strides are
-    ambiguous, e.g. (1, 1)), and they are tiny."""
+    On the CPU torch's integer matmul (row-major ``b``; ``a`` row-major or a transposed row-major
+    tensor), elsewhere and for other layouts a float matmul (exact below 2^24; on a GPU the fast path
+    anyway, and ``_int_mm``'s CUDA kernel is untested here). Operands with a dimension of 1 take the
+    float path too: torch 2.13's CPU ``_int_mm`` miscounts them (their strides are ambiguous, e.g.
+    (1, 1)), and they are tiny."""
     (m, k), n = a.shape, b.shape[1]
     canonical = a.stride() in ((k, 1), (1, m)) and b.stride() == (n, 1)
-    if min(m, k, n) > 1 and canonical:
+    if a.device.type == "cpu" and min(m, k, n) > 1 and canonical:
         try:
             return torch._int_mm(a, b)
         except RuntimeError:
