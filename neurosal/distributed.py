@@ -13,7 +13,14 @@ averaged gradient is the gradient of the global batch and the weights match a si
   direct rules (DFA, SAL) each layer's update is independent of the others, so a layer's
   communication overlaps the remaining layers' compute. Parameters without a gradient this step
   (an SAL area no sample chose) join with zeros and get their ``None`` back when no rank used them.
-* Floating-point buffers (SAL's routing centres) are averaged after every step so ranks agree.
+* Other models (the general engine: ``neurosal.wrap`` of any module, the zoo's ResNet/ViT/GPT) train
+  through DDP with every rule -- their teaching signals reach the weights by autograd -- except when they
+  hold routing layers (SAL): an area no sample chose gets no gradient and the router's comes from its
+  local objective, both outside DDP's reducer, so there every gradient is averaged with the same
+  all-reduce once the backward pass is done (no overlap with it).
+* Floating-point buffers (SAL's routing centres) are averaged after every step so ranks agree. Each rank
+  moves its centre with its own shard's mean before routing, so SAL over N ranks is close to, not bit
+  for bit, one process on the global batch (as BatchNorm without SyncBN).
 
 Shutdown: the context that created the process group destroys it (:meth:`DistContext.close`) while the
 interpreter is still fully alive -- after a barrier, so no rank closes its connections while a peer is

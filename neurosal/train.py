@@ -24,6 +24,7 @@ from .engine import MEMORY_MODES, alignment
 from .errors import NeurosalError, first_line
 from .models import Net
 from .options import typed_fields
+from .protocols import ReportsContext, implements
 from .rules import make_rule
 from .rules.base import Rule
 from .substrates import apply_device, finish_step
@@ -190,7 +191,12 @@ class Trainer:
                 fully_shard(blk)
             fully_shard(self.net)
         elif self.dist is not None:
-            if self.rule.autograd or not self.wrapped.chain:
+            # DDP's reducer expects every parameter's gradient from autograd, every step. Routing layers
+            # (SAL) break both: an area no sample chose gets no gradient, and the router's comes from
+            # its local objective, outside autograd. Models with them (outside the chains, which report
+            # each layer) have every gradient averaged once after the backward pass instead.
+            routed = any(implements(m, ReportsContext) for m in self.net.modules())
+            if self.rule.autograd or not (self.wrapped.chain or routed):
                 from torch.nn.parallel import DistributedDataParallel
 
                 ids = [self.device.index] if self.device.type == "cuda" else None
@@ -202,7 +208,8 @@ class Trainer:
                 self.model = DistributedDataParallel(self.wrapped, device_ids=ids)
             else:  # chains: each layer's all-reduce starts as soon as its update is ready
                 self.reducer = LayerwiseAllReduce(self.dist)
-                self.wrapped.on_layer = self.reducer
+                if self.wrapped.chain:
+                    self.wrapped.on_layer = self.reducer
         params = list(self.net.parameters()) + [p for p in self.rule.parameters() if p.numel()]
         self.opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.reference = make_rule("bp") if cfg.alignment and cfg.rule != "bp" else None
@@ -333,6 +340,8 @@ class Trainer:
             t0 = time.perf_counter()
             loss, hits = self.train_batch(xb, yb)
             if self.reducer is not None:
+                if not self.wrapped.chain:
+                    self.reducer(self.net)  # every gradient at once (see __init__)
                 self.reducer.wait()
             if self.dist is not None:
                 reduce_learned_feedback(self.dist, self.rule)  # kp/ldef feedback: outside DDP's buckets

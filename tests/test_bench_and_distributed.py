@@ -100,18 +100,31 @@ VIT = "vit:patch=4,dim=8,depth=1,heads=2"
 SGD = ("--optimizer", "SGD", "--lr", "0.01")  # 0.05 is chaotic for dfa here: 2e-7 -> 0.26 in an epoch
 
 
+# SAL's areas in the ViT's feed-forward layers; no load-balance term, so the router's objective is a mean
+# over samples (equal shards average to the global batch's). Not bit-for-bit: each rank moves its routing
+# centre with its own half batch's mean before routing (averaged after the step, like BatchNorm without
+# SyncBN), which moved the weights by up to 1e-3 in 2 epochs (measured); without the gradient averaging
+# each rank would train on half the data and differ by far more.
+SAL_VIT = ("--rule-options", "balance=0,warmup=0.5", *SGD)
+
+
 @pytest.mark.parametrize("rule,extra,model", [("bp", (), "mlp:32x16"), ("dfa", (), "mlp:32x16"),
-                                              ("bp", ("--fsdp",), "mlp:32x16"), ("dfa", SGD, VIT), ("kp", SGD, VIT)])
+                                              ("bp", ("--fsdp",), "mlp:32x16"), ("dfa", SGD, VIT), ("kp", SGD, VIT),
+                                              ("sal", SAL_VIT, VIT)])
 def test_two_process_gloo_run_equals_one_process_on_the_same_global_batch(tmp_path, rule, extra, model):
     """DDP (bp; any model through the general engine, learned feedback reduced beside it), per-layer
-    async all-reduce (chains) and FSDP2 (bp) against one process."""
+    async all-reduce (chains), FSDP2 (bp), and SAL on the general engine (its unchosen areas and its
+    router's local objective bypass DDP: every gradient averaged after the backward pass) against one
+    process."""
     one = launch(tmp_path, "one", rule, 1, *[a for a in extra if a != "--fsdp"], model=model)
     two = launch(tmp_path, "two", rule, 2, *extra, model=model)
+    atol, rel = (5e-3, 1e-3) if rule == "sal" else (1e-6, 1e-6)
     for k, v in one["net"].items():
-        assert torch.allclose(v, two["net"][k], rtol=0, atol=1e-6), k
+        if torch.is_tensor(v):  # (SAL layers also keep a dict of extra state: the warm-up clock)
+            assert torch.allclose(v, two["net"][k], rtol=0, atol=atol), k
     for k, v in one["rule"].items():  # learned feedback (kp) too
-        assert torch.allclose(v, two["rule"][k], rtol=0, atol=1e-6), k
-    assert two["history"][-1]["train_loss"] == pytest.approx(one["history"][-1]["train_loss"], rel=1e-6)
+        assert torch.allclose(v, two["rule"][k], rtol=0, atol=atol), k
+    assert two["history"][-1]["train_loss"] == pytest.approx(one["history"][-1]["train_loss"], rel=rel)
 
 
 def test_fsdp_refuses_local_rules_and_single_process(tmp_path):
