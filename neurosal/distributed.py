@@ -3,11 +3,12 @@
     torchrun --nproc_per_node 2 -m neurosal.cli train --rule dfa --data digits --out runs/ddp
 
 Every rank takes its equal share of each global batch (``--batch-size`` is the global batch), so the
-averaged gradient is the gradient of the global batch and the weights match a single process's.
+averaged gradient is the gradient of the global batch and the weights match a single process's
+(SAL: close to it, see the last point).
 
 * ``bp`` trains through :class:`torch.nn.parallel.DistributedDataParallel`, whose reducer hooks
   autograd's backward pass.
-* The other rules never run autograd's backward, so DDP's reducer would never fire. They use the same
+* On neurosal's spec chains the other rules never run autograd's backward, so DDP's reducer would never fire. They use the same
   collective DDP uses -- ``all_reduce`` of the gradients, averaged -- launched *per layer, asynchronously,
   the moment that layer's local update is in .grad* (the engine's ``on_layer`` callback). With the
   direct rules (DFA, SAL) each layer's update is independent of the others, so a layer's
