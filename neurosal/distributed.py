@@ -8,8 +8,9 @@ averaged gradient is the gradient of the global batch and the weights match a si
 
 * ``bp`` trains through :class:`torch.nn.parallel.DistributedDataParallel`, whose reducer hooks
   autograd's backward pass.
-* On neurosal's spec chains the other rules never run autograd's backward, so DDP's reducer would never fire. They use the same
-  collective DDP uses -- ``all_reduce`` of the gradients, averaged -- launched *per layer, asynchronously,
+* On neurosal's spec chains the other rules never run autograd's backward, so DDP's reducer would
+  never fire. They use the same collective DDP uses -- ``all_reduce`` of the gradients, averaged --
+  launched *per layer, asynchronously,
   the moment that layer's local update is in .grad* (the engine's ``on_layer`` callback). With the
   direct rules (DFA, SAL) each layer's update is independent of the others, so a layer's
   communication overlaps the remaining layers' compute. Parameters without a gradient this step
