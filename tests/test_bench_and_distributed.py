@@ -127,6 +127,22 @@ def test_two_process_gloo_run_equals_one_process_on_the_same_global_batch(tmp_pa
     assert two["history"][-1]["train_loss"] == pytest.approx(one["history"][-1]["train_loss"], rel=rel)
 
 
+@pytest.mark.parametrize("rule,extra", [("bp", ("--fsdp",)), ("dfa", ())])
+def test_two_process_gpt_equals_one_process(tmp_path, rule, extra):
+    """The language model's paths over ranks: FSDP2 shards bp's GPT block by block; dfa's GPT trains
+    through DDP. Both against one process on the same global batches (a user's text file)."""
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good "
+                    "fortune, must be in want of a wife. " * 60)
+    common = ("--data", str(text), "--epoch-samples", "256", "--eval-limit", "64", *SGD)
+    gpt = "gpt:layers=2,dim=16,heads=2,ctx=16"
+    one = launch(tmp_path, "one", rule, 1, *common, model=gpt)
+    two = launch(tmp_path, "two", rule, 2, *common, *extra, model=gpt)
+    for k, v in one["net"].items():
+        assert torch.allclose(v, two["net"][k], rtol=0, atol=1e-6), k
+    assert two["history"][-1]["train_loss"] == pytest.approx(one["history"][-1]["train_loss"], rel=1e-6)
+
+
 def test_fsdp_refuses_local_rules_and_single_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "neurosal.cli", "train", "--rule", "bp", "--fsdp", "--out",
                         str(tmp_path), "--no-progress"], capture_output=True, text=True)
