@@ -99,7 +99,9 @@ class AnalogTiles:
 
     @staticmethod
     def _sgd_rate(request: torch.Tensor, grad: torch.Tensor | None) -> float:
-        """The learning rate of a plain SGD step ``request = -lr * grad`` (coincidence needs it)."""
+        """The learning rate of a plain SGD step ``request = -lr * grad`` (coincidence needs it). Reads
+        three numbers on the host -- the rate and the check that the step was plain SGD -- so a CUDA step
+        syncs once per array here (documented exception to the no-sync rule)."""
         if grad is None or not torch.any(grad):
             return 0.0
         g = grad.reshape(-1)
