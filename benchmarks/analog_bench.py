@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from neurosal.bench import save_result  # noqa: E402
+from neurosal.bench import save_result, warm_allocator  # noqa: E402
 from neurosal.engine import block_output_shapes, train_step  # noqa: E402
 from neurosal.rules import make_rule  # noqa: E402
 from neurosal.substrates import apply_device, finish_step  # noqa: E402
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cold", action="store_true", help="do not warm the allocator first (see above)")
     args = ap.parse_args(argv)
     if not args.cold:
-        torch.empty(16 * 2**20 // 4)  # allocated and freed at once: glibc's mmap threshold rises to it
+        warm_allocator()
     dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, batch, steps = ("mlp:256x256", 128, 20) if args.small else ("mlp:2048x2048", 1024, 30)
     rows = []

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from neurosal.bench import save_result  # noqa: E402
+from neurosal.bench import save_result, warm_allocator  # noqa: E402
 from neurosal.areas import AreaLinear  # noqa: E402
 from neurosal.engine import block_output_shapes, run_op, train_step  # noqa: E402
 from neurosal.layers import apply_local_update  # noqa: E402
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cold", action="store_true", help="do not warm the allocator first (see above)")
     args = ap.parse_args(argv)
     if not args.cold:
-        torch.empty(16 * 2**20 // 4)  # 16 MB allocated and freed at once: glibc's mmap threshold rises to it
+        warm_allocator()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.small:
         layer_sizes, nets, repeats = [(256, 512, 512), (1024, 1024, 1024)], [(256, 512, 2)], 20

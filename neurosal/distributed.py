@@ -12,8 +12,9 @@ averaged gradient is the gradient of the global batch and the weights match a si
   never fire. They use the same collective DDP uses -- ``all_reduce`` of the gradients, averaged --
   launched *per layer, asynchronously, the moment that layer's local update is in .grad* (the
   engine's ``on_layer`` callback). With the direct rules (DFA, SAL) each layer's update is independent
-  of the others, so a layer's communication overlaps the remaining layers' compute. Parameters without a gradient this step
-  (an SAL area no sample chose) join with zeros and get their ``None`` back when no rank used them.
+  of the others, so a layer's communication overlaps the remaining layers' compute. Parameters without
+  a gradient this step (an SAL area no sample chose) join with zeros and get their ``None`` back when no
+  rank used them.
 * Other models (the general engine: ``neurosal.wrap`` of any module, the zoo's ResNet/ViT/GPT) train
   through DDP with every rule -- their teaching signals reach the weights by autograd -- except when they
   hold routing layers (SAL): an area no sample chose gets no gradient and the router's comes from its

@@ -206,7 +206,8 @@ class Trainer:
                 learned += [f"rule.{n}" for n, _ in self.rule.named_buffers()]
                 DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.wrapped, learned)
                 self.model = DistributedDataParallel(self.wrapped, device_ids=ids)
-            else:  # chains: each layer's all-reduce starts as soon as its update is ready
+            else:  # chains: each layer's all-reduce starts as soon as its update is ready; routed
+                # general models: all at once after the backward pass (train_epoch)
                 self.reducer = LayerwiseAllReduce(self.dist)
                 if self.wrapped.chain:
                     self.wrapped.on_layer = self.reducer
