@@ -27,7 +27,7 @@ from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
 from neurosal.layers import float_update, keep_own_forward, replace_module
 
-from .array import DifferentialArray, clip_fraction
+from .array import DifferentialArray, check_request, clip_fraction
 from .devices import DeviceConfig
 
 
@@ -70,6 +70,12 @@ class AnalogTiles:
         self.held = [p.detach().clone() for p in params]
         self.pending: dict[int, tuple] = {}  # coincidence mode: this step's (x, delta) per parameter
 
+    @property
+    def exact_read(self) -> bool:
+        """Whether a read returns the weights themselves: no converters, no read noise."""
+        c = self.cfg
+        return not (c.dac_bits or c.adc_bits or c.read_noise > 0)
+
     def noisy(self, i: int) -> torch.Tensor:
         return self.arrays[i].weights(noisy=True) if self.cfg.read_noise > 0 else self.params[i]
 
@@ -77,10 +83,9 @@ class AnalogTiles:
     def sync(self) -> None:
         coincidence = self.cfg.pulses == "coincidence"
         for k, (p, arr, held) in enumerate(zip(self.params, self.arrays, self.held)):
-            request = p - held
-            if not torch.isfinite(request).all():
-                raise NeurosalError("the optimiser proposed a NaN/Inf weight change for an analog layer")
             if coincidence:
+                request = p - held
+                check_request(request)
                 if k not in self.pending:
                     if p.grad is None:
                         continue  # nothing asked of this array this step
@@ -90,9 +95,9 @@ class AnalogTiles:
                 up, down = arr.coincidence_pulses(x, d, self._sgd_rate(request, p.grad))
                 arr.apply_pulses(up)  # the up pulses, then the down pulses (no accumulator cancels them)
                 arr.apply_pulses(-down)
+                w = arr.weights()
             else:
-                arr.apply(request)
-            w = arr.weights()
+                w = arr.step_to(p, held)
             p.copy_(w)
             held.copy_(w)
         self.pending.clear()
@@ -171,16 +176,25 @@ class _AnalogMixin:
     def set_extra_state(self, state):
         self.tiles.load(state)
 
-    def _straight_through(self, x, y_hw, y_float_fn):
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            y_f = y_float_fn(x)
+    def _straight_through(self, x, hw_fn, float_fn):
+        """The array's output ``hw_fn(x)`` (no autograd) with the float layer's derivative. Where the
+        array reads exactly -- no converters, no read noise -- its output *is* the float layer's (the
+        parameters hold the arrays' weights after every sync), so one matmul serves both."""
+        learning = torch.is_grad_enabled() and self.weight.requires_grad
+        if self.tiles.exact_read:
+            y = float_fn(x)
+        else:
+            with torch.no_grad():
+                y_hw = hw_fn(x)
+            if not learning:
+                return y_hw
+            y_f = float_fn(x)
             y = y_f + (y_hw - y_f).detach()
-            if self.tiles.cfg.pulses == "coincidence":
-                # the autograd path (bp): the layer still sees its input and its output's gradient
-                xd = x.detach()
-                y.register_hook(lambda g: self._keep_for_coincidence(xd, g.detach()))
-            return y
-        return y_hw
+        if learning and self.tiles.cfg.pulses == "coincidence":
+            # the autograd path (bp): the layer still sees its input and its output's gradient
+            xd = x.detach()
+            y.register_hook(lambda g: self._keep_for_coincidence(xd, g.detach()))
+        return y
 
 
 class AnalogLinear(_AnalogMixin, nn.Linear):
@@ -193,11 +207,10 @@ class AnalogLinear(_AnalogMixin, nn.Linear):
         return new
 
     def forward(self, x):
-        with torch.no_grad():
-            y = analog_mvm(x, self.tiles.noisy(0), F.linear, self.tiles.cfg, self.tiles.w_max, self.in_features)
-            if self.bias is not None:
-                y = y + self.bias
-        return self._straight_through(x, y, lambda v: F.linear(v, self.weight, self.bias))
+        def hw(v):
+            y = analog_mvm(v, self.tiles.noisy(0), F.linear, self.tiles.cfg, self.tiles.w_max, self.in_features)
+            return y + self.bias if self.bias is not None else y
+        return self._straight_through(x, hw, lambda v: F.linear(v, self.weight, self.bias))
 
 
 class AnalogConv2d(_AnalogMixin, nn.Conv2d):
@@ -213,11 +226,11 @@ class AnalogConv2d(_AnalogMixin, nn.Conv2d):
 
     def forward(self, x):
         conv = lambda v, w: F.conv2d(v, w, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
-        with torch.no_grad():
-            y = analog_mvm(x, self.tiles.noisy(0), conv, self.tiles.cfg, self.tiles.w_max, self.weight[0].numel())
-            if self.bias is not None:
-                y = y + self.bias.view(1, -1, 1, 1)
-        return self._straight_through(x, y, lambda v: self._conv_forward(v, self.weight, self.bias))
+
+        def hw(v):
+            y = analog_mvm(v, self.tiles.noisy(0), conv, self.tiles.cfg, self.tiles.w_max, self.weight[0].numel())
+            return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
+        return self._straight_through(x, hw, lambda v: self._conv_forward(v, self.weight, self.bias))
 
 
 class AnalogAreaLinear(_AnalogMixin, AreaLinear):

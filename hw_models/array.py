@@ -37,6 +37,8 @@ import math
 
 import torch
 
+from neurosal.errors import NeurosalError
+
 from .devices import DeviceConfig, Response
 
 
@@ -86,6 +88,7 @@ class DifferentialArray:
         # iff u <= hi+ + lo-; for a decrease G+ has more room iff u > lo+ + hi-
         self._odd_up = self.hi[0] + self.lo[1]
         self._odd_down = self.lo[0] + self.hi[1]
+        self._fused_consts = None
 
     # ------------------------------------------------------------------ reading
     def weights(self, noisy: bool = False) -> torch.Tensor:
@@ -111,10 +114,7 @@ class DifferentialArray:
         integers. The resolution moves an expected pulse count by at most 1.5e-5 pulses per slot.
         """
         shape = (*lead, *p.shape)
-        n = math.prod(shape)
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=self.gen.device)
-        words.random_(-2 ** 63, None, generator=self.gen)  # every 64-bit pattern equally likely
-        h = words.view(torch.int16)[:n].view(shape)  # h + 32768: uniform on 0..65535
+        h = self._bits(shape)
         q = torch.round(p * 65536)
         out = torch.lt(h, (q - 32768).clamp(-32768, 32767).to(torch.int16),
                        out=torch.empty(shape, dtype=dtype, device=h.device))
@@ -124,6 +124,13 @@ class DifferentialArray:
         if certain.device.type != "cpu" or bool(certain.any()):
             out.logical_or_(certain)
         return out
+
+    def _bits(self, shape) -> torch.Tensor:
+        """16 random bits per entry as int16 (``h + 32768`` uniform on 0..65535), four per 64-bit draw."""
+        n = math.prod(shape)
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=self.gen.device)
+        words.random_(-2 ** 63, None, generator=self.gen)  # every 64-bit pattern equally likely
+        return words.view(torch.int16)[:n].view(shape)
 
     # ------------------------------------------------------------------ programming
     def pulse_counts(self, dw: torch.Tensor) -> torch.Tensor:
@@ -145,7 +152,55 @@ class DifferentialArray:
 
     def apply(self, dw: torch.Tensor) -> torch.Tensor:
         """Program a requested weight change; returns the pulse counts used (before refresh)."""
+        if self._fusable:
+            return self._apply_fused(dw)
         return self.apply_pulses(torch.sign(dw) * self.pulse_counts(dw))
+
+    def step_to(self, target: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        """Program the change ``target - held`` (an optimiser's step from the weights last read) and return
+        the weights read back. A NaN/Inf change is refused before any device moves."""
+        if not self._fusable:
+            dw = target - held
+            check_request(dw)
+            self.apply(dw)
+            return self.weights()
+        g, p, w, finite = fused_sync()(target, held, *self._fused_args(target.shape))
+        check_request(finite)
+        self.g = g
+        return w
+
+    @property
+    def _fusable(self) -> bool:
+        c = self.cfg
+        return (c.fused and c.update == "bidirectional" and c.pulses != "coincidence"
+                and c.model in ("linear", "lim", "softbounds"))
+
+    def _apply_fused(self, dw: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` (bidirectional) as one compiled kernel: pulse counts, the pair split and both
+        devices' steps in one pass over the array. The random draws come first from the array's own
+        generator in the eager order (rounding bits, then G+'s and G-'s cycle-to-cycle noise), so the
+        kernel is the same maths on the same draws (tested against the eager path)."""
+        g, p = fused_update()(dw, *self._fused_args(dw.shape))
+        self.g = g
+        return p
+
+    def _fused_args(self, shape) -> tuple:
+        """This update's random draws, in the eager order, and the kernel's constants."""
+        c = self.cfg
+        # the rounding bits as floats (exact): the compiler vectorises no 16-bit integer loads
+        h = self._bits(shape).to(self.g.dtype) if c.pulses == "stochastic" else None
+        z = torch.stack([self._randn(shape), self._randn(shape)]) if c.ctoc > 0 else None
+        consts = self._fused_consts
+        if consts is None:  # per-device constants stacked over the pair, once per binding
+            r0, r1 = self.response
+            pick = (lambda name: torch.stack([getattr(r0, name), getattr(r1, name)])
+                    if c.model != "linear" else torch.zeros((), dtype=self.g.dtype, device=self.g.device))
+            # scalars as tensors: a Python float would be compiled in, one compilation per layer
+            consts = self._fused_consts = (
+                self.g.new_tensor(self.w_max / self.r_nominal), self.g.new_tensor(self.dw_pulse),
+                torch.stack([r0.step, r1.step]), pick("sat_p"), pick("sat_d"), pick("k_p"), pick("k_d"))
+        return (self.g, h, z, float(c.max_pulses), c.model == "linear", *consts, self.lo, self.hi,
+                self._odd_up, self._odd_down, c.ctoc)
 
     def coincidence_pulses(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Up and down pulse counts for the update ``-lr * d^T x`` by stochastic pulse coincidence.
@@ -306,6 +361,77 @@ def _count(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except RuntimeError:
             pass
     return (a.float() @ b.float()).round().to(torch.int32)
+
+
+def check_request(dw: torch.Tensor) -> None:
+    """Refuse a NaN/Inf weight change (``dw``, or a precomputed all-finite flag)."""
+    ok = dw if dw.dtype == torch.bool else torch.isfinite(dw).all()
+    if not ok:
+        raise NeurosalError("the optimiser proposed a NaN/Inf weight change for an analog layer")
+
+
+def _update_kernel(dw, g, h, z, max_pulses: float, linear: bool, scale, dw_pulse, step, sat_p, sat_d, k_p, k_d,
+                   lo, hi, odd_up, odd_down, ctoc: float):
+    """:meth:`DifferentialArray.apply` for bidirectional pairs written as one expression for torch.compile:
+    the same maths, op for op, as ``pulse_counts`` + ``apply_pulses`` + ``Response.step_signed``.
+    ``h``: the rounding draws (:meth:`DifferentialArray._bits` as floats; None: deterministic rounding); ``z``: (2, ...) cycle-to-cycle normals
+    or None; per-device constants are stacked over the pair (index 0: G+). Returns (G, pulse counts)."""
+    p = dw.abs() / dw_pulse
+    if h is not None:  # unbiased stochastic rounding with 16-bit draws, exactly as DifferentialArray._fires
+        base = p.floor()
+        q = torch.round((p - base) * 65536)
+        # h < clamp(q - 32768) | (q == 65536), compared in floats (exact: both sides are small whole
+        # numbers; h arrives as floats)
+        p = base + (h < q - 32768).to(p.dtype)
+    else:
+        p = torch.round(p)
+    if max_pulses:
+        p = p.clamp(max=max_pulses)
+    rises = dw > 0
+    sgn = rises.to(dw.dtype) - (dw < 0).to(dw.dtype)  # torch.sign, in a form the compiler vectorises
+    half = torch.floor(p / 2)
+    odd = p - 2 * half
+    u = g[0] + g[1]
+    to_plus = torch.where(rises, u <= odd_up, u > odd_down).to(dw.dtype)
+    dp = torch.stack([sgn * (half + odd * to_plus), -sgn * (half + odd * (1 - to_plus))])
+    if linear:
+        out = g + dp * step
+    else:
+        pos = dp > 0
+        sat = torch.where(pos, sat_p, sat_d)
+        out = sat - (sat - g) * torch.exp(-dp.abs() * torch.where(pos, k_p, k_d))
+    out = torch.clamp(out, lo, hi)
+    if z is not None:
+        out = torch.clamp(out + z * (ctoc * step) * dp.abs().sqrt(), lo, hi)
+    return torch.where(dp == 0, g, out), p
+
+
+def _sync_kernel(target, held, g, *args):
+    """:meth:`DifferentialArray.step_to` in one kernel: the change ``target - held``, its update, the
+    weights read back (``scale`` = w_max / R) and whether the change was finite."""
+    dw = target - held
+    g, p = _update_kernel(dw, g, *args)
+    scale = args[4]
+    return g, p, (g[0] - g[1]) * scale, torch.isfinite(dw).all()
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn.__name__]
+
+
+def fused_update():
+    """The compiled :func:`_update_kernel` (compiled on first use; ``DeviceConfig.fused``)."""
+    return _compiled(_update_kernel)
+
+
+def fused_sync():
+    """The compiled :func:`_sync_kernel`."""
+    return _compiled(_sync_kernel)
 
 
 def clip_fraction(arrays) -> float | None:

@@ -197,6 +197,37 @@ def test_quantised_periphery_and_drift():
     assert layer.weight.detach().abs().sum() < w1 < w0
 
 
+def test_forward_reads_the_array_once_and_differentiates_as_float():
+    """Exact reads (no converters, no read noise): the array's output is the float layer's, computed
+    by one matmul; with converters the output is the quantised read under grad too, and the derivative
+    is the float layer's either way (straight-through)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 20)
+    for cfg, exact in ((get_device("linear-256"), True), (DeviceConfig(levels=256, dac_bits=3, adc_bits=4), False)):
+        layer = AnalogLinear.from_float(torch.nn.Linear(20, 6), cfg, seed=0)
+        xg = x.clone().requires_grad_()
+        with CountMatmuls() as count:
+            y = layer(xg)
+        assert count.n == (1 if exact else 2)
+        with torch.no_grad():
+            # the value under grad is the array's read (with converters: up to y_f + (y_hw - y_f) rounding)
+            assert torch.allclose(y, layer(x), rtol=0, atol=1e-6)
+            if exact:
+                assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+        y.pow(2).sum().backward()
+        assert torch.allclose(xg.grad, (2 * y.detach()) @ layer.weight.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_sweep_command_writes_csv_and_plot(tmp_path):
     r = subprocess.run([sys.executable, "-m", "neurosal.cli", "sweep", "--rules", "dfa", "--model", "mlp:32",
                         "--epochs", "1", "--axes", "levels=8,64;variation=0,0.5", "--out", str(tmp_path)],
@@ -208,16 +239,28 @@ def test_sweep_command_writes_csv_and_plot(tmp_path):
 
 
 def test_fused_kernel_matches_eager_update():
-    """The torch.compile'd update is the same maths (same noise draws, same pulses)."""
-    for name in ("rram-like", "linear-256"):
+    """The torch.compile'd update is the same maths (same noise draws, same pulses): as ``apply`` and as
+    the optimiser's sync (``step_to``: change, update and read-back in one kernel); a NaN change is
+    refused before any device moves."""
+    for name in ("rram-like", "linear-256", "softbounds"):
         arrays = [DifferentialArray(get_device(name, fused=f), (30, 20), 0.2, torch.Generator().manual_seed(3))
                   for f in (False, True)]
         gen = torch.Generator().manual_seed(4)
         for _ in range(5):
             dw = torch.randn(30, 20, generator=gen) * 0.01
-            for a in arrays:
-                a.apply(dw)
+            pulses = [a.apply(dw) for a in arrays]
+            assert torch.equal(pulses[0], pulses[1]), name  # whole numbers from the same draws
         assert torch.allclose(arrays[0].g, arrays[1].g, rtol=1e-5, atol=1e-6), name
+        held = [a.weights() for a in arrays]
+        for _ in range(5):
+            dw = torch.randn(30, 20, generator=gen) * 0.01
+            held = [a.step_to(h + dw, h) for a, h in zip(arrays, held)]
+        assert torch.allclose(arrays[0].g, arrays[1].g, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(held[1], arrays[1].weights()), name  # the kernel's read-back is the weights
+        before = arrays[1].g.clone()
+        with pytest.raises(NeurosalError, match="NaN/Inf"):
+            arrays[1].step_to(held[1] + float("nan"), held[1])
+        assert torch.equal(arrays[1].g, before)
 
 
 def test_coincidence_pulses_hand_worked_and_unbiased():
