@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from neurosal.bench import warm_allocator  # noqa: E402
 from neurosal.data import load_dataset  # noqa: E402
 from neurosal.engine import train_step  # noqa: E402
 from neurosal.rules import make_rule  # noqa: E402
@@ -154,6 +155,8 @@ def markdown(result: dict) -> str:
                 "over the seeds." if result.get("repeats", 1) > 1 else ""), "",
              "| pair (neurosal \\| aihwkit) | neurosal mode | accuracy neurosal / aihwkit (%) | difference (points) "
              "| epoch time neurosal / aihwkit |", "|---|---|---|---|---|"]
+    if not result["rows"]:  # --widths-only
+        lines = lines[:2] + [f"Epoch times only; machine: {result['machine']}."]
     for r in result["rows"]:
         a = r.get("aihwkit_acc")
         diff = f"{100 * (r['neurosal_acc'] - a):+.2f}" if a is not None else "--"
@@ -165,7 +168,7 @@ def markdown(result: dict) -> str:
         pair = r["pair"].replace("|", "\\|")
         lines.append(f"| {pair} | {r['mode']} | {100 * r['neurosal_acc']:.2f} / {aa} | {diff} | {ratio} |")
     if result.get("widths"):
-        lines += ["", "Epoch time against hidden width (mean over the seeds):", "",
+        lines += ["", "Epoch time against hidden width (seed 0):", "",
                   "| hidden | pair | neurosal mode | neurosal s/epoch | aihwkit s/epoch | ratio |", "|---|---|---|---|---|---|"]
         for r in result["widths"]:
             pair = r["pair"].replace("|", "\\|")
@@ -184,9 +187,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="run aihwkit's half this many times per seed: its C++ generators are not seeded by "
                          "torch, so identical runs differ; the table gives the spread of its seed means")
+    ap.add_argument("--widths-only", action="store_true",
+                    help="only the epoch-time sweep (with --widths), also timing fused=True; writes "
+                         "aihwkit_widths.json/.md beside the parity table instead of replacing it")
     ap.add_argument("--out", default="benchmarks/reports/analog")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    warm_allocator()  # as the other benches (neurosal/bench.py): timings of a warmed process
     try:
         import aihwkit
         version = aihwkit.__version__
@@ -197,7 +204,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     lr, batch = 0.1, 32
     rows = []
-    for pair, device, options, kind in PAIRS:
+    for pair, device, options, kind in ([] if args.widths_only else PAIRS):
         modes = [("default", {})] + ([("coincidence", {"pulses": "coincidence"})] if device else [])
         for mode, extra in modes:
             accs, times, a_accs, a_times = [], [], [], []
@@ -225,8 +232,14 @@ def main(argv=None) -> int:
     if version:
         for hidden in [int(w) for w in args.widths.split(",") if w]:
             for pair, device, options, kind in PAIRS[2:]:
-                for mode, extra in (("default", {}), ("coincidence", {"pulses": "coincidence"})):
+                modes = [("default", {}), ("coincidence", {"pulses": "coincidence"})]
+                if args.widths_only:
+                    modes = [modes[0], ("default, fused", {"fused": True}), modes[1],
+                             ("coincidence, fused", {"pulses": "coincidence", "fused": True})]
+                for mode, extra in modes:
                     w = init_weights(hidden, 0)
+                    if extra.get("fused"):  # compile first (the kernels are shared by every width)
+                        run_neurosal(device, {**options, **extra}, w, data, hidden, 1, 0, lr, batch)
                     _, t = run_neurosal(device, {**options, **extra}, w, data, hidden, args.width_epochs, 0, lr, batch)
                     _, ta = run_aihwkit(kind, w, data, hidden, args.width_epochs, 0, lr, batch)
                     widths.append({"hidden": hidden, "pair": f"{pair} | {kind}", "mode": mode,
@@ -241,8 +254,9 @@ def main(argv=None) -> int:
               "rows": rows, "widths": widths}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "aihwkit_parity.json").write_text(json.dumps(result, indent=2))
-    (out / "aihwkit_parity.md").write_text(markdown(result))
+    name = "aihwkit_widths" if args.widths_only else "aihwkit_parity"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

@@ -92,10 +92,7 @@ class AnalogTiles:
                     raise NeurosalError("pulses=coincidence needs the layer's inputs and teaching signal, and "
                                         "this step's update reached the layer without them")
                 x, d = self.pending[k]
-                up, down = arr.coincidence_pulses(x, d, self._sgd_rate(request, p.grad))
-                arr.apply_pulses(up)  # the up pulses, then the down pulses (no accumulator cancels them)
-                arr.apply_pulses(-down)
-                w = arr.weights()
+                w = arr.apply_trains(*arr.coincidence_pulses(x, d, self._sgd_rate(request, p.grad)))
             else:
                 w = arr.step_to(p, held)
             p.copy_(w)

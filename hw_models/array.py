@@ -164,43 +164,61 @@ class DifferentialArray:
             check_request(dw)
             self.apply(dw)
             return self.weights()
-        g, p, w, finite = fused_sync()(target, held, *self._fused_args(target.shape))
+        g, _, w, finite = _fused("sync", self.cfg.model)(target.reshape(-1), held.reshape(-1),
+                                                        *self._fused_args())
         check_request(finite)
-        self.g = g
-        return w
+        self.g = g.view(self.g.shape)
+        return w.view(self.shape)
+
+    def apply_trains(self, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """Apply coincidence pulse counts (:meth:`coincidence_pulses`): the up pulses, then the down pulses
+        (no accumulator cancels them); return the weights read back."""
+        if not self._fusable:
+            self.apply_pulses(up)
+            self.apply_pulses(-down)
+            return self.weights()
+        g, w = _fused("trains", self.cfg.model)(up.reshape(-1), down.reshape(-1), *self._fused_args(noise=4))
+        self.g = g.view(self.g.shape)
+        return w.view(self.shape)
 
     @property
     def _fusable(self) -> bool:
         c = self.cfg
-        return (c.fused and c.update == "bidirectional" and c.pulses != "coincidence"
-                and c.model in ("linear", "lim", "softbounds"))
+        return c.fused and c.update == "bidirectional" and c.model in ("linear", "lim", "softbounds")
 
     def _apply_fused(self, dw: torch.Tensor) -> torch.Tensor:
         """:meth:`apply` (bidirectional) as one compiled kernel: pulse counts, the pair split and both
         devices' steps in one pass over the array. The random draws come first from the array's own
         generator in the eager order (rounding bits, then G+'s and G-'s cycle-to-cycle noise), so the
         kernel is the same maths on the same draws (tested against the eager path)."""
-        g, p = fused_update()(dw, *self._fused_args(dw.shape))
-        self.g = g
-        return p
+        g, p = _fused("update", self.cfg.model)(dw.reshape(-1), *self._fused_args())
+        self.g = g.view(self.g.shape)
+        return p.view(self.shape)
 
-    def _fused_args(self, shape) -> tuple:
-        """This update's random draws, in the eager order, and the kernel's constants."""
+    def _fused_args(self, noise: int = 2) -> tuple:
+        """This update's random draws, in the eager order, and the kernel's constants, all flattened: the
+        kernel is elementwise, and one dynamic length compiles once for every layer's shape. ``noise``:
+        how many device steps draw cycle-to-cycle noise (G+ then G-, per pulse train)."""
         c = self.cfg
+        n = math.prod(self.shape)
         # the rounding bits as floats (exact): the compiler vectorises no 16-bit integer loads
-        h = self._bits(shape).to(self.g.dtype) if c.pulses == "stochastic" else None
-        z = torch.stack([self._randn(shape), self._randn(shape)]) if c.ctoc > 0 else None
+        h = self._bits((n,)).to(self.g.dtype) if c.pulses == "stochastic" else None
+        z = torch.stack([self._randn((n,)) for _ in range(noise)]) if c.ctoc > 0 else None
         consts = self._fused_consts
         if consts is None:  # per-device constants stacked over the pair, once per binding
             r0, r1 = self.response
-            pick = (lambda name: torch.stack([getattr(r0, name), getattr(r1, name)])
-                    if c.model != "linear" else torch.zeros((), dtype=self.g.dtype, device=self.g.device))
-            # scalars as tensors: a Python float would be compiled in, one compilation per layer
+            zero = self.g.new_zeros(())
+
+            def pair(name):
+                return torch.stack([getattr(r0, name), getattr(r1, name)]).reshape(2, n)
+            exp = [pair(k) if c.model != "linear" else zero for k in ("sat_p", "sat_d", "k_p", "k_d")]
+            # scalars as tensors: a Python float would be compiled in, one compilation per value
             consts = self._fused_consts = (
+                self.g.new_tensor(c.max_pulses or math.inf), self.g.new_tensor(c.ctoc),
                 self.g.new_tensor(self.w_max / self.r_nominal), self.g.new_tensor(self.dw_pulse),
-                torch.stack([r0.step, r1.step]), pick("sat_p"), pick("sat_d"), pick("k_p"), pick("k_d"))
-        return (self.g, h, z, float(c.max_pulses), c.model == "linear", *consts, self.lo, self.hi,
-                self._odd_up, self._odd_down, c.ctoc)
+                pair("step"), *exp, self.lo.reshape(2, n), self.hi.reshape(2, n),
+                self._odd_up.reshape(n), self._odd_down.reshape(n))
+        return (self.g.reshape(2, n), h, z, *consts)
 
     def coincidence_pulses(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Up and down pulse counts for the update ``-lr * d^T x`` by stochastic pulse coincidence.
@@ -370,12 +388,13 @@ def check_request(dw: torch.Tensor) -> None:
         raise NeurosalError("the optimiser proposed a NaN/Inf weight change for an analog layer")
 
 
-def _update_kernel(dw, g, h, z, max_pulses: float, linear: bool, scale, dw_pulse, step, sat_p, sat_d, k_p, k_d,
-                   lo, hi, odd_up, odd_down, ctoc: float):
+def _update_kernel(dw, g, h, z, max_pulses, ctoc, scale, dw_pulse, step, sat_p, sat_d, k_p, k_d, lo, hi,
+                   odd_up, odd_down, linear: bool):
     """:meth:`DifferentialArray.apply` for bidirectional pairs written as one expression for torch.compile:
-    the same maths, op for op, as ``pulse_counts`` + ``apply_pulses`` + ``Response.step_signed``.
-    ``h``: the rounding draws (:meth:`DifferentialArray._bits` as floats; None: deterministic rounding); ``z``: (2, ...) cycle-to-cycle normals
-    or None; per-device constants are stacked over the pair (index 0: G+). Returns (G, pulse counts)."""
+    the same maths, op for op, as ``pulse_counts`` + ``apply_pulses`` + ``Response.step_signed``, on
+    flattened arrays (``dw`` (n,), ``g`` (2, n): index 0 G+; per-device constants (2, n)). ``h``: the
+    rounding draws (:meth:`DifferentialArray._bits` as floats; None: deterministic rounding); ``z``:
+    (2, n) cycle-to-cycle normals or None; ``max_pulses`` inf for no cap. Returns (G, pulse counts)."""
     p = dw.abs() / dw_pulse
     if h is not None:  # unbiased stochastic rounding with 16-bit draws, exactly as DifferentialArray._fires
         base = p.floor()
@@ -385,14 +404,19 @@ def _update_kernel(dw, g, h, z, max_pulses: float, linear: bool, scale, dw_pulse
         p = base + (h < q - 32768).to(p.dtype)
     else:
         p = torch.round(p)
-    if max_pulses:
-        p = p.clamp(max=max_pulses)
-    rises = dw > 0
-    sgn = rises.to(dw.dtype) - (dw < 0).to(dw.dtype)  # torch.sign, in a form the compiler vectorises
+    p = torch.minimum(p, max_pulses)
+    return _pair_step(g, dw, p, z, ctoc, step, sat_p, sat_d, k_p, k_d, lo, hi, odd_up, odd_down, linear), p
+
+
+def _pair_step(g, s, p, z, ctoc, step, sat_p, sat_d, k_p, k_d, lo, hi, odd_up, odd_down, linear: bool):
+    """``apply_pulses`` (bidirectional) + ``Response.step_signed`` of both devices, flattened: ``p`` pulses
+    in the direction of ``s``'s sign (``s`` the change or the signed counts themselves)."""
+    rises = s > 0
+    sgn = rises.to(s.dtype) - (s < 0).to(s.dtype)  # torch.sign, in a form the compiler vectorises
     half = torch.floor(p / 2)
     odd = p - 2 * half
     u = g[0] + g[1]
-    to_plus = torch.where(rises, u <= odd_up, u > odd_down).to(dw.dtype)
+    to_plus = torch.where(rises, u <= odd_up, u > odd_down).to(s.dtype)
     dp = torch.stack([sgn * (half + odd * to_plus), -sgn * (half + odd * (1 - to_plus))])
     if linear:
         out = g + dp * step
@@ -403,35 +427,69 @@ def _update_kernel(dw, g, h, z, max_pulses: float, linear: bool, scale, dw_pulse
     out = torch.clamp(out, lo, hi)
     if z is not None:
         out = torch.clamp(out + z * (ctoc * step) * dp.abs().sqrt(), lo, hi)
-    return torch.where(dp == 0, g, out), p
+    return torch.where(dp == 0, g, out)
 
 
-def _sync_kernel(target, held, g, *args):
+def _trains_kernel(up, down, g, h, z, max_pulses, ctoc, scale, dw_pulse, step, sat_p, sat_d, k_p, k_d, lo, hi,
+                   odd_up, odd_down, linear: bool):
+    """:meth:`DifferentialArray.apply_trains` in one kernel: the up pulses, then the down pulses (``z``:
+    (4, n) noise, G+ and G- for each), and the weights read back. ``h``, ``max_pulses`` and ``dw_pulse``
+    are unused (the counts are given)."""
+    za, zb = (z[:2], z[2:]) if z is not None else (None, None)
+    rest = (ctoc, step, sat_p, sat_d, k_p, k_d, lo, hi, odd_up, odd_down, linear)
+    g = _pair_step(g, up, up, za, *rest)
+    g = _pair_step(g, -down, down, zb, *rest)
+    return g, (g[0] - g[1]) * scale
+
+
+def _sync_kernel(target, held, g, *args, linear: bool):
     """:meth:`DifferentialArray.step_to` in one kernel: the change ``target - held``, its update, the
     weights read back (``scale`` = w_max / R) and whether the change was finite."""
     dw = target - held
-    g, p = _update_kernel(dw, g, *args)
+    g, p = _update_kernel(dw, g, *args, linear=linear)
     scale = args[4]
     return g, p, (g[0] - g[1]) * scale, torch.isfinite(dw).all()
 
 
+# One compiled entry per kernel and device family, each its own code object: torch.compile's recompile
+# limit counts per function, and an entry then meets only the None/not-None draw variants and one length
+def _update_linear(dw, g, *args):
+    return _update_kernel(dw, g, *args, linear=True)
+
+
+def _update_exp(dw, g, *args):
+    return _update_kernel(dw, g, *args, linear=False)
+
+
+def _sync_linear(target, held, g, *args):
+    return _sync_kernel(target, held, g, *args, linear=True)
+
+
+def _sync_exp(target, held, g, *args):
+    return _sync_kernel(target, held, g, *args, linear=False)
+
+
+def _trains_linear(up, down, g, *args):
+    return _trains_kernel(up, down, g, *args, linear=True)
+
+
+def _trains_exp(up, down, g, *args):
+    return _trains_kernel(up, down, g, *args, linear=False)
+
+
+_ENTRIES = {("update", True): _update_linear, ("update", False): _update_exp,
+            ("sync", True): _sync_linear, ("sync", False): _sync_exp,
+            ("trains", True): _trains_linear, ("trains", False): _trains_exp}
 _COMPILED: dict = {}
 
 
-def _compiled(fn):
-    if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True)
-    return _COMPILED[fn.__name__]
-
-
-def fused_update():
-    """The compiled :func:`_update_kernel` (compiled on first use; ``DeviceConfig.fused``)."""
-    return _compiled(_update_kernel)
-
-
-def fused_sync():
-    """The compiled :func:`_sync_kernel`."""
-    return _compiled(_sync_kernel)
+def _fused(kind: str, model: str):
+    """The compiled kernel for ``kind`` ("update": :meth:`DifferentialArray.apply`; "sync":
+    :meth:`DifferentialArray.step_to`; "trains": :meth:`DifferentialArray.apply_trains`) and a device model (compiled on first use; ``DeviceConfig.fused``)."""
+    key = (kind, model == "linear")
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_ENTRIES[key], dynamic=True)
+    return _COMPILED[key]
 
 
 def clip_fraction(arrays) -> float | None:

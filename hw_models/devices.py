@@ -59,9 +59,10 @@ class DeviceConfig:
     w_range: float = 4.0  # weight range w_max = w_range / sqrt(fan_in) (layer's init bound is 1/sqrt)
     drift_nu: float = 0.0  # PCM-like drift exponent: G(t) = g_min + (G - g_min) (t / t0)^-nu
     drift_nu_dtod: float = 0.0  # device-to-device spread of nu (relative std)
-    fused: bool = False  # execution, not physics: run a bidirectional update (pulse counts, pair split,
-                         # device steps, read-back) as one torch.compile'd kernel, other updates' device
-                         # step; same maths and draws, ~2x faster steps on CPU, 10-20 s compile on first use
+    fused: bool = False  # execution, not physics: run a bidirectional update (pulse counts or coincidence
+                         # trains, pair split, device steps, read-back) as one torch.compile'd kernel, a
+                         # unidirectional one's device steps; same maths and draws, 1.4-3x faster steps
+                         # on CPU, 10-20 s to compile on first use (needs a C++ compiler)
 
     def validate(self) -> "DeviceConfig":
         err = []

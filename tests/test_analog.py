@@ -239,9 +239,9 @@ def test_sweep_command_writes_csv_and_plot(tmp_path):
 
 
 def test_fused_kernel_matches_eager_update():
-    """The torch.compile'd update is the same maths (same noise draws, same pulses): as ``apply`` and as
-    the optimiser's sync (``step_to``: change, update and read-back in one kernel); a NaN change is
-    refused before any device moves."""
+    """The torch.compile'd update is the same maths (same noise draws, same pulses): as ``apply``, as
+    the optimiser's sync (``step_to``: change, update and read-back in one kernel) and for coincidence
+    trains (``apply_trains``); a NaN change is refused before any device moves."""
     for name in ("rram-like", "linear-256", "softbounds"):
         arrays = [DifferentialArray(get_device(name, fused=f), (30, 20), 0.2, torch.Generator().manual_seed(3))
                   for f in (False, True)]
@@ -261,6 +261,14 @@ def test_fused_kernel_matches_eager_update():
         with pytest.raises(NeurosalError, match="NaN/Inf"):
             arrays[1].step_to(held[1] + float("nan"), held[1])
         assert torch.equal(arrays[1].g, before)
+        # coincidence trains: up then down pulses, both devices, noise drawn per device and train
+        arrays = [DifferentialArray(get_device(name, fused=f, pulses="coincidence"), (30, 20), 0.2,
+                                    torch.Generator().manual_seed(5)) for f in (False, True)]
+        x, d = torch.randn(8, 20, generator=gen), torch.randn(8, 30, generator=gen)
+        for _ in range(3):
+            read = [a.apply_trains(*a.coincidence_pulses(x, d, lr=0.05)) for a in arrays]
+        assert torch.allclose(arrays[0].g, arrays[1].g, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(read[0], read[1], rtol=1e-5, atol=1e-6), name
 
 
 def test_coincidence_pulses_hand_worked_and_unbiased():
