@@ -271,6 +271,22 @@ def test_fused_kernel_matches_eager_update():
         assert torch.allclose(read[0], read[1], rtol=1e-5, atol=1e-6), name
 
 
+def test_fused_kernels_compile_once_for_every_layer_shape():
+    """One compiled kernel serves arrays of every shape and pulse size: a recompile per layer would hit
+    torch.compile's recompile limit after a few layers and silently drop to eager."""
+    shapes = [(30, 20), (64, 8), (10, 256), (256, 96), (7, 9)]
+    arrays = [DifferentialArray(get_device("linear-256", fused=True), s, 0.1 * (i + 1), torch.Generator().manual_seed(i))
+              for i, s in enumerate(shapes)]
+    for a, s in zip(arrays, shapes):
+        a.program(torch.zeros(s))  # both devices mid-range
+    w = arrays[0].weights()
+    arrays[0].step_to(w + 0.01, w)  # compiles the kernel (or finds it compiled)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for a in arrays[1:]:
+            w = a.weights()
+            assert torch.allclose(a.step_to(w + 0.01, w), w + 0.01, atol=2 * a.dw_pulse)
+
+
 def test_coincidence_pulses_hand_worked_and_unbiased():
     """One input x=1 and one error d=-1 with lr chosen for an expected 3 pulses: the pulse count is a
     sum of Bernoulli coincidences, averaging 3 over many trains; signs follow -x*d."""
