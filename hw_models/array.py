@@ -487,8 +487,8 @@ def _fused(kind: str, model: str):
     """The compiled kernel for ``kind`` ("update": :meth:`DifferentialArray.apply`; "sync":
     :meth:`DifferentialArray.step_to`; "trains": :meth:`DifferentialArray.apply_trains`) and a device model (compiled on first use; ``DeviceConfig.fused``)."""
     key = (kind, model == "linear")
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_ENTRIES[key], dynamic=True)
+    if key not in _COMPILED:  # always without autograd: grad mode is part of what a compilation assumes
+        _COMPILED[key] = torch.no_grad()(torch.compile(_ENTRIES[key], dynamic=True))
     return _COMPILED[key]
 
 

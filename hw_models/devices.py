@@ -192,7 +192,8 @@ _COMPILED: dict = {}
 
 def _fused():
     if "step" not in _COMPILED:
-        _COMPILED["step"] = torch.compile(_step_kernel, dynamic=True)
+        # always without autograd: grad mode is part of what a compilation assumes
+        _COMPILED["step"] = torch.no_grad()(torch.compile(_step_kernel, dynamic=True))
     return _COMPILED["step"]
 
 
