@@ -39,7 +39,7 @@ import torch
 
 from neurosal.errors import NeurosalError
 
-from .devices import DeviceConfig, Response
+from .devices import DeviceConfig, Response, step_kernel
 
 
 def device_generator(seed_or_gen: int | torch.Generator, device) -> torch.Generator:
@@ -418,16 +418,7 @@ def _pair_step(g, s, p, z, ctoc, step, sat_p, sat_d, k_p, k_d, lo, hi, odd_up, o
     u = g[0] + g[1]
     to_plus = torch.where(rises, u <= odd_up, u > odd_down).to(s.dtype)
     dp = torch.stack([sgn * (half + odd * to_plus), -sgn * (half + odd * (1 - to_plus))])
-    if linear:
-        out = g + dp * step
-    else:
-        pos = dp > 0
-        sat = torch.where(pos, sat_p, sat_d)
-        out = sat - (sat - g) * torch.exp(-dp.abs() * torch.where(pos, k_p, k_d))
-    out = torch.clamp(out, lo, hi)
-    if z is not None:
-        out = torch.clamp(out + z * (ctoc * step) * dp.abs().sqrt(), lo, hi)
-    return torch.where(dp == 0, g, out)
+    return step_kernel(g, dp, z, linear, step, sat_p, sat_d, k_p, k_d, lo, hi, ctoc)
 
 
 def _trains_kernel(up, down, g, h, z, max_pulses, ctoc, scale, dw_pulse, step, sat_p, sat_d, k_p, k_d, lo, hi,

@@ -173,8 +173,9 @@ class Response:
         return torch.where(dp == 0, g, moved)
 
 
-def _step_kernel(g, dp, z, linear: bool, step, sat_p, sat_d, k_p, k_d, lo, hi, ctoc: float):
-    """The same maths as :meth:`Response.step_signed`, written as one expression for torch.compile."""
+def step_kernel(g, dp, z, linear: bool, step, sat_p, sat_d, k_p, k_d, lo, hi, ctoc: float):
+    """The same maths as :meth:`Response.step_signed`, written as one expression for torch.compile (also
+    the device step inside :mod:`hw_models.array`'s fused update kernels)."""
     if linear:
         out = g + dp * step
     else:
@@ -193,7 +194,7 @@ _COMPILED: dict = {}
 def _fused():
     if "step" not in _COMPILED:
         # always without autograd: grad mode is part of what a compilation assumes
-        _COMPILED["step"] = torch.no_grad()(torch.compile(_step_kernel, dynamic=True))
+        _COMPILED["step"] = torch.no_grad()(torch.compile(step_kernel, dynamic=True))
     return _COMPILED["step"]
 
 
