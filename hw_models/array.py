@@ -191,7 +191,8 @@ class DifferentialArray:
         devices' steps in one pass over the array. The random draws come first from the array's own
         generator in the eager order (rounding bits, then G+'s and G-'s cycle-to-cycle noise), so the
         kernel is the same maths on the same draws (tested against the eager path)."""
-        g, p = _fused("update", self.cfg.model)(dw.reshape(-1), *self._fused_args())
+        flat = dw.reshape(-1)  # the sync kernel serves: the change dw - 0 is dw exactly
+        g, p, _, _ = _fused("sync", self.cfg.model)(flat, torch.zeros_like(flat), *self._fused_args())
         self.g = g.view(self.g.shape)
         return p.view(self.shape)
 
@@ -444,14 +445,6 @@ def _sync_kernel(target, held, g, *args, linear: bool):
 
 # One compiled entry per kernel and device family, each its own code object: torch.compile's recompile
 # limit counts per function, and an entry then meets only the None/not-None draw variants and one length
-def _update_linear(dw, g, *args):
-    return _update_kernel(dw, g, *args, linear=True)
-
-
-def _update_exp(dw, g, *args):
-    return _update_kernel(dw, g, *args, linear=False)
-
-
 def _sync_linear(target, held, g, *args):
     return _sync_kernel(target, held, g, *args, linear=True)
 
@@ -468,15 +461,14 @@ def _trains_exp(up, down, g, *args):
     return _trains_kernel(up, down, g, *args, linear=False)
 
 
-_ENTRIES = {("update", True): _update_linear, ("update", False): _update_exp,
-            ("sync", True): _sync_linear, ("sync", False): _sync_exp,
+_ENTRIES = {("sync", True): _sync_linear, ("sync", False): _sync_exp,
             ("trains", True): _trains_linear, ("trains", False): _trains_exp}
 _COMPILED: dict = {}
 
 
 def _fused(kind: str, model: str):
-    """The compiled kernel for ``kind`` ("update": :meth:`DifferentialArray.apply`; "sync":
-    :meth:`DifferentialArray.step_to`; "trains": :meth:`DifferentialArray.apply_trains`) and a device model (compiled on first use; ``DeviceConfig.fused``)."""
+    """The compiled kernel for ``kind`` ("sync": :meth:`DifferentialArray.step_to` and ``apply``;
+    "trains": :meth:`DifferentialArray.apply_trains`) and a device model (compiled on first use; ``DeviceConfig.fused``)."""
     key = (kind, model == "linear")
     if key not in _COMPILED:  # always without autograd: grad mode is part of what a compilation assumes
         _COMPILED[key] = torch.no_grad()(torch.compile(_ENTRIES[key], dynamic=True))

@@ -261,6 +261,8 @@ def test_fused_kernel_matches_eager_update():
         with pytest.raises(NeurosalError, match="NaN/Inf"):
             arrays[1].step_to(held[1] + float("nan"), held[1])
         assert torch.equal(arrays[1].g, before)
+        if name == "linear-256":
+            continue  # the trains kernel once, for the exponential family with noise (compile time)
         # coincidence trains: up then down pulses, both devices, noise drawn per device and train
         arrays = [DifferentialArray(get_device(name, fused=f, pulses="coincidence"), (30, 20), 0.2,
                                     torch.Generator().manual_seed(5)) for f in (False, True)]
