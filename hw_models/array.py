@@ -391,7 +391,7 @@ def check_request(dw: torch.Tensor) -> None:
 
 def _update_kernel(dw, g, h, z, max_pulses, ctoc, scale, dw_pulse, step, sat_p, sat_d, k_p, k_d, lo, hi,
                    odd_up, odd_down, linear: bool):
-    """:meth:`DifferentialArray.apply` for bidirectional pairs written as one expression for torch.compile:
+    """``apply`` for bidirectional pairs (the body of the compiled sync kernel) as one expression for torch.compile:
     the same maths, op for op, as ``pulse_counts`` + ``apply_pulses`` + ``Response.step_signed``, on
     flattened arrays (``dw`` (n,), ``g`` (2, n): index 0 G+; per-device constants (2, n)). ``h``: the
     rounding draws (:meth:`DifferentialArray._bits` as floats; None: deterministic rounding); ``z``:
@@ -434,12 +434,11 @@ def _trains_kernel(up, down, g, h, z, max_pulses, ctoc, scale, dw_pulse, step, s
     return g, (g[0] - g[1]) * scale
 
 
-def _sync_kernel(target, held, g, *args, linear: bool):
+def _sync_kernel(target, held, g, h, z, max_pulses, ctoc, scale, *consts, linear: bool):
     """:meth:`DifferentialArray.step_to` in one kernel: the change ``target - held``, its update, the
     weights read back (``scale`` = w_max / R) and whether the change was finite."""
     dw = target - held
-    g, p = _update_kernel(dw, g, *args, linear=linear)
-    scale = args[4]
+    g, p = _update_kernel(dw, g, h, z, max_pulses, ctoc, scale, *consts, linear=linear)
     return g, p, (g[0] - g[1]) * scale, torch.isfinite(dw).all()
 
 
