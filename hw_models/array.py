@@ -467,7 +467,8 @@ _COMPILED: dict = {}
 
 def _fused(kind: str, model: str):
     """The compiled kernel for ``kind`` ("sync": :meth:`DifferentialArray.step_to` and ``apply``;
-    "trains": :meth:`DifferentialArray.apply_trains`) and a device model (compiled on first use; ``DeviceConfig.fused``)."""
+    "trains": :meth:`DifferentialArray.apply_trains`) and a device model (compiled on first use;
+    ``DeviceConfig.fused``)."""
     key = (kind, model == "linear")
     if key not in _COMPILED:  # always without autograd: grad mode is part of what a compilation assumes
         _COMPILED[key] = torch.no_grad()(torch.compile(_ENTRIES[key], dynamic=True))
