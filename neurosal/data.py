@@ -452,11 +452,35 @@ def _check_features(name: str, x: np.ndarray, y: np.ndarray) -> None:
 
 # ----------------------------------------------------------------------------- offline sets
 
+def _sklearn_csv(file: str, header: bool):
+    """One of scikit-learn's bundled tables read straight from its CSV, without importing sklearn
+    (whose import costs ~1 s of every command's start): ``(features float64, int labels, names)``.
+    ``None`` when the file is not where scikit-learn 1.x keeps it (the caller falls back to sklearn)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / file
+    if not path.is_file():
+        return None
+    try:
+        with (gzip.open(path, "rt") if file.endswith(".gz") else open(path)) as f:
+            names = f.readline().strip().split(",")[2:] if header else None
+            table = np.loadtxt(f, delimiter=",", dtype=np.float64, ndmin=2)
+    except (OSError, ValueError):
+        return None
+    return table[:, :-1], table[:, -1].astype(np.int64), names
+
+
 def _digits():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = (d.data / 16.0).reshape(-1, 1, 8, 8)
-    return _make("digits", *_split(x, d.target, 0.3), 10, DIGITS)
+    d = _sklearn_csv("digits.csv.gz", header=False)
+    if d is None:
+        from sklearn.datasets import load_digits
+        b = load_digits()
+        d = (b.data, b.target, None)
+    x = (d[0] / 16.0).reshape(-1, 1, 8, 8)
+    return _make("digits", *_split(x, d[1], 0.3), 10, DIGITS)
 
 
 def _mnist_5k():
@@ -500,13 +524,16 @@ def _needs_root(name):
     return load
 
 
-def _sklearn(fn_name, name):
+def _sklearn(fn_name, name, file):
     def load(root=None):
-        import sklearn.datasets
-        d = getattr(sklearn.datasets, fn_name)()
-        xtr, ytr, xte, yte = _split(d.data.astype(np.float64), d.target, 0.3)
+        d = _sklearn_csv(file, header=True)
+        if d is None:
+            import sklearn.datasets
+            b = getattr(sklearn.datasets, fn_name)()
+            d = (b.data, b.target, list(b.target_names))
+        xtr, ytr, xte, yte = _split(d[0].astype(np.float64), d[1], 0.3)
         xtr, xte = _standardise(xtr, xte)
-        return _make(name, xtr, ytr, xte, yte, classes=list(d.target_names))
+        return _make(name, xtr, ytr, xte, yte, classes=list(d[2]))
     return load
 
 
@@ -515,9 +542,9 @@ OFFLINE = {
     "mnist-5k": lambda root=None: _mnist_5k(),
     "fashion-mnist": _fashion_mnist,
     "mnist1d": lambda root=None: _mnist1d(),
-    "iris": _sklearn("load_iris", "iris"),
-    "wine": _sklearn("load_wine", "wine"),
-    "breast-cancer": _sklearn("load_breast_cancer", "breast-cancer"),
+    "iris": _sklearn("load_iris", "iris", "iris.csv"),
+    "wine": _sklearn("load_wine", "wine", "wine_data.csv"),
+    "breast-cancer": _sklearn("load_breast_cancer", "breast-cancer", "breast_cancer.csv"),
     "mnist": _needs_root("mnist"),
     "cifar10": _needs_root("cifar10"),
     "semeion": _needs_root("semeion"),

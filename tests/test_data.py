@@ -68,6 +68,36 @@ def test_offline_datasets(name, shape, n_train):
     assert set(ds.y_train.unique().tolist()) == set(range(ds.n_classes))
 
 
+@pytest.mark.parametrize("name,file,loader", [("digits", "digits.csv.gz", "load_digits"),
+                                              ("iris", "iris.csv", "load_iris"), ("wine", "wine_data.csv", "load_wine"),
+                                              ("breast-cancer", "breast_cancer.csv", "load_breast_cancer")])
+def test_bundled_tables_read_directly_equal_sklearns_loaders(name, file, loader):
+    """The CLI reads scikit-learn's bundled CSVs itself (its import costs a second per command); the
+    tables, labels and class names must be exactly what sklearn's own loaders give."""
+    import sklearn.datasets
+
+    from neurosal.data import _sklearn_csv
+
+    x, y, names = _sklearn_csv(file, header=name != "digits")
+    ref = getattr(sklearn.datasets, loader)()
+    assert np.array_equal(x, ref.data) and np.array_equal(y, ref.target)
+    if name != "digits":
+        assert names == [str(n) for n in ref.target_names]
+        assert load_dataset(name).classes == names
+    assert _sklearn_csv("no_such_table.csv", header=True) is None  # -> the caller falls back to sklearn
+
+
+def test_bundled_tables_fall_back_to_sklearn(monkeypatch):
+    import neurosal.data as data
+
+    direct = {n: load_dataset(n) for n in ("digits", "wine")}
+    monkeypatch.setattr(data, "_sklearn_csv", lambda file, header: None)  # a scikit-learn that moved them
+    for name, ds in direct.items():
+        again = load_dataset(name)
+        assert torch.equal(again.x_train, ds.x_train) and torch.equal(again.y_test, ds.y_test)
+        assert again.classes == ds.classes
+
+
 def test_split_does_not_depend_on_anything_but_the_data():
     a, b = load_dataset("digits"), load_dataset("digits")
     assert np.array_equal(a.x_test.numpy(), b.x_test.numpy())
