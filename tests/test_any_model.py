@@ -400,10 +400,12 @@ def test_examples_own_model_reaches_ninety_percent():
 
 @pytest.mark.parametrize("model,rule", [("resnet:8", "dfa"), ("vit:patch=4,dim=16,depth=1,heads=2", "sal"),
                                         ("{tmp}/mine.py:Mine:width=16", "sal")])
-def test_cli_trains_zoo_and_user_models_and_exports_them(tmp_path, model, rule):
+def test_cli_trains_zoo_and_user_models_and_exports_them(tmp_path, capsys, model, rule):
+    """Through the CLI's own ``main`` (in this process: the real entry point's one-line errors and exit
+    codes are tested in test_trust; here the zoo, a user's file, resume and export)."""
     import json
-    import subprocess
-    import sys
+
+    from neurosal.cli import main
 
     (tmp_path / "mine.py").write_text(
         "import torch.nn as nn\n"
@@ -416,22 +418,16 @@ def test_cli_trains_zoo_and_user_models_and_exports_them(tmp_path, model, rule):
         "        return self.head(self.body(x))\n")
     spec = model.replace("{tmp}", str(tmp_path))
     run = tmp_path / "run"
-    base = [sys.executable, "-m", "neurosal.cli"]
-    r = subprocess.run(base + ["train", "--rule", rule, "--model", spec, "--data", "digits", "--epochs", "1",
-                               "--limit", "300", "--no-progress", "--alignment", "--out", str(run)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    common = ["--rule", rule, "--model", spec, "--data", "digits", "--limit", "300", "--no-progress"]
+    assert main(["train", *common, "--epochs", "1", "--alignment", "--out", str(run)]) == 0, capsys.readouterr().err
     m = json.loads((run / "metrics.json").read_text())["epochs"][0]
     assert len(m["alignment_deg"]) >= 2 and len(m["point_alignment_deg"]) >= 1
     assert bool(m.get("area_usage")) == (rule == "sal")
-    r = subprocess.run(base + ["train", "--rule", rule, "--model", spec, "--data", "digits", "--epochs", "2",
-                               "--limit", "300", "--no-progress", "--out", str(run), "--resume"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run(base + ["export", str(run), "--onnx", str(tmp_path / "m.onnx"), "--samples", "64"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "argmax agreement 100.0%" in r.stdout
+    assert main(["train", *common, "--epochs", "2", "--out", str(run), "--resume"]) == 0, capsys.readouterr().err
+    assert [e["epoch"] for e in json.loads((run / "metrics.json").read_text())["epochs"]] == [1, 2]
+    capsys.readouterr()
+    assert main(["export", str(run), "--onnx", str(tmp_path / "m.onnx"), "--samples", "64"]) == 0
+    assert "argmax agreement 100.0%" in capsys.readouterr().out
 
 
 def test_sign_concordant_and_kolen_pollack_feedback():
