@@ -273,6 +273,18 @@ def test_fused_kernel_matches_eager_update():
         assert torch.allclose(read[0], read[1], rtol=1e-5, atol=1e-6), name
 
 
+def test_fused_constants_are_one_column_only_without_device_spread():
+    from hw_models.array import compact
+
+    assert compact(torch.tensor([[2.0, 2.0, 2.0], [3.0, 3.0, 3.0]])).shape == (2, 1)
+    assert compact(torch.full((5,), 0.5)).tolist() == [0.5]
+    spread = torch.tensor([[2.0, 2.0, 2.0], [3.0, 3.0, 3.1]])
+    assert compact(spread) is spread  # one device differs: every value is kept
+    a = DifferentialArray(get_device("rram-like", fused=True), (6, 5), 0.2, torch.Generator().manual_seed(0))
+    a._fused_args()
+    assert a._fused_consts[4].shape == (2, 30)  # per-device steps (dtod_step 0.1)
+
+
 def test_fused_kernels_compile_once_for_every_layer_shape():
     """One compiled kernel serves arrays of every shape and pulse size: a recompile per layer would hit
     torch.compile's recompile limit after a few layers and silently drop to eager."""
