@@ -473,14 +473,20 @@ def _sklearn_csv(file: str, header: bool):
     return table[:, :-1], table[:, -1].astype(np.int64), names
 
 
-def _digits():
-    d = _sklearn_csv("digits.csv.gz", header=False)
+def _sklearn_table(file: str, loader: str, header: bool = True):
+    """``(features, labels, class names)`` of a bundled table: its CSV read directly, else (a scikit-learn
+    that keeps it elsewhere) through ``sklearn.datasets.<loader>``."""
+    d = _sklearn_csv(file, header)
     if d is None:
-        from sklearn.datasets import load_digits
-        b = load_digits()
-        d = (b.data, b.target, None)
-    x = (d[0] / 16.0).reshape(-1, 1, 8, 8)
-    return _make("digits", *_split(x, d[1], 0.3), 10, DIGITS)
+        import sklearn.datasets
+        b = getattr(sklearn.datasets, loader)()
+        d = (b.data, b.target, [str(n) for n in b.target_names] if header else None)
+    return d
+
+
+def _digits():
+    x, y, _ = _sklearn_table("digits.csv.gz", "load_digits", header=False)
+    return _make("digits", *_split((x / 16.0).reshape(-1, 1, 8, 8), y, 0.3), 10, DIGITS)
 
 
 def _mnist_5k():
@@ -524,16 +530,12 @@ def _needs_root(name):
     return load
 
 
-def _sklearn(fn_name, name, file):
+def _sklearn(loader, name, file):
     def load(root=None):
-        d = _sklearn_csv(file, header=True)
-        if d is None:
-            import sklearn.datasets
-            b = getattr(sklearn.datasets, fn_name)()
-            d = (b.data, b.target, list(b.target_names))
-        xtr, ytr, xte, yte = _split(d[0].astype(np.float64), d[1], 0.3)
+        x, y, names = _sklearn_table(file, loader)
+        xtr, ytr, xte, yte = _split(x.astype(np.float64), y, 0.3)
         xtr, xte = _standardise(xtr, xte)
-        return _make(name, xtr, ytr, xte, yte, classes=list(d[2]))
+        return _make(name, xtr, ytr, xte, yte, classes=names)
     return load
 
 
