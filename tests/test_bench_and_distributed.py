@@ -85,12 +85,19 @@ def test_transformer_presets_have_the_parameter_counts_they_claim():
 
 
 def launch(tmp_path, name, rule, nproc, *extra, model="mlp:32x16"):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
-        else [sys.executable]
-    cmd += ["-m", "neurosal.cli", "train", "--rule", rule, "--model", model, "--epochs", "2",
-            "--batch-size", "64", "--out", str(tmp_path / name), "--no-progress", "--accel", "cpu", *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    """Train 2 epochs: ``nproc`` > 1 ranks under torchrun, or one process -- this one, through the CLI's
+    ``main`` (the reference run; it saves a process start per test)."""
+    args = ["train", "--rule", rule, "--model", model, "--epochs", "2", "--batch-size", "64",
+            "--out", str(tmp_path / name), "--no-progress", "--accel", "cpu", *extra]
+    if nproc == 1:
+        from neurosal.cli import main
+
+        assert main(args) == 0
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "neurosal.cli", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
     return torch.load(tmp_path / name / "ckpt-epoch-0002.pt", weights_only=True)
 
 
