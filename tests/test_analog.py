@@ -1,8 +1,6 @@
 """Analog synapses: device maths on hand-worked cases, bounds, seeds, float parity and trends."""
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -34,13 +32,15 @@ def test_bad_device_parameters_are_refused(bad, msg):
         DeviceConfig(**bad).validate()
 
 
-def test_unknown_device_is_a_clear_cli_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "neurosal.cli", "train", "--device", "flux-capacitor",
-                        "--out", str(tmp_path), "--no-progress"], capture_output=True, text=True)
-    assert r.returncode == 2 and "unknown device 'flux-capacitor'" in r.stderr and "rram-like" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "neurosal.cli", "train", "--device", "ideal", "--device-options",
-                        "levels=1", "--out", str(tmp_path), "--no-progress"], capture_output=True, text=True)
-    assert r.returncode == 2 and "levels must be >= 2" in r.stderr
+def test_unknown_device_is_a_clear_cli_error(tmp_path, capsys):
+    from neurosal.cli import main
+
+    assert main(["train", "--device", "flux-capacitor", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'flux-capacitor'" in err and "rram-like" in err and err.count("\n") == 1
+    assert main(["train", "--device", "ideal", "--device-options", "levels=1", "--out", str(tmp_path),
+                 "--no-progress"]) == 2
+    assert "levels must be >= 2" in capsys.readouterr().err
 
 
 def test_pulse_counts_bidirectional_hand_worked():
@@ -228,11 +228,11 @@ def test_forward_reads_the_array_once_and_differentiates_as_float():
         assert torch.allclose(xg.grad, (2 * y.detach()) @ layer.weight.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_sweep_command_writes_csv_and_plot(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "neurosal.cli", "sweep", "--rules", "dfa", "--model", "mlp:32",
-                        "--epochs", "1", "--axes", "levels=8,64;variation=0,0.5", "--out", str(tmp_path)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+def test_sweep_command_writes_csv_and_plot(tmp_path, capsys):
+    from neurosal.cli import main
+
+    assert main(["sweep", "--rules", "dfa", "--model", "mlp:32", "--epochs", "1", "--axes",
+                 "levels=8,64;variation=0,0.5", "--out", str(tmp_path)]) == 0, capsys.readouterr().err
     lines = (tmp_path / "sweep.csv").read_text().splitlines()
     assert lines[0] == "rule,axis,value,test_acc" and len(lines) == 1 + 1 + 2 + 2
     assert (tmp_path / "sweep.png").stat().st_size > 1000

@@ -127,21 +127,18 @@ def test_bad_spiking_specs(spec, msg):
         build_snn(spec, (4,), 2)
 
 
-def test_snn_cli_train_plot_and_crosscheck(tmp_path):
-    import subprocess
-    import sys
+def test_snn_cli_train_plot_and_crosscheck(tmp_path, capsys):
+    from neurosal.cli import main
 
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "neurosal.cli", "train", "--rule", "dfa", "--model", "snn:32:T=10",
-                        "--epochs", "1", "--out", str(run), "--no-progress"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "neurosal.cli", "snn-plot", str(run)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(["train", "--rule", "dfa", "--model", "snn:32:T=10", "--epochs", "1", "--out", str(run),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert main(["snn-plot", str(run)]) == 0, capsys.readouterr().err
     assert (run / "activity.png").stat().st_size > 1000
-    r = subprocess.run([sys.executable, "-m", "neurosal.cli", "snn-crosscheck", "--widths", "12", "--steps", "20",
-                        "--samples", "1", "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "OK" in r.stdout and (tmp_path / "x.json").exists()
+    capsys.readouterr()
+    assert main(["snn-crosscheck", "--widths", "12", "--steps", "20", "--samples", "1", "--out",
+                 str(tmp_path / "x.json")]) == 0
+    assert "OK" in capsys.readouterr().out and (tmp_path / "x.json").exists()
 
 
 def test_alignment_logging_does_not_change_training():
