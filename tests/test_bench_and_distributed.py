@@ -11,7 +11,8 @@ from neurosal.bench import GPT_PRESETS, BenchConfig, cases, gpt_flops, mlp_flops
 
 
 def test_bench_runner_writes_a_valid_json_on_cpu(tmp_path):
-    cfg = BenchConfig(rules=["bp", "dfa[recompute]"], widths=[], depths=[2], params=[2e4],  # a subprocess per row
+    # a subprocess per row; the depth sweep's rows are covered by test_bench_runs_under_bf16_autocast
+    cfg = BenchConfig(rules=["bp", "dfa[recompute]"], widths=[], depths=[], params=[2e4],
                       width=32, depth=2, batch=16, steps=2, warmup=1, models=["cnn:4/16", "snn:8:T=4"],
                       accel="cpu")
     res = run(cfg, tmp_path, progress=False)
