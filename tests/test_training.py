@@ -45,3 +45,28 @@ def test_feedback_alignment_aligns():
     first, last = hist[0]["alignment_deg"], hist[-1]["alignment_deg"]
     assert len(first) == 3
     assert last[1] < first[1] - 10 and last[1] < 80, (first, last)
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "SGD", "AdamW"])
+def test_trainer_optimiser_runs_foreach_and_equals_the_loop(optimizer):
+    """The trainer asks torch for its multi-tensor optimiser on any device (torch's default only on CUDA);
+    the same steps with the per-parameter loop give the same weights up to rounding."""
+    from conftest import assert_close
+
+    from neurosal.engine import train_step
+
+    ds = load_dataset("iris")
+    nets = []
+    for foreach in (True, False):
+        tr = Trainer(TrainConfig(rule="dfa", model="mlp:16x8", optimizer=optimizer, lr=0.05, progress=False),
+                     None, dataset=ds)
+        assert all(g["foreach"] for g in tr.opt.param_groups)
+        for g in tr.opt.param_groups:
+            g["foreach"] = foreach
+        for i in range(5):
+            tr.opt.zero_grad(set_to_none=True)
+            train_step(tr.net, tr.rule, ds.x_train[16 * i:16 * i + 16], ds.y_train[16 * i:16 * i + 16], ds.n_classes)
+            tr.opt.step()
+        nets.append(tr.net.state_dict())
+    for k, v in nets[0].items():
+        assert_close(v, nets[1][k], msg=k)
