@@ -30,7 +30,7 @@ import neurosal  # noqa: E402
 from biotorch_repro import LeNetMNIST, data, error  # noqa: E402
 
 
-def run(kind: str, lr: float, seed: int, d, epochs: int) -> dict:
+def run(kind: str, lr: float, seed: int, d, epochs: int, options: dict | None = None) -> dict:
     from biotorch.module.biomodule import BioModule
 
     xtr, ytr, xte, yte = d
@@ -39,7 +39,7 @@ def run(kind: str, lr: float, seed: int, d, epochs: int) -> dict:
         config = {"type": "dfa", "options": {"init": "xavier", "constrain_weights": False, "gradient_clip": False}}
         model = BioModule(LeNetMNIST(), mode="dfa", output_dim=10, layer_config=config)
     else:
-        model = neurosal.wrap(LeNetMNIST(), "dfa", seed=seed)
+        model = neurosal.wrap(LeNetMNIST(), "dfa", seed=seed, **(options or {}))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9,
                           weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
@@ -68,8 +68,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--limit", type=int, default=10000, help="first N training images")
+    ap.add_argument("--options", default="", help="our DFA's rule options, e.g. positions=flatten")
+    ap.add_argument("--impls", default="biotorch,neurosal")
     ap.add_argument("--out", default="benchmarks/reports/biotorch")
+    ap.add_argument("--name", default="dfa_peer", help="file name of the .json/.md written under --out")
     args = ap.parse_args(argv)
+    from neurosal.rules import parse_options
+
+    options = parse_options(args.options)
     try:
         import biotorch.module.biomodule  # noqa: F401
     except ImportError as exc:
@@ -78,29 +84,30 @@ def main(argv=None) -> int:
     d = data(32, args.limit)
     rows = []
     for lr in (float(v) for v in args.lrs.split(",")):
-        for kind in ("biotorch", "neurosal"):
-            runs = [run(kind, lr, s, d, args.epochs) for s in range(args.seeds)]
+        for kind in args.impls.split(","):
+            runs = [run(kind, lr, s, d, args.epochs, options) for s in range(args.seeds)]
             rows.append({"impl": kind, "lr": lr, "runs": runs})
             print(f"lr {lr:g} {kind:8s} " + " | ".join(
                 f"errors {', '.join(f'{e:.1f}' for e in r['errors'])}; top norm {r['weight_norms'][-1]:.3g}"
                 for r in runs), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    (out / "dfa_peer.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
+    (out / f"{args.name}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
     lines = ["# DFA on LeNet with plain SGD: BioTorch's implementation and ours", "",
              f"`benchmarks/biotorch_dfa_peer.py`: first {args.limit} Fashion-MNIST images at 32x32, LeNet-MNIST, "
              f"SGD momentum 0.9, wd 1e-4, batch 128, constant rate, {args.epochs} epochs, seeds 0-{args.seeds - 1} "
              "(same init and batch order for both). Test error (%) after each epoch; norms of the five weight "
-             "matrices (conv1, conv2, conv3, fc1, fc2) at the end (Xavier start: about 1.3, 3.0, 5.4, 9.9, 4.1).", "",
+             "matrices (conv1, conv2, conv3, fc1, fc2) at the end (Xavier start: about 1.3, 3.0, 5.4, 9.9, 4.1). "
+             f"Our DFA's options: {args.options or 'defaults'}.", "",
              "| lr | implementation | seed | test error per epoch | weight norms at the end |", "|---|---|---|---|---|"]
     for r in rows:
         for s, run_ in enumerate(r["runs"]):
             errs = ", ".join(f"{e:.1f}" for e in run_["errors"])
             norms = ", ".join("nan" if not math.isfinite(v) else f"{v:.3g}" for v in run_["weight_norms"])
             lines.append(f"| {r['lr']:g} | {r['impl']} | {s} | {errs} | {norms} |")
-    (out / "dfa_peer.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'dfa_peer.md'}")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / args.name}.md")
     return 0
 
 
