@@ -31,11 +31,11 @@ from biotorch_repro import LeNetMNIST, data, error  # noqa: E402
 
 
 def run(kind: str, lr: float, seed: int, d, epochs: int, options: dict | None = None) -> dict:
-    from biotorch.module.biomodule import BioModule
-
     xtr, ytr, xte, yte = d
     torch.manual_seed(seed)
     if kind == "biotorch":
+        from biotorch.module.biomodule import BioModule
+
         config = {"type": "dfa", "options": {"init": "xavier", "constrain_weights": False, "gradient_clip": False}}
         model = BioModule(LeNetMNIST(), mode="dfa", output_dim=10, layer_config=config)
     else:
@@ -76,15 +76,17 @@ def main(argv=None) -> int:
     from neurosal.rules import parse_options
 
     options = parse_options(args.options)
+    impls = args.impls.split(",")
     try:
-        import biotorch.module.biomodule  # noqa: F401
+        if "biotorch" in impls:
+            import biotorch.module.biomodule  # noqa: F401
     except ImportError as exc:
         print(f"error: BioTorch is not importable ({exc}); install it in the benchmark environment", file=sys.stderr)
         return 2
     d = data(32, args.limit)
     rows = []
     for lr in (float(v) for v in args.lrs.split(",")):
-        for kind in args.impls.split(","):
+        for kind in impls:
             runs = [run(kind, lr, s, d, args.epochs, options) for s in range(args.seeds)]
             rows.append({"impl": kind, "lr": lr, "runs": runs})
             print(f"lr {lr:g} {kind:8s} " + " | ".join(
