@@ -96,7 +96,7 @@ class AnalogTiles:
             else:
                 w = arr.step_to(p, held)
             p.copy_(w)
-            held.copy_(w)
+            self.held[k] = w  # the read-back is a fresh tensor: kept as the next step's reference, no copy
         self.pending.clear()
 
     @staticmethod
@@ -176,10 +176,13 @@ class _AnalogMixin:
     def _straight_through(self, x, hw_fn, float_fn):
         """The array's output ``hw_fn(x)`` (no autograd) with the float layer's derivative. Where the
         array reads exactly -- no converters, no read noise -- its output *is* the float layer's (the
-        parameters hold the arrays' weights after every sync), so one matmul serves both."""
+        parameters hold the arrays' weights after every sync), so one matmul serves both. A Linear layer's
+        derivative is written out (:class:`_ReadWithFloatGradient`), so its float forward is not run."""
         learning = torch.is_grad_enabled() and self.weight.requires_grad
         if self.tiles.exact_read:
             y = float_fn(x)
+        elif learning and isinstance(self, nn.Linear):
+            y = _ReadWithFloatGradient.apply(x, self.weight, self.bias, hw_fn)
         else:
             with torch.no_grad():
                 y_hw = hw_fn(x)
@@ -192,6 +195,30 @@ class _AnalogMixin:
             xd = x.detach()
             y.register_hook(lambda g: self._keep_for_coincidence(xd, g.detach()))
         return y
+
+
+class _ReadWithFloatGradient(torch.autograd.Function):
+    """``hw_fn(x)`` -- an array's read of ``F.linear(x, weight, bias)`` -- with the derivative of that float
+    layer: the straight-through estimator without computing the float output it would discard."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, hw_fn):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return hw_fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad @ weight
+        flat = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            gw = flat.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = flat.sum(0)
+        return gx, gw, gb, None
 
 
 class AnalogLinear(_AnalogMixin, nn.Linear):

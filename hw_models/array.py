@@ -13,6 +13,7 @@ Programming a requested weight change ``dw`` (any shape, one entry per pair):
    ``dw < 0``; when a device passes ``refresh_at`` of its range, both devices of the pair are reset to
    their lower bound and the pair's weight is re-programmed onto one device by potentiation pulses;
 3. cycle-to-cycle noise: each pulse adds N(0, (ctoc * s)^2), summed in closed form over the pulses;
+   drawn only for the pairs that receive pulses (an update pulses ~10 % of them; see ``_pulse_noise``);
 4. every conductance is clamped to its device's own bounds, which lie inside [g_min, g_max].
 
 **Step convention.** ``levels`` N fixes the device physics (for the linear device: N steps of R/N from
@@ -39,7 +40,7 @@ import torch
 
 from neurosal.errors import NeurosalError
 
-from .devices import DeviceConfig, Response, step_kernel
+from .devices import DeviceConfig, Response, relaxation_shape, step_kernel
 
 
 def device_generator(seed_or_gen: int | torch.Generator, device) -> torch.Generator:
@@ -103,6 +104,29 @@ class DifferentialArray:
     def _randn(self, shape):
         return torch.randn(shape, generator=self.gen, device=self.g.device, dtype=self.g.dtype)
 
+    def _pulse_noise(self, pulsed: torch.Tensor, rows: int = 2) -> torch.Tensor | None:
+        """Cycle-to-cycle normals, ``(rows, *pulsed.shape)`` (row 0 for G+, row 1 for G-; one row serves
+        both devices of a unidirectional pair, where only one device per pair moves), standard normal
+        where ``pulsed`` and exactly 0 elsewhere; None when the device has no cycle-to-cycle noise.
+
+        A device that gets no pulse has no cycle-to-cycle noise (the step multiplies it by sqrt(0)), so on
+        the CPU only the pulsed pairs draw: under an optimiser's small steps ~10 % of them pulse per
+        update, and a normal costs ~3.5 ns on the CPU generator (dense draws were a third of an rram-like
+        training step). The draws go to the pulsed pairs in index order, ``rows`` per pair. On a GPU every
+        pair draws: drawing is cheap there and counting the pulsed pairs would stall on the host."""
+        if self.cfg.ctoc <= 0:
+            return None
+        shape = (rows, *pulsed.shape)
+        if pulsed.device.type != "cpu":
+            return self._randn(shape)
+        idx = pulsed.reshape(-1).nonzero().squeeze(1)
+        z = torch.zeros((rows, pulsed.numel()), dtype=self.g.dtype, device=self.g.device)
+        if idx.numel():
+            drawn = self._randn((idx.numel(), rows))
+            for r in range(rows):
+                z[r][idx] = drawn[:, r]
+        return z.view(shape)
+
     def _fires(self, p: torch.Tensor, lead: tuple[int, ...] = (), dtype=torch.bool) -> torch.Tensor:
         """Bernoulli draws of shape ``lead + p.shape`` (``p`` broadcast over the leading axes), 1 with
         probability ``p`` resolved to 1/65536: exactly ``round(p * 65536) / 65536`` for ``0 <= p <= 1``
@@ -145,10 +169,17 @@ class DifferentialArray:
             p = p.clamp(max=self.cfg.max_pulses)
         return p
 
-    def _step(self, i: int, dp: torch.Tensor) -> None:
-        """Device i of every pair after signed pulse counts dp (> 0 potentiation, < 0 depression)."""
-        z = self._randn(dp.shape) if self.cfg.ctoc > 0 else None  # cycle-to-cycle noise source
+    def _step(self, i: int, dp: torch.Tensor, z: torch.Tensor | None) -> None:
+        """Device i of every pair after signed pulse counts dp (> 0 potentiation, < 0 depression); ``z``
+        its cycle-to-cycle normals (:meth:`_pulse_noise`) or None."""
         self.g[i] = self.response[i].step_signed(self.g[i], dp, z)
+
+    def _step_one_device(self, p: torch.Tensor, to_plus: torch.Tensor) -> None:
+        """Unidirectional: ``p`` potentiation pulses to G+ where ``to_plus``, to G- elsewhere."""
+        z = self._pulse_noise(p > 0, rows=1)
+        z = z[0] if z is not None else None
+        self._step(0, p * to_plus, z)
+        self._step(1, p * ~to_plus, z)
 
     def apply(self, dw: torch.Tensor) -> torch.Tensor:
         """Program a requested weight change; returns the pulse counts used (before refresh)."""
@@ -164,11 +195,27 @@ class DifferentialArray:
             check_request(dw)
             self.apply(dw)
             return self.weights()
-        g, _, w, finite = _fused("sync", self.cfg.model)(target.reshape(-1), held.reshape(-1),
-                                                        *self._fused_args())
-        check_request(finite)
+        g, _, w = self._sync(target.reshape(-1), held.reshape(-1))
         self.g = g.view(self.g.shape)
         return w.view(self.shape)
+
+    def _sync(self, target: torch.Tensor, held: torch.Tensor):
+        """The fused update of the change ``target - held`` (flat): (G, pulse counts, weights read back).
+        The draws come from the array's generator in the eager order: rounding bits, then the pulsed
+        pairs' cycle-to-cycle normals. With noise the pulse counts come first (their own small kernel),
+        so that only the pulsed pairs draw; a NaN/Inf change is refused before any device moves."""
+        c = self.cfg
+        h = self._bits(target.shape).to(self.g.dtype) if c.pulses == "stochastic" else None
+        consts = self._consts()
+        if c.ctoc > 0:
+            p, finite = _fused("counts", c.model)(target, held, h, consts[0], consts[3])
+            check_request(finite)
+            z = self._pulse_noise(p > 0)
+            g, p, w, _ = _fused("sync", c.model)(target, held, self.g.reshape(2, -1), None, p, z, *consts)
+        else:
+            g, p, w, finite = _fused("sync", c.model)(target, held, self.g.reshape(2, -1), h, None, None, *consts)
+            check_request(finite)
+        return g, p, w
 
     def apply_trains(self, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """Apply coincidence pulse counts (:meth:`coincidence_pulses`): the up pulses, then the down pulses
@@ -177,7 +224,9 @@ class DifferentialArray:
             self.apply_pulses(up)
             self.apply_pulses(-down)
             return self.weights()
-        g, w = _fused("trains", self.cfg.model)(up.reshape(-1), down.reshape(-1), *self._fused_args(noise=4))
+        up, down = up.reshape(-1), down.reshape(-1)
+        za, zb = self._pulse_noise(up > 0), self._pulse_noise(down > 0)
+        g, w = _fused("trains", self.cfg.model)(up, down, self.g.reshape(2, -1), za, zb, *self._consts())
         self.g = g.view(self.g.shape)
         return w.view(self.shape)
 
@@ -192,34 +241,28 @@ class DifferentialArray:
         generator in the eager order (rounding bits, then G+'s and G-'s cycle-to-cycle noise), so the
         kernel is the same maths on the same draws (tested against the eager path)."""
         flat = dw.reshape(-1)  # the sync kernel serves: the change dw - 0 is dw exactly
-        g, p, _, _ = _fused("sync", self.cfg.model)(flat, torch.zeros_like(flat), *self._fused_args())
+        g, p, _ = self._sync(flat, torch.zeros_like(flat))
         self.g = g.view(self.g.shape)
         return p.view(self.shape)
 
-    def _fused_args(self, noise: int = 2) -> tuple:
-        """This update's random draws, in the eager order, and the kernel's constants, all flattened: the
-        kernel is elementwise, and one dynamic length compiles once for every layer's shape. ``noise``:
-        how many device steps draw cycle-to-cycle noise (G+ then G-, per pulse train)."""
+    def _consts(self) -> tuple:
+        """The fused kernels' constants, flattened: the kernels are elementwise, and one dynamic length
+        compiles once for every layer's shape. (The rounding bits go in as floats, exact: the compiler
+        vectorises no 16-bit integer loads.)"""
         c = self.cfg
         n = math.prod(self.shape)
-        # the rounding bits as floats (exact): the compiler vectorises no 16-bit integer loads
-        h = self._bits((n,)).to(self.g.dtype) if c.pulses == "stochastic" else None
-        z = torch.stack([self._randn((n,)) for _ in range(noise)]) if c.ctoc > 0 else None
         consts = self._fused_consts
-        if consts is None:  # per-device constants stacked over the pair, once per binding
-            r0, r1 = self.response
-            zero = self.g.new_zeros(())
-
-            def pair(name):
-                return compact(torch.stack([getattr(r0, name), getattr(r1, name)]).reshape(2, n))
-            exp = [pair(k) if c.model != "linear" else zero for k in ("sat_p", "sat_d", "k_p", "k_d")]
-            # scalars as tensors: a Python float would be compiled in, one compilation per value
+        if consts is None:  # once per binding
+            # scalars as tensors: a Python float would be compiled in, one compilation per value. Per
+            # device only its bounds and step scale (2, n): the kernel derives the step, asymptotes, rates
+            # and odd-pulse thresholds from them (it is bound by what it reads: ~13 floats per pair, was 23)
+            scalars = (c.max_pulses or math.inf, c.ctoc, self.w_max / self.r_nominal, self.dw_pulse,
+                       *relaxation_shape(c))
             consts = self._fused_consts = (
-                self.g.new_tensor(c.max_pulses or math.inf), self.g.new_tensor(c.ctoc),
-                self.g.new_tensor(self.w_max / self.r_nominal), self.g.new_tensor(self.dw_pulse),
-                pair("step"), *exp, compact(self.lo.reshape(2, n)), compact(self.hi.reshape(2, n)),
-                compact(self._odd_up.reshape(n)), compact(self._odd_down.reshape(n)))
-        return (self.g.reshape(2, n), h, z, *consts)
+                *(self.g.new_tensor(v) for v in scalars[:4]), compact(self.lo.reshape(2, n)),
+                compact(self.hi.reshape(2, n)), compact((self.step_scale / c.levels).reshape(2, n)),
+                *(self.g.new_tensor(v) for v in scalars[4:]))
+        return consts
 
     def coincidence_pulses(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Up and down pulse counts for the update ``-lr * d^T x`` by stochastic pulse coincidence.
@@ -276,18 +319,19 @@ class DifferentialArray:
         p = sp.abs()
         sgn = torch.sign(sp)
         if self.cfg.update == "unidirectional":
-            self._step(0, p * (sgn > 0))
-            self._step(1, p * (sgn < 0))
+            self._step_one_device(p, sgn > 0)
             self.refresh()
         else:  # floor(p/2) each; an odd pulse to the device with more room in its direction
+            z = self._pulse_noise(p > 0)
+            za, zb = (z[0], z[1]) if z is not None else (None, None)
             half = torch.floor(p / 2)
             odd = p - 2 * half
             rises = sgn > 0
             u = self.g[0] + self.g[1]
             # ties: the device that should rise (G+ for an increase, G- for a decrease)
             to_plus = (rises & (u <= self._odd_up)) | (~rises & (u > self._odd_down))
-            self._step(0, sgn * (half + odd * to_plus))
-            self._step(1, -sgn * (half + odd * ~to_plus))
+            self._step(0, sgn * (half + odd * to_plus), za)
+            self._step(1, -sgn * (half + odd * ~to_plus), zb)
         return p
 
     def refresh(self) -> int:
@@ -301,8 +345,7 @@ class DifferentialArray:
             self.g[1] = torch.where(full, self.lo[1], self.g[1])
             target = torch.where(full, w, torch.zeros_like(w))
             p = self.pulse_counts(target)  # zero outside the refreshed pairs: they do not move
-            self._step(0, p * (target > 0))
-            self._step(1, p * (target < 0))
+            self._step_one_device(p, target > 0)
             self.resets += n
         return n
 
@@ -317,9 +360,7 @@ class DifferentialArray:
         """
         if self.cfg.update == "unidirectional":
             self.g = self.lo.clone()
-            p = self.pulse_counts(w)
-            self._step(0, p * (w > 0))
-            self._step(1, p * (w < 0))
+            self._step_one_device(self.pulse_counts(w), w > 0)
         else:
             self.g = (self.lo + self.hi) / 2
             self.apply(w)
@@ -399,13 +440,9 @@ def compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _update_kernel(dw, g, h, z, max_pulses, ctoc, scale, dw_pulse, step, sat_p, sat_d, k_p, k_d, lo, hi,
-                   odd_up, odd_down, linear: bool):
-    """``apply`` for bidirectional pairs (the body of the compiled sync kernel) as one expression for torch.compile:
-    the same maths, op for op, as ``pulse_counts`` + ``apply_pulses`` + ``Response.step_signed``, on
-    flattened arrays (``dw`` (n,), ``g`` (2, n): index 0 G+; per-device constants (2, n)). ``h``: the
-    rounding draws (:meth:`DifferentialArray._bits` as floats; None: deterministic rounding); ``z``:
-    (2, n) cycle-to-cycle normals or None; ``max_pulses`` inf for no cap. Returns (G, pulse counts)."""
+def _counts(dw, h, max_pulses, dw_pulse):
+    """``pulse_counts`` on flattened arrays, as one expression for torch.compile: ``h`` the rounding draws
+    (:meth:`DifferentialArray._bits` as floats; None: deterministic rounding), ``max_pulses`` inf for no cap."""
     p = dw.abs() / dw_pulse
     if h is not None:  # unbiased stochastic rounding with 16-bit draws, exactly as DifferentialArray._fires
         base = p.floor()
@@ -415,41 +452,53 @@ def _update_kernel(dw, g, h, z, max_pulses, ctoc, scale, dw_pulse, step, sat_p, 
         p = base + (h < q - 32768).to(p.dtype)
     else:
         p = torch.round(p)
-    p = torch.minimum(p, max_pulses)
-    return _pair_step(g, dw, p, z, ctoc, step, sat_p, sat_d, k_p, k_d, lo, hi, odd_up, odd_down, linear), p
+    return torch.minimum(p, max_pulses)
 
 
-def _pair_step(g, s, p, z, ctoc, step, sat_p, sat_d, k_p, k_d, lo, hi, odd_up, odd_down, linear: bool):
+def _pair_step(g, s, p, z, ctoc, lo, hi, du, a_p, a_d, b_p, b_d, linear: bool):
     """``apply_pulses`` (bidirectional) + ``Response.step_signed`` of both devices, flattened: ``p`` pulses
-    in the direction of ``s``'s sign (``s`` the change or the signed counts themselves)."""
+    in the direction of ``s``'s sign (``s`` the change or the signed counts themselves); ``z`` (2, n)
+    cycle-to-cycle normals or None. Per device (2, n) or (2, 1): the bounds and ``du`` (step scale / N),
+    from which the step, the asymptotes and rates (``relaxation_shape``) and the odd-pulse thresholds
+    follow as in :class:`~hw_models.devices.Response` and :meth:`DifferentialArray._bind`."""
     rises = s > 0
     sgn = rises.to(s.dtype) - (s < 0).to(s.dtype)  # torch.sign, in a form the compiler vectorises
     half = torch.floor(p / 2)
     odd = p - 2 * half
     u = g[0] + g[1]
-    to_plus = torch.where(rises, u <= odd_up, u > odd_down).to(s.dtype)
+    to_plus = torch.where(rises, u <= hi[0] + lo[1], u > lo[0] + hi[1]).to(s.dtype)
     dp = torch.stack([sgn * (half + odd * to_plus), -sgn * (half + odd * (1 - to_plus))])
-    return step_kernel(g, dp, z, linear, step, sat_p, sat_d, k_p, k_d, lo, hi, ctoc)
+    r = hi - lo
+    return step_kernel(g, dp, z, linear, r * du, lo + r * a_p, hi - r * a_d, du * b_p, du * b_d, lo, hi, ctoc)
 
 
-def _trains_kernel(up, down, g, h, z, max_pulses, ctoc, scale, dw_pulse, step, sat_p, sat_d, k_p, k_d, lo, hi,
-                   odd_up, odd_down, linear: bool):
-    """:meth:`DifferentialArray.apply_trains` in one kernel: the up pulses, then the down pulses (``z``:
-    (4, n) noise, G+ and G- for each), and the weights read back. ``h``, ``max_pulses`` and ``dw_pulse``
-    are unused (the counts are given)."""
-    za, zb = (z[:2], z[2:]) if z is not None else (None, None)
-    rest = (ctoc, step, sat_p, sat_d, k_p, k_d, lo, hi, odd_up, odd_down, linear)
-    g = _pair_step(g, up, up, za, *rest)
-    g = _pair_step(g, -down, down, zb, *rest)
-    return g, (g[0] - g[1]) * scale
-
-
-def _sync_kernel(target, held, g, h, z, max_pulses, ctoc, scale, *consts, linear: bool):
-    """:meth:`DifferentialArray.step_to` in one kernel: the change ``target - held``, its update, the
-    weights read back (``scale`` = w_max / R) and whether the change was finite."""
+def _counts_kernel(target, held, h, max_pulses, dw_pulse):
+    """The pulse counts of the change ``target - held`` and whether it is finite: the first half of a
+    noisy device's sync, so that only the pulsed pairs draw cycle-to-cycle noise."""
     dw = target - held
-    g, p = _update_kernel(dw, g, h, z, max_pulses, ctoc, scale, *consts, linear=linear)
+    return _counts(dw, h, max_pulses, dw_pulse), torch.isfinite(dw).all()
+
+
+def _sync_kernel(target, held, g, h, p, z, max_pulses, ctoc, scale, dw_pulse, *consts, linear: bool):
+    """:meth:`DifferentialArray.step_to` (and ``apply``, bidirectional) in one kernel, the same maths op for
+    op as ``pulse_counts`` + ``apply_pulses`` + ``Response.step_signed`` on flattened arrays: the change
+    ``target - held``, its pulse counts (from the rounding draws ``h``, or given as ``p``), both devices'
+    steps (``g`` (2, n): index 0 G+; per-device constants (2, n) or (2, 1)), the weights read back
+    (``scale`` = w_max / R) and whether the change was finite. Returns (G, counts, weights, finite)."""
+    dw = target - held
+    if p is None:
+        p = _counts(dw, h, max_pulses, dw_pulse)
+    g = _pair_step(g, dw, p, z, ctoc, *consts, linear)
     return g, p, (g[0] - g[1]) * scale, torch.isfinite(dw).all()
+
+
+def _trains_kernel(up, down, g, za, zb, max_pulses, ctoc, scale, dw_pulse, *consts, linear: bool):
+    """:meth:`DifferentialArray.apply_trains` in one kernel: the up pulses, then the down pulses (``za``,
+    ``zb``: each train's (2, n) noise or None), and the weights read back. ``max_pulses`` and
+    ``dw_pulse`` are unused (the counts are given)."""
+    g = _pair_step(g, up, up, za, ctoc, *consts, linear)
+    g = _pair_step(g, -down, down, zb, ctoc, *consts, linear)
+    return g, (g[0] - g[1]) * scale
 
 
 # One compiled entry per kernel and device family, each its own code object: torch.compile's recompile
@@ -471,15 +520,17 @@ def _trains_exp(up, down, g, *args):
 
 
 _ENTRIES = {("sync", True): _sync_linear, ("sync", False): _sync_exp,
-            ("trains", True): _trains_linear, ("trains", False): _trains_exp}
+            ("trains", True): _trains_linear, ("trains", False): _trains_exp,
+            ("counts", None): _counts_kernel}
 _COMPILED: dict = {}
 
 
 def _fused(kind: str, model: str):
     """The compiled kernel for ``kind`` ("sync": :meth:`DifferentialArray.step_to` and ``apply``;
-    "trains": :meth:`DifferentialArray.apply_trains`) and a device model (compiled on first use;
+    "counts": the pulse counts a noisy sync draws its noise for; "trains":
+    :meth:`DifferentialArray.apply_trains`) and a device model (compiled on first use;
     ``DeviceConfig.fused``)."""
-    key = (kind, model == "linear")
+    key = (kind, None if kind == "counts" else model == "linear")  # counts: the same for every device
     if key not in _COMPILED:  # always without autograd: grad mode is part of what a compilation assumes
         _COMPILED[key] = torch.no_grad()(torch.compile(_ENTRIES[key], dynamic=True))
     return _COMPILED[key]

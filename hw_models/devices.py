@@ -100,6 +100,17 @@ class DeviceConfig:
         return dataclasses.replace(self, **typed_fields(DeviceConfig, changes, "device")).validate()
 
 
+def relaxation_shape(cfg: DeviceConfig) -> tuple[float, float, float, float]:
+    """``(a_p, a_d, b_p, b_d)`` of an exponential-relaxation device (see :class:`Response`): its asymptotes
+    ``g_sat+ = lo + a_p (hi - lo)``, ``g_sat- = hi - a_d (hi - lo)`` and rates ``k = b du`` per pulse,
+    ``du = step_scale / N``; the same for every device of a preset (zeros for the other models)."""
+    if cfg.model == "lim":
+        return (1 / -math.expm1(-1.0 / cfg.nl_p), 1 / -math.expm1(-1.0 / cfg.nl_d), 1 / cfg.nl_p, 1 / cfg.nl_d)
+    if cfg.model == "softbounds":  # the bounds themselves, k = du
+        return (1.0, 1.0, 1.0, 1.0)
+    return (0.0, 0.0, 0.0, 0.0)
+
+
 class Response:
     """A device model bound to per-device bounds and step scales, with its constants precomputed.
 
@@ -116,12 +127,10 @@ class Response:
         self.r = hi - lo
         self.step = self.r * (step_scale / cfg.levels)  # per-device step size (linear model)
         self.du = step_scale / cfg.levels  # one pulse in normalised pulse time (u = pulses / N)
-        if cfg.model == "lim":
-            self.sat_p = lo + self.r / (-math.expm1(-1.0 / cfg.nl_p))
-            self.sat_d = hi - self.r / (-math.expm1(-1.0 / cfg.nl_d))
-            self.k_p, self.k_d = self.du / cfg.nl_p, self.du / cfg.nl_d
-        elif cfg.model == "softbounds":
-            self.sat_p, self.sat_d, self.k_p, self.k_d = hi, lo, self.du, self.du
+        if cfg.model in ("lim", "softbounds"):
+            a_p, a_d, b_p, b_d = relaxation_shape(cfg)
+            self.sat_p, self.sat_d = lo + self.r * a_p, hi - self.r * a_d
+            self.k_p, self.k_d = self.du * b_p, self.du * b_d
 
     def _relax(self, g, p, sat, k):
         return sat - (sat - g) * torch.exp(-p * k)

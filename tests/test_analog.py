@@ -198,9 +198,10 @@ def test_quantised_periphery_and_drift():
 
 
 def test_forward_reads_the_array_once_and_differentiates_as_float():
-    """Exact reads (no converters, no read noise): the array's output is the float layer's, computed
-    by one matmul; with converters the output is the quantised read under grad too, and the derivative
-    is the float layer's either way (straight-through)."""
+    """One matmul per forward: with exact reads (no converters, no read noise) the array's output is the
+    float layer's; with converters the output is the quantised read under grad too, and no float forward
+    is run beside it -- the derivative is the float layer's either way (straight-through), for the
+    input, the weight and the bias."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountMatmuls(TorchDispatchMode):
@@ -218,13 +219,26 @@ def test_forward_reads_the_array_once_and_differentiates_as_float():
         xg = x.clone().requires_grad_()
         with CountMatmuls() as count:
             y = layer(xg)
-        assert count.n == (1 if exact else 2)
+        assert count.n == 1
         with torch.no_grad():
-            # the value under grad is the array's read (with converters: up to y_f + (y_hw - y_f) rounding)
-            assert torch.allclose(y, layer(x), rtol=0, atol=1e-6)
+            assert torch.equal(y, layer(x))  # the value under grad is the array's read
             if exact:
                 assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
         y.pow(2).sum().backward()
+        g = 2 * y.detach()
+        assert torch.allclose(layer.weight.grad, g.t() @ x, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(layer.bias.grad, g.sum(0), rtol=1e-5, atol=1e-6)
+        # tokens (batch, positions, features): the float layer's derivative, summed over the positions
+        layer.zero_grad()
+        x3 = torch.randn(2, 3, 20).requires_grad_()
+        ref = torch.nn.Linear(20, 6)
+        ref.load_state_dict({"weight": layer.weight.detach(), "bias": layer.bias.detach()})
+        g3 = torch.randn(2, 3, 6)
+        layer(x3).backward(g3)
+        x3r = x3.detach().clone().requires_grad_()
+        ref(x3r).backward(g3)
+        for got, want in ((x3.grad, x3r.grad), (layer.weight.grad, ref.weight.grad), (layer.bias.grad, ref.bias.grad)):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
         assert torch.allclose(xg.grad, (2 * y.detach()) @ layer.weight.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -273,6 +287,45 @@ def test_fused_kernel_matches_eager_update():
         assert torch.allclose(read[0], read[1], rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("update", ["bidirectional", "unidirectional"])
+def test_cycle_to_cycle_noise_lands_only_on_pulsed_devices(fused, update):
+    """Only the pairs that get pulses draw cycle-to-cycle noise: the others stay bitwise where they were,
+    an update without any pulse draws nothing from the generator, and the pulsed devices' spread is
+    ctoc * step * sqrt(pulses) (linear device far from its bounds, so nothing clamps)."""
+    cfg = DeviceConfig(model="linear", levels=10_000, ctoc=0.5, pulses="round", update=update, fused=fused,
+                       refresh_at=1.0)
+    n = 20_000
+    arr = DifferentialArray(cfg, (n,), 1.0, torch.Generator().manual_seed(0), dtype=torch.float64)
+    if update == "bidirectional":
+        arr.g = (arr.lo + arr.hi) / 2
+    state = arr.gen.get_state()
+    arr.apply(torch.full((n,), 0.4 * arr.dw_pulse, dtype=torch.float64))  # rounds to no pulse anywhere
+    assert torch.equal(arr.gen.get_state(), state)
+    before = arr.g.clone()
+    pulses = torch.zeros(n, dtype=torch.float64)
+    pulses[::4], pulses[1::4] = 1.0, -4.0  # a quarter single increases, a quarter 4-pulse decreases
+    arr.apply(pulses * arr.dw_pulse)
+    moved = arr.g - before
+    step = (cfg.g_max - cfg.g_min) / cfg.levels
+    assert torch.equal(moved[:, 2::4], torch.zeros_like(moved[:, 2::4]))  # unpulsed pairs: untouched
+    assert torch.equal(moved[:, 3::4], torch.zeros_like(moved[:, 3::4]))
+    if update == "bidirectional":  # +1: the odd pulse to one device; -4: two pulses on each device
+        single = moved[:, ::4][moved[:, ::4] != 0]
+        assert single.numel() == n // 4
+        deviations = [single.abs() - step, (moved[0, 1::4] + 2 * step), (moved[1, 1::4] - 2 * step)]
+        expect = [step * cfg.ctoc, step * cfg.ctoc * 2 ** 0.5, step * cfg.ctoc * 2 ** 0.5]
+    else:  # G+ gets the increases, G- the four-pulse decreases (as potentiation)
+        assert torch.equal(moved[1, ::4], torch.zeros(n // 4, dtype=torch.float64))
+        assert torch.equal(moved[0, 1::4], torch.zeros(n // 4, dtype=torch.float64))
+        deviations = [moved[0, ::4] - step, moved[1, 1::4] - 4 * step]
+        expect = [step * cfg.ctoc, step * cfg.ctoc * 2]
+    for dev, sd in zip(deviations, expect):
+        # 5000 samples: the mean within 5 standard errors, the std within 6 % (~4 standard errors)
+        assert abs(dev.mean().item()) < 5 * sd / len(dev) ** 0.5
+        assert dev.std().item() == pytest.approx(sd, rel=0.06)
+
+
 def test_fused_constants_are_one_column_only_without_device_spread():
     from hw_models.array import compact
 
@@ -281,8 +334,10 @@ def test_fused_constants_are_one_column_only_without_device_spread():
     spread = torch.tensor([[2.0, 2.0, 2.0], [3.0, 3.0, 3.1]])
     assert compact(spread) is spread  # one device differs: every value is kept
     a = DifferentialArray(get_device("rram-like", fused=True), (6, 5), 0.2, torch.Generator().manual_seed(0))
-    a._fused_args()
-    assert a._fused_consts[4].shape == (2, 30)  # per-device steps (dtod_step 0.1)
+    a._consts()
+    assert a._fused_consts[6].shape == (2, 30)  # per-device step scales (dtod_step 0.1)
+    b = DifferentialArray(get_device("linear-256", fused=True), (6, 5), 0.2, torch.Generator().manual_seed(0))
+    assert [t.shape for t in b._consts()[4:7]] == [(2, 1)] * 3  # bounds and steps: one column each
 
 
 def test_fused_kernels_compile_once_for_every_layer_shape():
