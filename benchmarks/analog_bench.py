@@ -4,12 +4,16 @@ A training step on an analog substrate = forward through DAC / noisy devices / A
 teaching signals, the optimiser, and the pulse programming of every array. Target (issue 4): at most
 3x slower than float on CPU; issue 14: linear devices <= 1.5x, nonlinear noisy devices <= 2.5x.
 
-Each rule's devices are measured in interleaved rounds (float, ideal, ..., then again), the median
-samples/s per device over the rounds reported, so a slow spell of the machine hits every device alike.
+Per rule, one net per device (float, ideal, ...) is built and warmed, then the nets take their steps
+in turn, one step each (float, ideal, ..., float, ideal, ...): every device's step times are drawn from
+the same stretch of time, so a slow spell of a shared machine hits all alike. (Measured per device in
+blocks of 20 steps instead, as this bench did before, the float step alone moved between 1.7 and 2.6 ms
+from block to block on a 2-core VM, and the multiples with it.) The median step time per device is
+reported. Taking turns means no net keeps its weights in cache from its previous step; that costs the
+float step, the smallest, the most (so the multiples are if anything understated).
 The process's allocator is warmed first, as in ``sal_bench.py`` (one 16 MB block allocated and freed:
 glibc then keeps MB-sized blocks instead of mapping and page-faulting each anew, as any training process
-that has loaded a dataset does); ``--cold`` skips that. A cold process is slower in absolute terms
-(float bp, --small: 2.6 vs 1.8 ms per step on a 2-core machine); the multiples moved little.
+that has loaded a dataset does); ``--cold`` skips that.
 
     python benchmarks/analog_bench.py --small --out results/analog_bench.json
 """
@@ -35,7 +39,8 @@ DEVICES = [(None, {}), ("ideal", {}), ("linear-256", {}), ("rram-like", {}), ("p
            ("linear-256", {"fused": True}), ("rram-like", {"fused": True}), ("pcm-like", {"fused": True})]
 
 
-def measure(rule_name, device_name, options, model, batch, device, steps, warmup=3):
+def build(rule_name, device_name, options, model, batch, device):
+    """One training step of a fresh net on ``device_name`` (None: float), as a closure."""
     torch.manual_seed(0)
     shape = (1, 28, 28)
     # SAL in its steady state: areas exclusive from the first step (no warm-up share of a run to know)
@@ -48,18 +53,29 @@ def measure(rule_name, device_name, options, model, batch, device, steps, warmup
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+
+    def step():
         opt.zero_grad(set_to_none=True)
         train_step(net, rule, x, y, 10)
         opt.step()
         finish_step(net)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times)
+    return step
+
+
+def measure_interleaved(steps_by_device, n, warmup=3):
+    """Median seconds per step of each closure, the closures taking turns one step at a time."""
+    for step in steps_by_device:
+        for _ in range(warmup):
+            step()
+    times = [[] for _ in steps_by_device]
+    for _ in range(n):
+        for step, out in zip(steps_by_device, times):
+            t0 = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def main(argv=None) -> int:
@@ -67,27 +83,27 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="results/analog_bench.json")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="steps per device: rounds x 20 (--small) or x 30")
     ap.add_argument("--cold", action="store_true", help="do not warm the allocator first (see above)")
     args = ap.parse_args(argv)
     if not args.cold:
         warm_allocator()
     dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, batch, steps = ("mlp:256x256", 128, 20) if args.small else ("mlp:2048x2048", 1024, 30)
+    model, batch, n_steps = ("mlp:256x256", 128, 20) if args.small else ("mlp:2048x2048", 1024, 30)
     rows = []
     for rule in ("bp", "dfa", "sal"):
-        per_round = [[measure(rule, name, options, model, batch, dev, steps) for name, options in DEVICES]
-                     for _ in range(args.rounds)]
+        steps = [build(rule, name, options, model, batch, dev) for name, options in DEVICES]
+        medians = measure_interleaved(steps, args.rounds * n_steps)
         base = None
-        for (name, options), samples in zip(DEVICES, zip(*per_round)):
-            sps = statistics.median(samples)
+        for (name, options), sec in zip(DEVICES, medians):
+            sps = batch / sec
             base = sps if name is None else base
             label = (name or "float") + ("[fused]" if options.get("fused") else "")
             row = {"rule": rule, "device": label, "model": model, "batch": batch,
                    "samples_per_s": sps, "slowdown_vs_float": base / sps}
             rows.append(row)
             print(f"{rule:4s} {row['device']:18s} {sps:10.0f} samples/s  x{row['slowdown_vs_float']:.2f} slower", flush=True)
-    save_result(args.out, "analog_bench", dev, rows=rows, rounds=args.rounds, allocator="cold" if args.cold else "warm")
+    save_result(args.out, "analog_bench", dev, rows=rows, steps_per_device=args.rounds * n_steps, interleaved="per step", allocator="cold" if args.cold else "warm")
     return 0
 
 
