@@ -195,32 +195,42 @@ class DifferentialArray:
             check_request(dw)
             self.apply(dw)
             return self.weights()
-        g, _, w = self._sync(target.reshape(-1), held.reshape(-1))
-        self.g = g.view(self.g.shape)
+        _, w = self._sync(target.reshape(-1), held.reshape(-1))
         return w.view(self.shape)
 
     def _sync(self, target: torch.Tensor, held: torch.Tensor):
-        """The fused update of the change ``target - held`` (flat): (G, pulse counts, weights read back).
-        The draws come from the array's generator in the eager order: rounding bits, then the pulsed
-        pairs' cycle-to-cycle normals. With noise the pulse counts come first (their own small kernel),
-        so that only the pulsed pairs draw; a NaN/Inf change is refused before any device moves."""
+        """The fused update of the change ``target - held`` (flat); updates G and returns the pulse counts
+        and the weights read back. The draws come from the array's generator in the eager order: rounding
+        bits, then the pulsed pairs' cycle-to-cycle normals (then a refresh's, unidirectional). With noise
+        the pulse counts come first (their own small kernel), so that only the pulsed pairs draw; a
+        NaN/Inf change is refused before any device moves. Unidirectional pairs: the kernel also says
+        whether any device passed ``refresh_at``; the refresh itself (rare) runs eagerly."""
         c = self.cfg
+        uni = c.update == "unidirectional"
+        kernel = _fused("uni" if uni else "sync", c.model)
+        extra = (self.g.new_tensor(c.refresh_at),) if uni else ()
         h = self._bits(target.shape).to(self.g.dtype) if c.pulses == "stochastic" else None
         consts = self._consts()
+        g2 = self.g.reshape(2, -1)
         if c.ctoc > 0:
             p, finite = _fused("counts", c.model)(target, held, h, consts[0], consts[3])
             check_request(finite)
-            z = self._pulse_noise(p > 0)
-            g, p, w, _ = _fused("sync", c.model)(target, held, self.g.reshape(2, -1), None, p, z, *consts)
+            z = self._pulse_noise(p > 0, rows=1 if uni else 2)
+            out = kernel(target, held, g2, None, p, z, *extra, *consts)
         else:
-            g, p, w, finite = _fused("sync", c.model)(target, held, self.g.reshape(2, -1), h, None, None, *consts)
-            check_request(finite)
-        return g, p, w
+            out = kernel(target, held, g2, h, None, None, *extra, *consts)
+            check_request(out[3])
+        g, p, w = out[:3]
+        self.g = g.view(self.g.shape)
+        if uni and bool(out[4]):
+            self.refresh()
+            w = self.weights().reshape(-1)
+        return p, w
 
     def apply_trains(self, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """Apply coincidence pulse counts (:meth:`coincidence_pulses`): the up pulses, then the down pulses
         (no accumulator cancels them); return the weights read back."""
-        if not self._fusable:
+        if not self._fusable or self.cfg.update != "bidirectional":
             self.apply_pulses(up)
             self.apply_pulses(-down)
             return self.weights()
@@ -233,16 +243,15 @@ class DifferentialArray:
     @property
     def _fusable(self) -> bool:
         c = self.cfg
-        return c.fused and c.update == "bidirectional" and c.model in ("linear", "lim", "softbounds")
+        return c.fused and c.model in ("linear", "lim", "softbounds")
 
     def _apply_fused(self, dw: torch.Tensor) -> torch.Tensor:
-        """:meth:`apply` (bidirectional) as one compiled kernel: pulse counts, the pair split and both
-        devices' steps in one pass over the array. The random draws come first from the array's own
-        generator in the eager order (rounding bits, then G+'s and G-'s cycle-to-cycle noise), so the
-        kernel is the same maths on the same draws (tested against the eager path)."""
+        """:meth:`apply` as one compiled kernel: pulse counts, the pair split (or, unidirectional, the one
+        device that moves) and the devices' steps in one pass over the array. The random draws come from
+        the array's own generator in the eager order, so the kernel is the same maths on the same draws
+        (tested against the eager path)."""
         flat = dw.reshape(-1)  # the sync kernel serves: the change dw - 0 is dw exactly
-        g, p, _ = self._sync(flat, torch.zeros_like(flat))
-        self.g = g.view(self.g.shape)
+        p, _ = self._sync(flat, torch.zeros_like(flat))
         return p.view(self.shape)
 
     def _consts(self) -> tuple:
@@ -492,6 +501,23 @@ def _sync_kernel(target, held, g, h, p, z, max_pulses, ctoc, scale, dw_pulse, *c
     return g, p, (g[0] - g[1]) * scale, torch.isfinite(dw).all()
 
 
+def _uni_kernel(target, held, g, h, p, z, refresh_at, max_pulses, ctoc, scale, dw_pulse, lo, hi, du, a_p, a_d,
+                b_p, b_d, linear: bool):
+    """:meth:`DifferentialArray.step_to` for unidirectional pairs (``apply_pulses`` + ``_step_one_device``):
+    potentiation pulses to G+ for an increase, to G- for a decrease (``z``: (1, n) noise, one normal per
+    pair serves both: only one device of a pair moves), the weights read back, whether the change was
+    finite, and whether any device passed ``refresh_at`` of its range (the caller then refreshes)."""
+    dw = target - held
+    if p is None:
+        p = _counts(dw, h, max_pulses, dw_pulse)
+    rises = (dw > 0).to(dw.dtype)
+    dp = torch.stack([p * rises, p * (1 - rises)])
+    r = hi - lo
+    g = step_kernel(g, dp, z, linear, r * du, lo + r * a_p, hi - r * a_d, du * b_p, du * b_d, lo, hi, ctoc)
+    full = (g >= lo + refresh_at * r).any()
+    return g, p, (g[0] - g[1]) * scale, torch.isfinite(dw).all(), full
+
+
 def _trains_kernel(up, down, g, za, zb, max_pulses, ctoc, scale, dw_pulse, *consts, linear: bool):
     """:meth:`DifferentialArray.apply_trains` in one kernel: the up pulses, then the down pulses (``za``,
     ``zb``: each train's (2, n) noise or None), and the weights read back. ``max_pulses`` and
@@ -511,6 +537,14 @@ def _sync_exp(target, held, g, *args):
     return _sync_kernel(target, held, g, *args, linear=False)
 
 
+def _uni_linear(target, held, g, *args):
+    return _uni_kernel(target, held, g, *args, linear=True)
+
+
+def _uni_exp(target, held, g, *args):
+    return _uni_kernel(target, held, g, *args, linear=False)
+
+
 def _trains_linear(up, down, g, *args):
     return _trains_kernel(up, down, g, *args, linear=True)
 
@@ -521,12 +555,13 @@ def _trains_exp(up, down, g, *args):
 
 _ENTRIES = {("sync", True): _sync_linear, ("sync", False): _sync_exp,
             ("trains", True): _trains_linear, ("trains", False): _trains_exp,
-            ("counts", None): _counts_kernel}
+            ("uni", True): _uni_linear, ("uni", False): _uni_exp, ("counts", None): _counts_kernel}
 _COMPILED: dict = {}
 
 
 def _fused(kind: str, model: str):
-    """The compiled kernel for ``kind`` ("sync": :meth:`DifferentialArray.step_to` and ``apply``;
+    """The compiled kernel for ``kind`` ("sync" / "uni": :meth:`DifferentialArray.step_to` and ``apply``
+    of bidirectional / unidirectional pairs;
     "counts": the pulse counts a noisy sync draws its noise for; "trains":
     :meth:`DifferentialArray.apply_trains`) and a device model (compiled on first use;
     ``DeviceConfig.fused``)."""

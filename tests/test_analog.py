@@ -256,8 +256,10 @@ def test_fused_kernel_matches_eager_update():
     """The torch.compile'd update is the same maths (same noise draws, same pulses): as ``apply``, as
     the optimiser's sync (``step_to``: change, update and read-back in one kernel) and for coincidence
     trains (``apply_trains``); a NaN change is refused before any device moves."""
-    for name in ("rram-like", "linear-256", "softbounds"):
-        arrays = [DifferentialArray(get_device(name, fused=f), (30, 20), 0.2, torch.Generator().manual_seed(3))
+    for name in ("rram-like", "linear-256", "softbounds", "pcm-like"):
+        # pcm-like: unidirectional, refreshed early here so that refreshes happen within the test
+        extra = {"refresh_at": 0.3} if name == "pcm-like" else {}
+        arrays = [DifferentialArray(get_device(name, fused=f, **extra), (30, 20), 0.2, torch.Generator().manual_seed(3))
                   for f in (False, True)]
         gen = torch.Generator().manual_seed(4)
         for _ in range(5):
@@ -275,7 +277,8 @@ def test_fused_kernel_matches_eager_update():
         with pytest.raises(NeurosalError, match="NaN/Inf"):
             arrays[1].step_to(held[1] + float("nan"), held[1])
         assert torch.equal(arrays[1].g, before)
-        if name == "linear-256":
+        assert arrays[0].resets == arrays[1].resets and (name != "pcm-like" or arrays[1].resets > 0)
+        if name in ("linear-256", "pcm-like"):
             continue  # the trains kernel once, for the exponential family with noise (compile time)
         # coincidence trains: up then down pulses, both devices, noise drawn per device and train
         arrays = [DifferentialArray(get_device(name, fused=f, pulses="coincidence"), (30, 20), 0.2,
