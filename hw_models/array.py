@@ -40,7 +40,7 @@ import torch
 
 from neurosal.errors import NeurosalError
 
-from .devices import DeviceConfig, Response, relaxation_shape, step_kernel
+from .devices import DeviceConfig, Response, compile_kernel, relaxation_shape, step_kernel
 
 
 def device_generator(seed_or_gen: int | torch.Generator, device) -> torch.Generator:
@@ -566,8 +566,8 @@ def _fused(kind: str, model: str):
     :meth:`DifferentialArray.apply_trains`) and a device model (compiled on first use;
     ``DeviceConfig.fused``)."""
     key = (kind, None if kind == "counts" else model == "linear")  # counts: the same for every device
-    if key not in _COMPILED:  # always without autograd: grad mode is part of what a compilation assumes
-        _COMPILED[key] = torch.no_grad()(torch.compile(_ENTRIES[key], dynamic=True))
+    if key not in _COMPILED:
+        _COMPILED[key] = compile_kernel(_ENTRIES[key])
     return _COMPILED[key]
 
 

@@ -202,10 +202,18 @@ def step_kernel(g, dp, z, linear: bool, step, sat_p, sat_d, k_p, k_d, lo, hi, ct
 _COMPILED: dict = {}
 
 
+def compile_kernel(fn):
+    """``fn`` compiled for arrays of any length, always without autograd (grad mode is part of what a
+    compilation assumes). ``cpp.dynamic_threads``: the CPU kernel takes its thread count at run time and
+    always has a parallel loop. Without it the code generator decides serial or parallel from the length
+    of the *first* call, and its on-disk cache hands that decision to every later process: a kernel first
+    compiled for a 30x20 array (the test suite) then ran serially on a 784x256 one."""
+    return torch.no_grad()(torch.compile(fn, dynamic=True, options={"cpp.dynamic_threads": True}))
+
+
 def _fused():
     if "step" not in _COMPILED:
-        # always without autograd: grad mode is part of what a compilation assumes
-        _COMPILED["step"] = torch.no_grad()(torch.compile(step_kernel, dynamic=True))
+        _COMPILED["step"] = compile_kernel(step_kernel)
     return _COMPILED["step"]
 
 
