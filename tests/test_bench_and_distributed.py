@@ -1,6 +1,7 @@
 """The bench runner's JSON on a tiny CPU sweep; 2-process gloo DDP equals one process."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -97,7 +98,8 @@ def launch(tmp_path, name, rule, nproc, *extra, model="mlp:32x16"):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "neurosal.cli", *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        # torchrun leaves a torchelastic_* folder in the temp dir per job: keep it in the test's own
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
         assert r.returncode == 0, r.stderr[-2000:]
     return torch.load(tmp_path / name / "ckpt-epoch-0002.pt", weights_only=True)
 

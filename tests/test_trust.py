@@ -735,7 +735,7 @@ def test_torchrun_jobs_exit_cleanly_every_time(tmp_path):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             "-m", "neurosal.cli", "train", "--rule", "dfa", "--model", "mlp:32x16", "--epochs", "2",
                             "--batch-size", "64", "--accel", "cpu", "--no-progress", "--out", str(out)],
-                           capture_output=True, text=True, env=ENV, timeout=300)
+                           capture_output=True, text=True, env={**ENV, "TMPDIR": str(tmp_path)}, timeout=300)
         assert r.returncode == 0, f"run {i + 1}: {r.stderr[-3000:]}"
         assert "terminate called" not in r.stderr
         assert checkpoint.load(checkpoint.epoch_path(out, 2))["epoch"] == 2
