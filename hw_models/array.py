@@ -106,25 +106,31 @@ class DifferentialArray:
 
     def _pulse_noise(self, pulsed: torch.Tensor, rows: int = 2) -> torch.Tensor | None:
         """Cycle-to-cycle normals, ``(rows, *pulsed.shape)`` (row 0 for G+, row 1 for G-; one row serves
-        both devices of a unidirectional pair, where only one device per pair moves), standard normal
-        where ``pulsed`` and exactly 0 elsewhere; None when the device has no cycle-to-cycle noise.
+        both devices of a unidirectional pair, where only one device per pair moves), standard normal at
+        least where ``pulsed``; None when the device has no cycle-to-cycle noise.
 
-        A device that gets no pulse has no cycle-to-cycle noise (the step multiplies it by sqrt(0)), so on
-        the CPU only the pulsed pairs draw: under an optimiser's small steps ~10 % of them pulse per
-        update, and a normal costs ~3.5 ns on the CPU generator (dense draws were a third of an rram-like
-        training step). The draws go to the pulsed pairs in index order, ``rows`` per pair. On a GPU every
-        pair draws: drawing is cheap there and counting the pulsed pairs would stall on the host."""
+        A device that gets no pulse has no cycle-to-cycle noise (the step multiplies its draw by
+        sqrt(0)), so on the CPU, where a normal costs ~3.5 ns, only the pulsed pairs draw when they are
+        few: under an optimiser's small steps ~10 % of the pairs pulse per update, and dense draws were a
+        third of an rram-like training step. The draws then go to the pulsed pairs row by row in index
+        order, and the other entries are exactly 0; an update without any pulse draws nothing. Where more
+        than 40 % of the pairs pulse (coincidence trains), finding and filling them costs more than it
+        saves (measured crossover ~45 %), and every pair draws, as on a GPU (drawing is cheap there and
+        counting the pulsed pairs would stall on the host)."""
         if self.cfg.ctoc <= 0:
             return None
         shape = (rows, *pulsed.shape)
         if pulsed.device.type != "cpu":
             return self._randn(shape)
-        idx = pulsed.reshape(-1).nonzero().squeeze(1)
-        z = torch.zeros((rows, pulsed.numel()), dtype=self.g.dtype, device=self.g.device)
+        flat = pulsed.reshape(-1)
+        if int(flat.sum()) > 0.4 * flat.numel():
+            return self._randn(shape)
+        idx = flat.nonzero().squeeze(1)
+        z = torch.zeros((rows, flat.numel()), dtype=self.g.dtype, device=self.g.device)
         if idx.numel():
-            drawn = self._randn((idx.numel(), rows))
+            drawn = self._randn((rows, idx.numel()))
             for r in range(rows):
-                z[r][idx] = drawn[:, r]
+                z[r][idx] = drawn[r]
         return z.view(shape)
 
     def _fires(self, p: torch.Tensor, lead: tuple[int, ...] = (), dtype=torch.bool) -> torch.Tensor:

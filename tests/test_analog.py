@@ -290,15 +290,17 @@ def test_fused_kernel_matches_eager_update():
         assert torch.allclose(read[0], read[1], rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.parametrize("stride", [4, 16])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("update", ["bidirectional", "unidirectional"])
-def test_cycle_to_cycle_noise_lands_only_on_pulsed_devices(fused, update):
-    """Only the pairs that get pulses draw cycle-to-cycle noise: the others stay bitwise where they were,
-    an update without any pulse draws nothing from the generator, and the pulsed devices' spread is
-    ctoc * step * sqrt(pulses) (linear device far from its bounds, so nothing clamps)."""
+def test_cycle_to_cycle_noise_lands_only_on_pulsed_devices(fused, update, stride):
+    """Only the pairs that get pulses are moved by cycle-to-cycle noise: the others stay bitwise where
+    they were, an update without any pulse draws nothing from the generator, and the pulsed devices'
+    spread is ctoc * step * sqrt(pulses) (linear device far from its bounds, so nothing clamps) -- with
+    few pairs pulsed (stride 16: 1 in 8, only they draw) and many (stride 4: half, every pair draws)."""
     cfg = DeviceConfig(model="linear", levels=10_000, ctoc=0.5, pulses="round", update=update, fused=fused,
                        refresh_at=1.0)
-    n = 20_000
+    n = 10_000 * stride // 4
     arr = DifferentialArray(cfg, (n,), 1.0, torch.Generator().manual_seed(0), dtype=torch.float64)
     if update == "bidirectional":
         arr.g = (arr.lo + arr.hi) / 2
@@ -307,26 +309,28 @@ def test_cycle_to_cycle_noise_lands_only_on_pulsed_devices(fused, update):
     assert torch.equal(arr.gen.get_state(), state)
     before = arr.g.clone()
     pulses = torch.zeros(n, dtype=torch.float64)
-    pulses[::4], pulses[1::4] = 1.0, -4.0  # a quarter single increases, a quarter 4-pulse decreases
+    pulses[::stride], pulses[1::stride] = 1.0, -4.0  # single increases and 4-pulse decreases, the rest none
     arr.apply(pulses * arr.dw_pulse)
     moved = arr.g - before
     step = (cfg.g_max - cfg.g_min) / cfg.levels
-    assert torch.equal(moved[:, 2::4], torch.zeros_like(moved[:, 2::4]))  # unpulsed pairs: untouched
-    assert torch.equal(moved[:, 3::4], torch.zeros_like(moved[:, 3::4]))
+    m = n // stride
+    still = torch.ones(n, dtype=torch.bool)
+    still[::stride] = still[1::stride] = False
+    assert torch.equal(moved[:, still], torch.zeros_like(moved[:, still]))  # unpulsed pairs: untouched
     if update == "bidirectional":  # +1: the odd pulse to one device; -4: two pulses on each device
-        single = moved[:, ::4][moved[:, ::4] != 0]
-        assert single.numel() == n // 4
-        deviations = [single.abs() - step, (moved[0, 1::4] + 2 * step), (moved[1, 1::4] - 2 * step)]
+        single = moved[:, ::stride][moved[:, ::stride] != 0]
+        assert single.numel() == m
+        deviations = [single.abs() - step, (moved[0, 1::stride] + 2 * step), (moved[1, 1::stride] - 2 * step)]
         expect = [step * cfg.ctoc, step * cfg.ctoc * 2 ** 0.5, step * cfg.ctoc * 2 ** 0.5]
     else:  # G+ gets the increases, G- the four-pulse decreases (as potentiation)
-        assert torch.equal(moved[1, ::4], torch.zeros(n // 4, dtype=torch.float64))
-        assert torch.equal(moved[0, 1::4], torch.zeros(n // 4, dtype=torch.float64))
-        deviations = [moved[0, ::4] - step, moved[1, 1::4] - 4 * step]
+        assert torch.equal(moved[1, ::stride], torch.zeros(m, dtype=torch.float64))
+        assert torch.equal(moved[0, 1::stride], torch.zeros(m, dtype=torch.float64))
+        deviations = [moved[0, ::stride] - step, moved[1, 1::stride] - 4 * step]
         expect = [step * cfg.ctoc, step * cfg.ctoc * 2]
     for dev, sd in zip(deviations, expect):
-        # 5000 samples: the mean within 5 standard errors, the std within 6 % (~4 standard errors)
+        # 2500 samples: the mean within 5 standard errors, the std within 8 % (~5.6 standard errors)
         assert abs(dev.mean().item()) < 5 * sd / len(dev) ** 0.5
-        assert dev.std().item() == pytest.approx(sd, rel=0.06)
+        assert dev.std().item() == pytest.approx(sd, rel=0.08)
 
 
 def test_fused_constants_are_one_column_only_without_device_spread():
