@@ -64,14 +64,16 @@ def batches(n: int, batch: int, epoch: int, seed: int):
     return [perm[i:i + batch] for i in range(0, n, batch)]
 
 
-def run_neurosal(device, options, weights, data, hidden, epochs, seed, lr, batch):
+def run_neurosal(device, options, weights, data, hidden, epochs, seed, lr, batch, stream=0):
+    """``stream``: which noise realisation the arrays draw (their generator's seed; the weights and
+    batches stay those of ``seed``)."""
     rule = make_rule("bp")
     net = rule.build(f"mlp:{hidden}", (1, 8, 8), 10)
     for blk, (w, b) in zip(net.blocks, weights):
         blk.op.weight.data.copy_(w)
         blk.op.bias.data.copy_(b)
     if device:
-        net = SUBSTRATE.apply(net, device, options, seed)
+        net = SUBSTRATE.apply(net, device, options, seed + 1000 * stream)
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     times = []
     for ep in range(1, epochs + 1):
@@ -150,9 +152,10 @@ def markdown(result: dict) -> str:
              f"digits, 64-{result['hidden']}-10 ReLU, bp, plain SGD lr {result['lr']}, batch {result['batch']}, "
              f"{result['epochs']} epochs, seeds {result['seeds']}; the same initial weights and batch order "
              f"in both; aihwkit IO perfect, bias digital. Machine: {result['machine']}."
-             + (f" aihwkit ran {result['repeats']} times per seed (its generators are not seeded by torch): its "
-                "accuracy is the mean over all runs, in brackets the lowest and highest mean of one repeat "
-                "over the seeds." if result.get("repeats", 1) > 1 else ""), "",
+             + (f" Each side ran {result['repeats']} times per seed and device pair (aihwkit's generators are not "
+                "seeded by torch; ours drew another noise stream each time, the initial weights and batches "
+                "kept): accuracy is the mean over all runs, in brackets the lowest and highest mean of one "
+                "repeat over the seeds." if result.get("repeats", 1) > 1 else ""), "",
              "| pair (neurosal \\| aihwkit) | neurosal mode | accuracy neurosal / aihwkit (%) | difference (points) "
              "| epoch time neurosal / aihwkit |", "|---|---|---|---|---|"]
     if not result["rows"]:  # --widths-only
@@ -161,12 +164,12 @@ def markdown(result: dict) -> str:
         a = r.get("aihwkit_acc")
         diff = f"{100 * (r['neurosal_acc'] - a):+.2f}" if a is not None else "--"
         ratio = f"{r['neurosal_epoch_s'] / r['aihwkit_epoch_s']:.2f}x" if r.get("aihwkit_epoch_s") else "--"
-        aa = f"{100 * a:.2f}" if a is not None else "--"
-        means = r.get("aihwkit_repeat_means") or []
-        if len(means) > 1:  # the spread of aihwkit's own identical runs
-            aa += f" ({100 * min(means):.2f}-{100 * max(means):.2f})"
+        def spread(means):  # the spread of a side's repeated runs (aihwkit: identical; ours: noise streams)
+            return f" ({100 * min(means):.2f}-{100 * max(means):.2f})" if len(means or []) > 1 else ""
+        aa = (f"{100 * a:.2f}" + spread(r.get("aihwkit_repeat_means"))) if a is not None else "--"
+        na = f"{100 * r['neurosal_acc']:.2f}" + spread(r.get("neurosal_repeat_means"))
         pair = r["pair"].replace("|", "\\|")
-        lines.append(f"| {pair} | {r['mode']} | {100 * r['neurosal_acc']:.2f} / {aa} | {diff} | {ratio} |")
+        lines.append(f"| {pair} | {r['mode']} | {na} / {aa} | {diff} | {ratio} |")
     if result.get("widths"):
         lines += ["", "Epoch time against hidden width (seed 0):", "",
                   "| hidden | pair | neurosal mode | neurosal s/epoch | aihwkit s/epoch | ratio |", "|---|---|---|---|---|---|"]
@@ -211,16 +214,19 @@ def main(argv=None) -> int:
             repeats = args.repeats if (version and device) else 1  # float is deterministic in both
             for seed in seeds:
                 w = init_weights(args.hidden, seed)
-                acc, t = run_neurosal(device, {**options, **extra}, w, data, args.hidden, args.epochs, seed, lr, batch)
-                accs.append(acc)
-                times.append(t)
+                for stream in range(repeats):  # as many noise realisations as aihwkit's repeats
+                    acc, t = run_neurosal(device, {**options, **extra}, w, data, args.hidden, args.epochs, seed,
+                                          lr, batch, stream)
+                    accs.append(acc)
+                    times.append(t)
                 if version:
                     for _ in range(repeats):
                         acc, t = run_aihwkit(kind, w, data, args.hidden, args.epochs, seed, lr, batch)
                         a_accs.append(acc)
                         a_times.append(t)
             row = {"pair": f"{pair} | {kind}", "mode": mode, "neurosal_acc": sum(accs) / len(accs),
-                   "neurosal_acc_seeds": accs, "neurosal_epoch_s": sum(times) / len(times)}
+                   "neurosal_acc_seeds": accs, "neurosal_epoch_s": sum(times) / len(times),
+                   "neurosal_repeat_means": [sum(accs[i::repeats]) / len(seeds) for i in range(repeats)]}
             if version:
                 # a_accs is seed-major: seed 0's repeats, then seed 1's; a repeat's mean is over the seeds
                 run_means = [sum(a_accs[i::repeats]) / len(seeds) for i in range(repeats)]
