@@ -104,10 +104,10 @@ class DifferentialArray:
     def _randn(self, shape):
         return torch.randn(shape, generator=self.gen, device=self.g.device, dtype=self.g.dtype)
 
-    def _pulse_noise(self, pulsed: torch.Tensor, rows: int = 2) -> torch.Tensor | None:
-        """Cycle-to-cycle normals, ``(rows, *pulsed.shape)`` (row 0 for G+, row 1 for G-; one row serves
+    def _pulse_noise(self, counts: torch.Tensor, rows: int = 2) -> torch.Tensor | None:
+        """Cycle-to-cycle normals, ``(rows, *counts.shape)`` (row 0 for G+, row 1 for G-; one row serves
         both devices of a unidirectional pair, where only one device per pair moves), standard normal at
-        least where ``pulsed``; None when the device has no cycle-to-cycle noise.
+        least where a pair gets pulses (``counts > 0``); None when the device has no cycle-to-cycle noise.
 
         A device that gets no pulse has no cycle-to-cycle noise (the step multiplies its draw by
         sqrt(0)), so on the CPU, where a normal costs ~3.5 ns, only the pulsed pairs draw when they are
@@ -119,10 +119,10 @@ class DifferentialArray:
         counting the pulsed pairs would stall on the host)."""
         if self.cfg.ctoc <= 0:
             return None
-        shape = (rows, *pulsed.shape)
-        if pulsed.device.type != "cpu":
+        shape = (rows, *counts.shape)
+        if counts.device.type != "cpu":
             return self._randn(shape)
-        flat = pulsed.reshape(-1)
+        flat = counts.reshape(-1) > 0
         if int(flat.sum()) > 0.4 * flat.numel():
             return self._randn(shape)
         idx = flat.nonzero().squeeze(1)
@@ -182,7 +182,7 @@ class DifferentialArray:
 
     def _step_one_device(self, p: torch.Tensor, to_plus: torch.Tensor) -> None:
         """Unidirectional: ``p`` potentiation pulses to G+ where ``to_plus``, to G- elsewhere."""
-        z = self._pulse_noise(p > 0, rows=1)
+        z = self._pulse_noise(p, rows=1)
         z = z[0] if z is not None else None
         self._step(0, p * to_plus, z)
         self._step(1, p * ~to_plus, z)
@@ -221,7 +221,7 @@ class DifferentialArray:
         if c.ctoc > 0:
             p, finite = _fused("counts", c.model)(target, held, h, consts[0], consts[3])
             check_request(finite)
-            z = self._pulse_noise(p > 0, rows=1 if uni else 2)
+            z = self._pulse_noise(p, rows=1 if uni else 2)
             out = kernel(target, held, g2, None, p, z, *extra, *consts)
         else:
             out = kernel(target, held, g2, h, None, None, *extra, *consts)
@@ -241,7 +241,7 @@ class DifferentialArray:
             self.apply_pulses(-down)
             return self.weights()
         up, down = up.reshape(-1), down.reshape(-1)
-        za, zb = self._pulse_noise(up > 0), self._pulse_noise(down > 0)
+        za, zb = self._pulse_noise(up), self._pulse_noise(down)
         g, w = _fused("trains", self.cfg.model)(up, down, self.g.reshape(2, -1), za, zb, *self._consts())
         self.g = g.view(self.g.shape)
         return w.view(self.shape)
@@ -337,7 +337,7 @@ class DifferentialArray:
             self._step_one_device(p, sgn > 0)
             self.refresh()
         else:  # floor(p/2) each; an odd pulse to the device with more room in its direction
-            z = self._pulse_noise(p > 0)
+            z = self._pulse_noise(p)
             za, zb = (z[0], z[1]) if z is not None else (None, None)
             half = torch.floor(p / 2)
             odd = p - 2 * half
@@ -473,9 +473,8 @@ def _counts(dw, h, max_pulses, dw_pulse):
 def _pair_step(g, s, p, z, ctoc, lo, hi, du, a_p, a_d, b_p, b_d, linear: bool):
     """``apply_pulses`` (bidirectional) + ``Response.step_signed`` of both devices, flattened: ``p`` pulses
     in the direction of ``s``'s sign (``s`` the change or the signed counts themselves); ``z`` (2, n)
-    cycle-to-cycle normals or None. Per device (2, n) or (2, 1): the bounds and ``du`` (step scale / N),
-    from which the step, the asymptotes and rates (``relaxation_shape``) and the odd-pulse thresholds
-    follow as in :class:`~hw_models.devices.Response` and :meth:`DifferentialArray._bind`."""
+    cycle-to-cycle normals or None. Per device (2, n) or (2, 1): the bounds and ``du`` (step scale / N);
+    the odd-pulse thresholds follow from the bounds as in :meth:`DifferentialArray._bind`."""
     rises = s > 0
     sgn = rises.to(s.dtype) - (s < 0).to(s.dtype)  # torch.sign, in a form the compiler vectorises
     half = torch.floor(p / 2)
@@ -483,6 +482,12 @@ def _pair_step(g, s, p, z, ctoc, lo, hi, du, a_p, a_d, b_p, b_d, linear: bool):
     u = g[0] + g[1]
     to_plus = torch.where(rises, u <= hi[0] + lo[1], u > lo[0] + hi[1]).to(s.dtype)
     dp = torch.stack([sgn * (half + odd * to_plus), -sgn * (half + odd * (1 - to_plus))])
+    return _device_step(g, dp, z, ctoc, lo, hi, du, a_p, a_d, b_p, b_d, linear)
+
+
+def _device_step(g, dp, z, ctoc, lo, hi, du, a_p, a_d, b_p, b_d, linear: bool):
+    """``step_kernel`` with the step, asymptotes and rates derived from each device's bounds and ``du``
+    (step scale / N) as in :class:`~hw_models.devices.Response` (``a_*``, ``b_*``: ``relaxation_shape``)."""
     r = hi - lo
     return step_kernel(g, dp, z, linear, r * du, lo + r * a_p, hi - r * a_d, du * b_p, du * b_d, lo, hi, ctoc)
 
@@ -518,9 +523,8 @@ def _uni_kernel(target, held, g, h, p, z, refresh_at, max_pulses, ctoc, scale, d
         p = _counts(dw, h, max_pulses, dw_pulse)
     rises = (dw > 0).to(dw.dtype)
     dp = torch.stack([p * rises, p * (1 - rises)])
-    r = hi - lo
-    g = step_kernel(g, dp, z, linear, r * du, lo + r * a_p, hi - r * a_d, du * b_p, du * b_d, lo, hi, ctoc)
-    full = (g >= lo + refresh_at * r).any()
+    g = _device_step(g, dp, z, ctoc, lo, hi, du, a_p, a_d, b_p, b_d, linear)
+    full = (g >= lo + refresh_at * (hi - lo)).any()
     return g, p, (g[0] - g[1]) * scale, torch.isfinite(dw).all(), full
 
 
