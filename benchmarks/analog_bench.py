@@ -11,7 +11,7 @@ per device in blocks of 20 steps instead, as this bench did before, the float st
 1.7 and 2.6 ms from block to block on a 2-core VM, and the multiples with it; with all eight nets
 taking turns, each step found its weights evicted from the caches by seven other nets, which a training
 process running alone does not see: linear-256 fused measured 1.55-1.63x there against 1.42-1.46x in
-pairs.) The float row reports the median of its step times over all pairings.
+pairs.) The float row reports the median over the pairings of its median step time.
 The process's allocator is warmed first, as in ``sal_bench.py`` (one 16 MB block allocated and freed:
 glibc then keeps MB-sized blocks instead of mapping and page-faulting each anew, as any training process
 that has loaded a dataset does); ``--cold`` skips that.
