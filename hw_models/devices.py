@@ -159,8 +159,9 @@ class Response:
         """G after signed pulses dp. ``z`` (standard normal, same shape) drives cycle-to-cycle noise:
         |dp| pulses add ``z * ctoc * step * sqrt(|dp|)``, then G is clamped again."""
         c = self.cfg
-        # bidirectional fused arrays run their whole update in hw_models.array's kernels; what is left
-        # of theirs here (programming's write-verify rounds) runs once, eagerly, without a compilation
+        # fused arrays run their training updates in hw_models.array's kernels; what is left of theirs
+        # here: programming's write-verify rounds (bidirectional: eagerly, without a compilation) and a
+        # unidirectional pair's refresh and first programming (compiled device step)
         if c.fused and c.update == "unidirectional" and c.model in ("linear", "lim", "softbounds"):
             return _fused()(g, dp, z, c.model == "linear", self.step, getattr(self, "sat_p", 0.0),
                             getattr(self, "sat_d", 0.0), getattr(self, "k_p", 0.0), getattr(self, "k_d", 0.0),
