@@ -4,19 +4,19 @@ A training step on an analog substrate = forward through DAC / noisy devices / A
 teaching signals, the optimiser, and the pulse programming of every array. Target (issue 4): at most
 3x slower than float on CPU; issue 14: linear devices <= 1.5x, nonlinear noisy devices <= 2.5x.
 
-Per rule, one net per device (float, ideal, ...) is built and warmed; then each device's net and the
-float net take their steps in turn, one step each (float, device, float, device, ...), so that a slow
-spell of a shared machine hits both alike, and the multiple is the ratio of the two medians. (Measured
-per device in blocks of 20 steps instead, as this bench did before, the float step alone moved between
-1.7 and 2.6 ms from block to block on a 2-core VM, and the multiples with it; with all eight nets
-taking turns, each step found its weights evicted from the caches by seven other nets, which a training
-process running alone does not see: linear-256 fused measured 1.55-1.63x there against 1.42-1.46x in
-pairs.) The float row reports the median over the pairings of its median step time.
+Per rule, one net per device (float, ideal, ...) is built; then, in rounds, each net takes a block of
+steps (2 untimed, then 10 timed) in turn: float, ideal, ..., float, ideal, ... Every device's timed steps
+are pooled over the rounds and the median reported, the multiple being the ratio of the medians. Blocks,
+because a training process runs one net with warm caches: taking turns step by step (tried on
+2026-11-25) left every float step cache-cold after the analog net's step -- the float step took 2.4 ms
+instead of 1.75 ms, the analog one hardly changed, and linear-256 fused read 1.5x where a process
+running it alone measures 1.7-2.0x. Rounds, because this shared 2-core VM drifts: the float step alone
+moved between 1.7 and 2.6 ms over minutes; many short blocks spread the drift over every device.
 The process's allocator is warmed first, as in ``sal_bench.py`` (one 16 MB block allocated and freed:
 glibc then keeps MB-sized blocks instead of mapping and page-faulting each anew, as any training process
 that has loaded a dataset does); ``--cold`` skips that.
 
-    python benchmarks/analog_bench.py --small --out results/analog_bench.json
+    python benchmarks/analog_bench.py --small --rounds 10 --out results/analog_bench.json
 """
 
 from __future__ import annotations
@@ -65,17 +65,17 @@ def build(rule_name, device_name, options, model, batch, device):
     return step
 
 
-def measure_interleaved(steps_by_device, n, warmup=3):
-    """Median seconds per step of each closure, the closures taking turns one step at a time."""
-    for step in steps_by_device:
-        for _ in range(warmup):
-            step()
+def measure_blocks(steps_by_device, rounds, block=10, warm=2):
+    """Median seconds per step of each closure: in every round each closure takes ``warm`` untimed and
+    ``block`` timed steps in a row, the closures in turn; the timed steps are pooled over the rounds."""
     times = [[] for _ in steps_by_device]
-    for _ in range(n):
+    for _ in range(rounds):
         for step, out in zip(steps_by_device, times):
-            t0 = time.perf_counter()
-            step()
-            out.append(time.perf_counter() - t0)
+            for i in range(warm + block):
+                t0 = time.perf_counter()
+                step()
+                if i >= warm:
+                    out.append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
 
 
@@ -84,29 +84,25 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="results/analog_bench.json")
-    ap.add_argument("--rounds", type=int, default=3, help="steps per device: rounds x 20 (--small) or x 30")
+    ap.add_argument("--rounds", type=int, default=10, help="rounds of 10 timed steps per device")
     ap.add_argument("--cold", action="store_true", help="do not warm the allocator first (see above)")
     args = ap.parse_args(argv)
     if not args.cold:
         warm_allocator()
     dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, batch, n_steps = ("mlp:256x256", 128, 20) if args.small else ("mlp:2048x2048", 1024, 30)
+    model, batch = ("mlp:256x256", 128) if args.small else ("mlp:2048x2048", 1024)
     rows = []
     for rule in ("bp", "dfa", "sal"):
-        float_step = build(rule, None, {}, model, batch, dev)
-        pairs = [measure_interleaved([float_step, build(rule, name, options, model, batch, dev)],
-                                     args.rounds * n_steps) for name, options in DEVICES[1:]]
-        f_all = statistics.median(f for f, _ in pairs)
-        results = [(f_all, f_all)] + [(d, f) for f, d in pairs]
-        for (name, options), (sec, paired) in zip(DEVICES, results):
+        steps = [build(rule, name, options, model, batch, dev) for name, options in DEVICES]
+        medians = measure_blocks(steps, args.rounds)
+        for (name, options), sec in zip(DEVICES, medians):
             sps = batch / sec
             label = (name or "float") + ("[fused]" if options.get("fused") else "")
-            # the multiple is against the float steps taken in turn with this device's
             row = {"rule": rule, "device": label, "model": model, "batch": batch, "samples_per_s": sps,
-                   "float_samples_per_s": batch / paired, "slowdown_vs_float": sec / paired}
+                   "slowdown_vs_float": sec / medians[0]}
             rows.append(row)
             print(f"{rule:4s} {row['device']:18s} {sps:10.0f} samples/s  x{row['slowdown_vs_float']:.2f} slower", flush=True)
-    save_result(args.out, "analog_bench", dev, rows=rows, steps_per_device=args.rounds * n_steps, interleaved="per step, each device with float", allocator="cold" if args.cold else "warm")
+    save_result(args.out, "analog_bench", dev, rows=rows, timed_steps_per_device=args.rounds * 10, measured="rounds of blocks (2 untimed + 10 timed steps per net)", allocator="cold" if args.cold else "warm")
     return 0
 
 
