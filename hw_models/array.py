@@ -439,7 +439,10 @@ def _count(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def check_request(dw: torch.Tensor) -> None:
-    """Refuse a NaN/Inf weight change (``dw``, or a precomputed all-finite flag)."""
+    """Refuse a NaN/Inf weight change (``dw``, or a precomputed all-finite flag). Reading the flag is one
+    host sync per array and update on a GPU (documented exception to the no-sync rule, like the
+    unidirectional refresh check in :meth:`DifferentialArray._sync`): refusing before any device moves
+    needs the answer on the host."""
     ok = dw if dw.dtype == torch.bool else torch.isfinite(dw).all()
     if not ok:
         raise NeurosalError("the optimiser proposed a NaN/Inf weight change for an analog layer")
