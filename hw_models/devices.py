@@ -209,7 +209,18 @@ def compile_kernel(fn):
     always has a parallel loop. Without it the code generator decides serial or parallel from the length
     of the *first* call, and its on-disk cache hands that decision to every later process: a kernel first
     compiled for a 30x20 array (the test suite) then ran serially on a 784x256 one."""
-    return torch.no_grad()(torch.compile(fn, dynamic=True, options={"cpp.dynamic_threads": True}))
+    compiled = torch.no_grad()(torch.compile(fn, dynamic=True, options={"cpp.dynamic_threads": True}))
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as exc:  # torch wraps its compiler errors; the missing compiler is named in them
+            if "InvalidCxxCompiler" not in f"{type(exc).__name__} {exc}":
+                raise
+            raise NeurosalError("fused=true compiles the device update with torch.compile, which needs a working "
+                                "C++ compiler, and none was found (install g++, or set CXX); or leave fused off"
+                                ) from None
+    return run
 
 
 def _fused():

@@ -413,3 +413,16 @@ def test_analog_area_layer_keeps_sals_warm_up_clock():
     b = convert(net(), "linear-256", seed=0)
     b.load_state_dict(a.state_dict())
     assert (b.blocks[0].op.steps, b.blocks[0].op.warmup_steps) == (2, 5)
+
+
+def test_fused_without_a_cpp_compiler_is_a_clear_error():
+    """fused=true needs a C++ compiler at run time: without one, a NeurosalError saying so (the CLI's
+    one ``error:`` line), not torch's compiler traceback."""
+    from hw_models.devices import compile_kernel
+
+    def kernel(a):
+        return a * 2 + 1
+
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}):
+        with pytest.raises(NeurosalError, match="needs a working C\\+\\+ compiler"):
+            compile_kernel(kernel)(torch.ones(4))
