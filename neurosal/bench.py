@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -440,8 +441,18 @@ def run_isolated(job: dict) -> dict:
     r = subprocess.run([sys.executable, "-m", "neurosal.bench", json.dumps(job)], capture_output=True,
                        text=True, env=env)
     if r.returncode != 0:
-        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+        return {"error": error_line(r.stderr) or f"exit {r.returncode}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def error_line(stderr: str) -> str:
+    """The line of a worker's traceback that names its exception (torch adds hints after it, e.g. "Set
+    TORCHDYNAMO_VERBOSE=1 ..."), else its last line."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", ln):
+            return ln
+    return lines[-1] if lines else ""
 
 
 def warm_allocator() -> None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from neurosal.bench import GPT_PRESETS, BenchConfig, cases, gpt_flops, mlp_flops, run
+from neurosal.bench import GPT_PRESETS, BenchConfig, cases, error_line, gpt_flops, mlp_flops, run
 
 
 def test_bench_runner_writes_a_valid_json_on_cpu(tmp_path):
@@ -188,3 +188,13 @@ def test_bench_runs_under_bf16_autocast(tmp_path):
                       accel="cpu", dtype="bf16")
     rows = run(cfg, tmp_path, progress=False)["rows"]
     assert all("error" not in r for r in rows), rows
+
+
+def test_a_failed_bench_job_reports_the_line_naming_its_exception():
+    """A worker's traceback ends in torch's hints, not its error: the report shows the exception line."""
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+              "torch._inductor.exc.InductorError: InvalidCxxCompiler: No working C++ compiler found\n\n"
+              "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace\n")
+    assert error_line(stderr) == "torch._inductor.exc.InductorError: InvalidCxxCompiler: No working C++ compiler found"
+    assert error_line("Killed\n") == "Killed"
+    assert error_line("") == ""
