@@ -214,9 +214,9 @@ class DifferentialArray:
         c = self.cfg
         uni = c.update == "unidirectional"
         kernel = _fused("uni" if uni else "sync", c.model)
-        extra = (self.g.new_tensor(c.refresh_at),) if uni else ()
         h = self._bits(target.shape).to(self.g.dtype) if c.pulses == "stochastic" else None
         consts = self._consts()
+        extra = (self._refresh_level,) if uni else ()
         g2 = self.g.reshape(2, -1)
         if c.ctoc > 0:
             p, finite = _fused("counts", c.model)(target, held, h, consts[0], consts[3])
@@ -277,6 +277,7 @@ class DifferentialArray:
                 *(self.g.new_tensor(v) for v in scalars[:4]), compact(self.lo.reshape(2, n)),
                 compact(self.hi.reshape(2, n)), compact((self.step_scale / c.levels).reshape(2, n)),
                 *(self.g.new_tensor(v) for v in scalars[4:]))
+            self._refresh_level = self.g.new_tensor(c.refresh_at)  # the unidirectional kernel's, as a share
         return consts
 
     def coincidence_pulses(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
