@@ -508,12 +508,13 @@ def _sync_kernel(target, held, g, h, p, z, max_pulses, ctoc, scale, dw_pulse, *c
     op as ``pulse_counts`` + ``apply_pulses`` + ``Response.step_signed`` on flattened arrays: the change
     ``target - held``, its pulse counts (from the rounding draws ``h``, or given as ``p``), both devices'
     steps (``g`` (2, n): index 0 G+; per-device constants (2, n) or (2, 1)), the weights read back
-    (``scale`` = w_max / R) and whether the change was finite. Returns (G, counts, weights, finite)."""
-    dw = target - held
+    (``scale`` = w_max / R) and whether the change was finite (None when the counts were given: the counts
+    kernel checked it). Returns (G, counts, weights, finite)."""
+    dw, finite = target - held, None
     if p is None:
-        p = _counts(dw, h, max_pulses, dw_pulse)
+        p, finite = _counts(dw, h, max_pulses, dw_pulse), torch.isfinite(dw).all()
     g = _pair_step(g, dw, p, z, ctoc, *consts, linear)
-    return g, p, (g[0] - g[1]) * scale, torch.isfinite(dw).all()
+    return g, p, (g[0] - g[1]) * scale, finite
 
 
 def _uni_kernel(target, held, g, h, p, z, refresh_at, max_pulses, ctoc, scale, dw_pulse, lo, hi, du, a_p, a_d,
@@ -521,15 +522,16 @@ def _uni_kernel(target, held, g, h, p, z, refresh_at, max_pulses, ctoc, scale, d
     """:meth:`DifferentialArray.step_to` for unidirectional pairs (``apply_pulses`` + ``_step_one_device``):
     potentiation pulses to G+ for an increase, to G- for a decrease (``z``: (1, n) noise, one normal per
     pair serves both: only one device of a pair moves), the weights read back, whether the change was
-    finite, and whether any device passed ``refresh_at`` of its range (the caller then refreshes)."""
-    dw = target - held
+    finite (None when the counts were given, as in the sync kernel), and whether any device passed
+    ``refresh_at`` of its range (the caller then refreshes)."""
+    dw, finite = target - held, None
     if p is None:
-        p = _counts(dw, h, max_pulses, dw_pulse)
+        p, finite = _counts(dw, h, max_pulses, dw_pulse), torch.isfinite(dw).all()
     rises = (dw > 0).to(dw.dtype)
     dp = torch.stack([p * rises, p * (1 - rises)])
     g = _device_step(g, dp, z, ctoc, lo, hi, du, a_p, a_d, b_p, b_d, linear)
     full = (g >= lo + refresh_at * (hi - lo)).any()
-    return g, p, (g[0] - g[1]) * scale, torch.isfinite(dw).all(), full
+    return g, p, (g[0] - g[1]) * scale, finite, full
 
 
 def _trains_kernel(up, down, g, za, zb, max_pulses, ctoc, scale, dw_pulse, *consts, linear: bool):
