@@ -14,7 +14,9 @@ mean and spread over seeds, the gap to BP, the unigram level) and ``curves.png``
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -24,15 +26,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from neurosal.rules import parse_options  # noqa: E402
 from neurosal.text import bits, generate, load_text, unigram_bpc  # noqa: E402
 from neurosal.train import Trainer, TrainConfig, evaluate  # noqa: E402
 
 RULES = ["bp", "fa", "usf", "ldef", "dfa", "drtp", "sal"]
+#: ablation rows: the direct rules with the signal arriving as projected (not through the final LayerNorm)
+ABLATIONS = ["dfa:readout_norm=false", "drtp:readout_norm=false", "sal:readout_norm=false"]
 
 
-def run_one(rule: str, seed: int, ds, args) -> dict:
+def run_one(rule: str, seed: int, args, sample: bool) -> dict:
+    """One (rule, seed) run. ``rule`` is a name, or ``name:key=value,...`` with rule options (an ablation
+    row). With ``sample``, the trained model's text from the prompt "It was a " comes back too."""
+    torch.set_num_threads(args.threads)
+    corpus = load_text("austen")
+    ctx = context(args.model)
+    ds = corpus.windows(ctx)
     epochs = args.steps // args.eval_every
-    cfg = TrainConfig(rule=rule, model=args.model, data="austen", epochs=epochs,
+    name, _, opts = rule.partition(":")
+    cfg = TrainConfig(rule=name, rule_options=parse_options(opts), model=args.model, data="austen", epochs=epochs,
                       epoch_samples=args.eval_every * args.batch, eval_limit=args.eval_windows,
                       batch_size=args.batch, optimizer="AdamW", lr=args.lr, schedule="cosine", seed=seed,
                       weight_decay=0.0, progress=False)
@@ -41,50 +53,56 @@ def run_one(rule: str, seed: int, ds, args) -> dict:
     hist = trainer.fit()["epochs"]
     wall = time.perf_counter() - t0
     full_loss, full_acc = evaluate(trainer.net, ds.x_test, ds.y_test)
-    return {"rule": rule, "seed": seed, "tokens": [h["tokens_seen"] for h in hist],
-            "val_bpc": [h["test_bpc"] for h in hist], "train_bpc": [h["train_bpc"] for h in hist],
-            "final_val_bpc": bits(full_loss), "final_val_acc": full_acc,
-            "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist), "wall_s": wall,
-            "net": trainer.net}
+    out = {"rule": rule, "seed": seed, "tokens": [h["tokens_seen"] for h in hist],
+           "val_bpc": [h["test_bpc"] for h in hist], "train_bpc": [h["train_bpc"] for h in hist],
+           "final_val_bpc": bits(full_loss), "final_val_acc": full_acc,
+           "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist), "wall_s": wall}
+    if sample:
+        prompt = corpus.encode("It was a ")
+        out["sample"] = "It was a " + corpus.decode(generate(trainer.net, prompt, 160, ctx, 0.8, None, 0).tolist())
+    return out
+
+
+def context(model: str) -> int:
+    return int(model.split("ctx=")[1].split(",")[0]) if "ctx=" in model else 128
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gpt:layers=4,dim=96,heads=4,ctx=64")
-    ap.add_argument("--rules", default=",".join(RULES))
+    ap.add_argument("--rules", default=";".join(RULES + ABLATIONS),
+                    help="';'-separated rules, each a name or name:key=value,... (rule options)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-windows", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time, each in its own process (results do not depend on it)")
     ap.add_argument("--out", default="benchmarks/reports/lm")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_text("austen")
-    ctx = int(args.model.split("ctx=")[1].split(",")[0]) if "ctx=" in args.model else 128
-    ds = corpus.windows(ctx)
+    ctx = context(args.model)
     unigram = unigram_bpc(corpus)
-    rules = [r for r in args.rules.split(",") if r]
+    rules = [r for r in args.rules.split(";") if r]
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    todo = [(rule, seed, args, seed == seeds[0]) for rule in rules for seed in seeds]
     runs, samples = [], {}
-    for rule in rules:
-        for seed in seeds:
-            r = run_one(rule, seed, ds, args)
-            net = r.pop("net")
-            if seed == seeds[0]:
-                prompt = corpus.encode("It was a ")
-                samples[rule] = "It was a " + corpus.decode(generate(net, prompt, 160, ctx, 0.8, None, 0).tolist())
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for r in pool.map(run_one, *zip(*todo)):
+            if "sample" in r:
+                samples[r["rule"]] = r.pop("sample")
             runs.append(r)
-            print(f"{rule} seed {seed}: validation {r['final_val_bpc']:.3f} bpc "
+            print(f"{r['rule']} seed {r['seed']}: validation {r['final_val_bpc']:.3f} bpc "
                   f"({r['tokens_per_s']:.0f} tokens/s, {r['wall_s']:.0f} s)", flush=True)
     info = {"model": args.model, "steps": args.steps, "batch": args.batch, "context": ctx,
             "tokens": args.steps * args.batch * ctx, "optimizer": "AdamW", "lr": args.lr, "schedule": "cosine",
             "validation": corpus.validation, "validation_chars": len(corpus.val), "unigram_bpc": unigram,
-            "threads": args.threads, "torch": torch.__version__}
+            "threads": args.threads, "jobs": args.jobs, "torch": torch.__version__}
     (out / "results.json").write_text(json.dumps({"info": info, "runs": runs, "samples": samples}, indent=1))
     write_markdown(out / "report.md", info, runs, rules, samples)
     plot(out / "curves.png", info, runs, rules)

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from .areas import AreaLinear
 from .engine import MEMORY_MODES, ChainStep, block_output_shapes
 from .errors import NeurosalError
-from .layers import PARAM_LAYERS, _conv_args, feedback, keep_own_forward, replace_module, weight_update
+from .layers import (NORMS, PARAM_LAYERS, _conv_args, feedback, keep_own_forward, norm_vjp, replace_module,
+                     weight_update)
 from .models import Net
 from .protocols import DirectFeedback, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
 from .rules import make_rule
@@ -284,11 +285,14 @@ class _Hub(torch.autograd.Function):
         ctx.wrapped = wrapped
         ctx.shapes = [p.shape for p in points]
         ctx.dtypes = [p.dtype for p in points]
+        if wrapped._readout:  # the readout norm's derivative is taken at the points' values
+            ctx.save_for_backward(*points)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, e):
-        signals = ctx.wrapped._signals(e, ctx.shapes, ctx.dtypes)
+        values = ctx.saved_tensors if ctx.wrapped._readout else None
+        signals = ctx.wrapped._signals(e, ctx.shapes, ctx.dtypes, values)
         return (None, e, *signals)
 
 
@@ -316,15 +320,19 @@ def find_blocks(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def probe(model: nn.Module, args, kwargs) -> tuple[list, torch.Tensor]:
-    """Every leaf-module call of one forward pass, in order: ``(name, module, input, output)``."""
+def probe(model: nn.Module, args, kwargs) -> tuple[list, torch.Tensor, list[str]]:
+    """One forward pass: every leaf-module call in order, ``(name, module, input, output)``; the output;
+    and the names of all modules, composite ones too, in the order their calls finished."""
     calls: list = []
+    finished: list[str] = []
     names = {m: n for n, m in model.named_modules()}
-    handles = []
-    for m in model.modules():
-        if next(m.children(), None) is None or isinstance(m, (nn.MultiheadAttention, AreaLinear)):
-            handles.append(m.register_forward_hook(
-                lambda mod, inp, out: calls.append((names[mod], mod, inp[0] if inp else None, out))))
+
+    def record(mod, inp, out):
+        finished.append(names[mod])
+        if next(mod.children(), None) is None or isinstance(mod, (nn.MultiheadAttention, AreaLinear)):
+            calls.append((names[mod], mod, inp[0] if inp else None, out))
+
+    handles = [m.register_forward_hook(record) for m in model.modules()]
     was = model.training
     model.eval()
     try:
@@ -334,7 +342,7 @@ def probe(model: nn.Module, args, kwargs) -> tuple[list, torch.Tensor]:
         model.train(was)
         for h in handles:
             h.remove()
-    return calls, out
+    return calls, out, finished
 
 
 def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
@@ -371,6 +379,26 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
     return points
 
 
+def readout_norm(modules: dict, points: list[str], finished: list[str]) -> str | None:
+    """The name of the normalisation through which the head reads a residual stream's feedback points.
+
+    Found when the points are blocks or :class:`Point` markers (a stream the blocks write to; points
+    of a plain stack have their own tails) and the first leaf module to run after the last point is an
+    ``nn.LayerNorm`` / ``nn.RMSNorm`` (a pre-LN transformer's final norm: GPT's ``ln_f``, ViT's
+    ``norm``). The direct rules' signals then reach the points through its local derivative
+    (:func:`neurosal.layers.norm_vjp`, at each point's value; points of another width are left as
+    they are): that derivative is part of the path to the output and transports no weights.
+    """
+    if not points or not all(isinstance(modules[n], Point) or _is_block(modules[n]) for n in points):
+        return None
+    wanted = set(points)
+    last = max((i for i, n in enumerate(finished) if n in wanted), default=None)
+    if last is None:
+        return None
+    nxt = next((n for n in finished[last + 1:] if next(modules[n].children(), None) is None), None)
+    return nxt if nxt is not None and isinstance(modules[nxt], NORMS) else None
+
+
 # ----------------------------------------------------------------------------- the wrapper
 
 class Wrapped(nn.Module):
@@ -401,6 +429,9 @@ class Wrapped(nn.Module):
         self._watch: dict | None = None  # alignment probes: the points' signals / true gradients
         self._target: torch.Tensor | None = None
         self.point_names: list[str] | None = list(points) if points is not None else None
+        #: the LayerNorm/RMSNorm the head reads the points' stream through (direct rules), see readout_norm
+        self.readout_name: str | None = None
+        self._readout: list[nn.Module] = []  # that module (a list: not registered as a submodule)
         self.widths: list[int] = []
         self.register_buffer("projection", None, persistent=False)
         gen = torch.Generator().manual_seed(seed + 7919)
@@ -463,7 +494,7 @@ class Wrapped(nn.Module):
 
     # -- direct
     def _plan(self, args, kwargs) -> None:
-        calls, out = probe(self.model, args, kwargs)
+        calls, out, finished = probe(self.model, args, kwargs)
         if not torch.is_tensor(out):
             raise NeurosalError(f"the direct rules need a model that returns one tensor, got {type(out).__name__}")
         if self.point_names is None:
@@ -474,6 +505,9 @@ class Wrapped(nn.Module):
             raise NeurosalError(f"feedback point(s) {unknown} are not modules of this model")
         for name in self.point_names:
             self._hooks.append(modules[name].register_forward_hook(self._at_point))
+        if self.rule.config.readout_norm:
+            self.readout_name = readout_norm(modules, self.point_names, finished)
+            self._readout = [modules[self.readout_name]] if self.readout_name is not None else []
         if self.memory == "recompute":
             blocks = [modules[n] for n in self.point_names if any(True for _ in modules[n].parameters())]
             if not blocks:
@@ -531,7 +565,7 @@ class Wrapped(nn.Module):
         self.widths = widths
         self.projection = self.rule.make_projection(e_shape[-1], widths, self._gen).to(ref.device, ref.dtype)
 
-    def _signals(self, e: torch.Tensor, shapes, dtypes) -> list[torch.Tensor]:
+    def _signals(self, e: torch.Tensor, shapes, dtypes, values=None) -> list[torch.Tensor]:
         if self.projection is None:
             self._materialise(tuple(e.shape), shapes)
         layout = self._layout(tuple(e.shape), shapes)
@@ -560,7 +594,11 @@ class Wrapped(nn.Module):
                 part = part.reshape(s[1], s[0], *s[2:]).transpose(0, 1)
             # other parts stay views of their columns of the one row-major projection (no copy); an
             # in-place accumulation into one touches only that point's columns
-            out.append(part.reshape(s).to(dt))
+            part = part.reshape(s)
+            norm = self._readout[0] if values is not None else None
+            if norm is not None and s[len(s) - len(norm.normalized_shape):] == tuple(norm.normalized_shape):
+                part = norm_vjp(norm, values[len(out)], part)
+            out.append(part.to(dt))
         if self._watch is not None:
             self._watch["ours"] = [o.detach().clone() for o in out]
         return out

@@ -552,3 +552,49 @@ def test_width_normalised_feedback_gives_each_point_the_errors_norm():
         sig = w._signals(e, [(64, 8, 8, 8), (64, 32)], [torch.float32] * 2)
         ratios = [float(s.norm() / e.norm()) for s in sig]
         assert all(lo < r < hi for r in ratios[:1]), (norm, ratios)  # the 512-wide conv point
+
+
+# ----------------------------------------------------------------------------- the readout norm
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(6), nn.LayerNorm((3, 6)), nn.LayerNorm(6, elementwise_affine=False),
+                                  nn.LayerNorm(6, bias=False), nn.RMSNorm(6), nn.RMSNorm(6, eps=1e-3),
+                                  nn.RMSNorm(6, elementwise_affine=False)], ids=repr)
+def test_norm_vjp_is_the_normalisations_true_derivative(norm):
+    """The closed form the direct rules carry a signal through equals autograd's vector-Jacobian product
+    (gains drawn away from 1), and has no component along the normalised vector."""
+    from neurosal.layers import norm_vjp
+
+    torch.manual_seed(0)
+    norm = copy.deepcopy(norm).double()
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_()
+    h = (torch.randn(4, 3, 6, dtype=torch.float64) * 3 + 1).requires_grad_()
+    g = torch.randn(4, 3, 6, dtype=torch.float64)
+    (want,) = torch.autograd.grad(norm(h), h, g)
+    got = norm_vjp(norm, h, g)
+    assert_close(got, want)
+    dims = tuple(range(-len(norm.normalized_shape), 0))
+    centred = h - h.mean(dims, keepdim=True) if isinstance(norm, nn.LayerNorm) else h
+    cos = (got * centred).sum(dims) / (got.norm(dim=dims) * centred.norm(dim=dims))
+    assert cos.abs().max() < 1e-3  # nothing along the stream's own direction (up to the eps in the norm)
+    half = norm_vjp(norm.float(), h.float(), g.float())  # float32 in, float32 out
+    assert half.dtype == torch.float32
+    assert_close(half, want.float())
+
+
+def test_the_readout_norm_is_found_where_the_head_reads_a_stream_through_one():
+    x_img = torch.randn(2, 1, 8, 8)
+    vit = neurosal.wrap(build_zoo("vit:patch=4,dim=16,depth=2,heads=2", (1, 8, 8), 10), "dfa").materialise(x_img)
+    assert vit.readout_name == "norm"
+    gpt = neurosal.wrap(build_zoo("gpt:layers=2,dim=16,heads=2,ctx=8", (8,), 11), "sal").materialise(
+        torch.randint(0, 11, (2, 8)))
+    assert gpt.readout_name == "ln_f"
+    resnet = neurosal.wrap(build_zoo("resnet:8", (3, 8, 8), 10), "dfa").materialise(torch.randn(2, 3, 8, 8))
+    assert resnet.readout_name is None  # pooled straight into the head
+    two = neurosal.wrap(TwoBranch(), "drtp").materialise(torch.randn(2, 64))
+    assert two.readout_name is None  # a plain stack's points: each has its own tail, not a shared stream
+    marked = nn.Sequential(nn.Linear(4, 8), Point(), nn.Linear(8, 8), Point(), nn.LayerNorm(8), nn.Linear(8, 2))
+    assert neurosal.wrap(marked, "dfa").materialise(torch.randn(2, 4)).readout_name == "4"
+    off = neurosal.wrap(build_zoo("vit:patch=4,dim=16,depth=2,heads=2", (1, 8, 8), 10), "dfa", readout_norm=False)
+    assert off.materialise(x_img).readout_name is None

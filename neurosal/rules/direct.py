@@ -41,6 +41,14 @@ class DirectConfig(RuleConfig):
     #: general engine, per-sample error, points with positions (feature maps, tokens): "auto"/"shared" one
     #: signal per channel shared by the positions; "flatten" one per unit (what spec chains always do)
     positions: str = "auto"
+    #: general engine, feedback points on a residual stream (blocks, ``Point`` markers) that the head
+    #: reads through a LayerNorm/RMSNorm (pre-LN transformers: the final norm): each point's signal
+    #: reaches it through that norm's local derivative, taken at the point's own value. The norm has no
+    #: weights to transport; its derivative removes the part of the signal along the stream's own
+    #: direction, which would only grow the stream (without it the direct rules blow a GPT's stream up
+    #: to norms of 1e3-1e5 and stay near the unigram level; see benchmarks/reports/lm). False: the
+    #: projected signal arrives as it is
+    readout_norm: bool = True
 
     def __post_init__(self):
         check(self.init in ("gaussian", "uniform"), "rule option init", f"use gaussian or uniform, not {self.init!r}")
