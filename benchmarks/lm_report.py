@@ -82,9 +82,17 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at a time, each in its own process (results do not depend on it)")
     ap.add_argument("--out", default="benchmarks/reports/lm")
+    ap.add_argument("--from-results", action="store_true",
+                    help="only rewrite report.md and curves.png from the folder's results.json")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        saved = json.loads((out / "results.json").read_text())
+        rules = list(dict.fromkeys(r["rule"] for r in saved["runs"]))
+        write_markdown(out / "report.md", saved["info"], saved["runs"], rules, saved["samples"])
+        plot(out / "curves.png", saved["info"], saved["runs"], rules)
+        return 0
     corpus = load_text("austen")
     ctx = context(args.model)
     unigram = unigram_bpc(corpus)
@@ -149,7 +157,7 @@ def plot(path: Path, info: dict, runs: list, rules: list) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for r in rules:
         xs = [x for x in runs if x["rule"] == r]
         tokens = xs[0]["tokens"]
@@ -162,7 +170,7 @@ def plot(path: Path, info: dict, runs: list, rules: list) -> None:
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("validation bits per character")
     ax.set_title(f"austen, {info['model']} (band: min-max over seeds)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

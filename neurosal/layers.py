@@ -154,7 +154,7 @@ class RMSClip(nn.Module):
 
 RMS_EPS = 1e-6
 
-#: per-sample normalisations whose local derivative :func:`norm_vjp` writes out
+#: per-sample normalisations :func:`norm_vjp` carries a signal through
 NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 

@@ -23,7 +23,9 @@
   in one matmul and injects each slice at its point. The graph is cut after each point (what follows
   sees a detached tensor), so a point's signal trains only the layers between it and the point below,
   through their true local derivatives, and no error passes between points. Points are chosen
-  automatically (:func:`find_points`) or marked with :class:`Point` modules. When the output has more
+  automatically (:func:`find_points`) or marked with :class:`Point` modules. Where the points lie on a
+  residual stream that the head reads through a LayerNorm/RMSNorm (:func:`readout_norm`), each point's
+  signal first passes through that norm's local derivative at the point's value. When the output has more
   than two dimensions (a sequence, ``(B, T, V)``), the projection is per position: a point shaped
   ``(B, T, ...)`` receives at position t the projection of the error at position t.
 * **spec chains** (:class:`neurosal.models.Net`, what ``mlp:``/``cnn``/``snn:`` build) take a fast path

@@ -455,14 +455,16 @@ def test_sign_concordant_and_kolen_pollack_feedback():
 
 @pytest.mark.parametrize("rule", ["fa", "kp", "ldef", "dfa", "sal"])
 def test_autocast_bf16_gives_full_precision_finite_grads(rule):
-    """AMP: the layers compute in bf16, every update lands in the parameters' own dtype."""
+    """AMP: the layers compute in bf16, every update lands in the parameters' own dtype (two blocks: the
+    direct rules' signals pass through the readout LayerNorm's derivative, in float32)."""
     torch.manual_seed(0)
-    m = neurosal.wrap(build_zoo("vit:patch=4,dim=16,depth=1,heads=2", (1, 8, 8), 10), rule)
+    m = neurosal.wrap(build_zoo("vit:patch=4,dim=16,depth=2,heads=2", (1, 8, 8), 10), rule)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
         loss = F.cross_entropy(out, y)
     assert out.dtype == torch.bfloat16
+    assert getattr(m, "readout_name", None) == ("norm" if rule in ("dfa", "sal") else None)
     loss.backward()
     grads = [(n, p) for n, p in m.named_parameters() if p.grad is not None]
     assert len(grads) > 10
