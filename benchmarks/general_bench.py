@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import neurosal  # noqa: E402
 from neurosal.bench import machine_info, storage_counter, wrapped_activation_bytes  # noqa: E402
 from neurosal.engine import forward_cached  # noqa: E402
-from neurosal.rules import make_rule  # noqa: E402
+from neurosal.rules import make_rule, parse_options  # noqa: E402
 from neurosal.zoo import ResNet, ViT  # noqa: E402
 
 RULES = ["bp", "fa", "usf", "kp", "ldef", "dfa", "drtp", "sal", "dfa[recompute]"]
@@ -72,15 +72,19 @@ MODELS = {
 
 
 def build(model: str, path: str, rule: str):
+    """``rule``: a name, ``name[recompute]`` (the low-memory mode) and/or ``name:key=value`` (one rule
+    option, e.g. ``dfa:readout_norm=false``, to time an option side by side with the default)."""
     make, spec, batch = MODELS[model]
-    name, _, mode = rule.partition("[")
+    base, _, option = rule.partition(":")
+    name, _, mode = base.partition("[")
     memory = mode.rstrip("]") or "cache"
+    options = parse_options(option)
     torch.manual_seed(0)
     if path == "chain":
-        r = make_rule(name)
+        r = make_rule(name, **options)
         net = r.build(spec, (1, 28, 28), 10)
         return neurosal.wrap(net, r, seed=1, memory=memory), batch
-    return neurosal.wrap(make(), name, seed=1, memory=memory), batch
+    return neurosal.wrap(make(), name, seed=1, memory=memory, **options), batch
 
 
 def saved_bytes(wrapped, x, y) -> int:
@@ -113,7 +117,7 @@ def run(models, rules, rounds: int, steps: int, bio: bool, notes: list) -> list[
         paths = ["general"] + (["chain"] if MODELS[model][1] else [])
         for path in paths:
             for rule in rules:
-                if rule == "sal" and model == "resnet20":
+                if rule.partition(":")[0] == "sal" and model == "resnet20":
                     continue  # no hidden Linear: conv layers stay dense, sal would be dfa
                 if rule.endswith("[recompute]") and path == "general" and model in ("mlp-d8", "mlp-d16", "lenet"):
                     continue  # plain stacks: the points are activations, no blocks to recompute
