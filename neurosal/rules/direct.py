@@ -31,7 +31,8 @@ class DirectConfig(RuleConfig):
     #: "gaussian" N(0, scale^2/n_classes) or "uniform" with the same variance
     init: str = "gaussian"
     scale: float = 1.0
-    #: residual blocks use the feedback matrix of the stream they add to
+    #: spec chains: residual blocks use the feedback matrix of the stream they add to (the general
+    #: engine gives every feedback point its own column block of B)
     share_stream: bool = True
     #: feedback variance: "classes" scale^2/n_classes per entry (each unit's signal ~ the error's size:
     #: fine with Adam-style optimisers); "width" scale^2/width of the point, so a point's whole signal has
