@@ -31,8 +31,9 @@ from neurosal.text import bits, generate, load_text, unigram_bpc  # noqa: E402
 from neurosal.train import Trainer, TrainConfig, evaluate  # noqa: E402
 
 RULES = ["bp", "fa", "usf", "ldef", "dfa", "drtp", "sal"]
-#: ablation rows: the direct rules with the signal arriving as projected (not through the final LayerNorm)
-ABLATIONS = ["dfa:readout_norm=false", "drtp:readout_norm=false", "sal:readout_norm=false"]
+#: ablation rows: the direct rules with the signal arriving as projected (not through the final LayerNorm),
+#: and with one block of B per block instead of the stream's shared one
+ABLATIONS = [f"{r}:{o}" for o in ("readout_norm=false", "share_stream=false") for r in ("dfa", "drtp", "sal")]
 
 
 def run_one(rule: str, seed: int, args, sample: bool) -> dict:
@@ -133,6 +134,7 @@ def write_markdown(path: Path, info: dict, runs: list, rules: list, samples: dic
              f"Seeds: {sorted({x['seed'] for x in runs})}. CPU, torch threads: {info['threads']}, torch {info['torch']}.\n",
              f"Unigram level (training-text character frequencies on Persuasion): **{info['unigram_bpc']:.3f} "
              "bits per character**.\n",
+             *([f"Note: {info['rerun']}.\n"] if info.get("rerun") else []),
              "| rule | validation bpc (mean ± sd) | gap to BP | below unigram by | next-char acc % | tokens/s |",
              "|---|---|---|---|---|---|"]
     for r in rules:
@@ -158,14 +160,18 @@ def plot(path: Path, info: dict, runs: list, rules: list) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    bases = list(dict.fromkeys(r.partition(":")[0] for r in rules))
+    colours = {b: f"C{i}" for i, b in enumerate(bases)}  # an ablation row: its rule's colour, dashed
     for r in rules:
         xs = [x for x in runs if x["rule"] == r]
         tokens = xs[0]["tokens"]
         curves = list(zip(*[x["val_bpc"] for x in xs]))
         mean = [statistics.fmean(c) for c in curves]
         lo, hi = [min(c) for c in curves], [max(c) for c in curves]
-        line, = ax.plot([t / 1e6 for t in tokens], mean, marker=".", label=r)
-        ax.fill_between([t / 1e6 for t in tokens], lo, hi, color=line.get_color(), alpha=0.15)
+        base, _, option = r.partition(":")
+        style = "-" if not option else ("--" if "share_stream" in option else ":")
+        ax.plot([t / 1e6 for t in tokens], mean, style, marker=".", color=colours[base], label=r)
+        ax.fill_between([t / 1e6 for t in tokens], lo, hi, color=colours[base], alpha=0.12)
     ax.axhline(info["unigram_bpc"], color="grey", ls="--", lw=1, label="unigram")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("validation bits per character")

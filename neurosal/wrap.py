@@ -435,6 +435,7 @@ class Wrapped(nn.Module):
         self.readout_name: str | None = None
         self._readout: list[nn.Module] = []  # that module (a list: not registered as a submodule)
         self.widths: list[int] = []
+        self._columns: list[tuple[int, int]] = []  # each point's columns of the projection
         self.register_buffer("projection", None, persistent=False)
         gen = torch.Generator().manual_seed(seed + 7919)
         self._gen = gen
@@ -565,7 +566,18 @@ class Wrapped(nn.Module):
         widths = [w for _, w, _ in self._layout(e_shape, shapes)]
         ref = next(self.model.parameters())
         self.widths = widths
-        self.projection = self.rule.make_projection(e_shape[-1], widths, self._gen).to(ref.device, ref.dtype)
+        # one column block of B per point -- or, for the blocks of a stream the head reads through a
+        # normalisation (share_stream), one per run of points of the same width: every block writing to
+        # the stream pulls it the way the readout reads it, as a spec chain's residual blocks do
+        shared = self.rule.config.share_stream and bool(self._readout)
+        blocks: list[int] = []
+        self._columns = []
+        for i, w in enumerate(widths):
+            if not (shared and i and w == widths[i - 1]):
+                blocks.append(w)
+            start = sum(blocks[:-1])
+            self._columns.append((start, start + w))
+        self.projection = self.rule.make_projection(e_shape[-1], blocks, self._gen).to(ref.device, ref.dtype)
 
     def _signals(self, e: torch.Tensor, shapes, dtypes, values=None) -> list[torch.Tensor]:
         if self.projection is None:
@@ -579,7 +591,8 @@ class Wrapped(nn.Module):
         target = self.take_target(e)
         g = self.rule.project(self.rule.source(e, target).to(b.dtype), b).to(e.dtype)
         out = []
-        for part, s, dt, (axis, _, positions) in zip(g.split(widths, dim=-1), shapes, dtypes, layout):
+        parts = [g[..., a:b] for a, b in self._columns]
+        for part, s, dt, (axis, _, positions) in zip(parts, shapes, dtypes, layout):
             s = tuple(s)
             if positions > 1:  # one signal per channel/feature, shared by every position
                 part = part / positions

@@ -171,9 +171,14 @@ def test_feedback_points_are_chosen_sensibly():
     vit = build_zoo("vit:patch=4,dim=16,depth=3,heads=2", (1, 8, 8), 10)
     w = neurosal.wrap(vit, "dfa").materialise(torch.randn(2, 1, 8, 8))
     assert w.point_names == ["blocks.0", "blocks.1", "blocks.2"]
-    assert w.projection.shape == (10, 3 * 16)  # per sample: one signal per feature, shared by the 4 tokens
+    # per sample: one signal per feature, shared by the 4 tokens; the three blocks write to the stream the
+    # head reads through its LayerNorm, so they share one block of B (share_stream)
+    assert w.projection.shape == (10, 16) and w._columns == [(0, 16)] * 3
+    own = neurosal.wrap(build_zoo("vit:patch=4,dim=16,depth=3,heads=2", (1, 8, 8), 10), "dfa",
+                        share_stream=False).materialise(torch.randn(2, 1, 8, 8))
+    assert own.projection.shape == (10, 3 * 16)  # one block per point
     flat = neurosal.wrap(build_zoo("vit:patch=4,dim=16,depth=3,heads=2", (1, 8, 8), 10), "dfa",
-                         positions="flatten").materialise(torch.randn(2, 1, 8, 8))
+                         positions="flatten", share_stream=False).materialise(torch.randn(2, 1, 8, 8))
     assert flat.projection.shape == (10, 3 * 4 * 16)  # one per unit
     two = neurosal.wrap(TwoBranch(), "dfa").materialise(torch.randn(2, 64))
     assert two.point_names == ["inp", "left", "right.1"]  # functional relu: the Linear; Tanh: after it
@@ -597,7 +602,12 @@ def test_the_readout_norm_is_found_where_the_head_reads_a_stream_through_one():
     two = neurosal.wrap(TwoBranch(), "drtp").materialise(torch.randn(2, 64))
     assert two.readout_name is None  # a plain stack's points: each has its own tail, not a shared stream
     marked = nn.Sequential(nn.Linear(4, 8), Point(), nn.Linear(8, 8), Point(), nn.LayerNorm(8), nn.Linear(8, 2))
-    assert neurosal.wrap(marked, "dfa").materialise(torch.randn(2, 4)).readout_name == "4"
+    w = neurosal.wrap(marked, "dfa").materialise(torch.randn(2, 4))
+    assert w.readout_name == "4" and w.projection.shape == (2, 8)  # one stream, one shared block of B
+    mixed = nn.Sequential(nn.Linear(4, 6), Point(), nn.Linear(6, 8), Point(), nn.Linear(8, 8), Point(),
+                          nn.LayerNorm(8), nn.Linear(8, 2))
+    w = neurosal.wrap(mixed, "dfa").materialise(torch.randn(2, 4))
+    assert w._columns == [(0, 6), (6, 14), (6, 14)]  # a block per run of one width
     off = neurosal.wrap(build_zoo("vit:patch=4,dim=16,depth=2,heads=2", (1, 8, 8), 10), "dfa", readout_norm=False)
     assert off.materialise(x_img).readout_name is None
 

@@ -31,8 +31,9 @@ class DirectConfig(RuleConfig):
     #: "gaussian" N(0, scale^2/n_classes) or "uniform" with the same variance
     init: str = "gaussian"
     scale: float = 1.0
-    #: spec chains: residual blocks use the feedback matrix of the stream they add to (the general
-    #: engine gives every feedback point its own column block of B)
+    #: residual blocks use the feedback matrix of the stream they add to: a spec chain's residual
+    #: blocks; in the general engine, consecutive points of one width on a stream the head reads through
+    #: a normalisation (``readout_norm`` found one: pre-LN transformers). Other points: one block each
     share_stream: bool = True
     #: feedback variance: "classes" scale^2/n_classes per entry (each unit's signal ~ the error's size:
     #: fine with Adam-style optimisers); "width" scale^2/width of the point, so a point's whole signal has
