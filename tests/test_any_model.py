@@ -640,3 +640,20 @@ def test_a_users_pre_norm_transformer_learns_digits_through_its_readout_norm(rul
     acc = _train(wrapped, epochs=6)
     assert wrapped.readout_name == "norm"  # the user's RMSNorm, found by the call order
     assert acc >= bound, (rule, acc)
+
+
+def test_points_sharing_columns_get_tensors_of_their_own():
+    """Two points of one width share B's columns; where the readout norm does not apply to them (another
+    width), each still receives its own tensor (autograd may accumulate into one in place)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), Point(), nn.Linear(6, 6), Point(), nn.Linear(6, 8), Point(),
+                          nn.LayerNorm(8), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    w = neurosal.wrap(model, "dfa").materialise(x)
+    assert w._columns == [(0, 6), (0, 6), (6, 14)]
+    values = [torch.randn(5, 6), torch.randn(5, 6), torch.randn(5, 8)]
+    sig = w._signals(torch.randn(5, 3), [(5, 6), (5, 6), (5, 8)], [torch.float32] * 3, values)
+    assert torch.equal(sig[0], sig[1])  # one shared block of B, the same signal
+    assert sig[0].untyped_storage().data_ptr() != sig[1].untyped_storage().data_ptr()
+    sig[1].add_(1.0)  # an in-place accumulation into one leaves the other alone
+    assert not torch.equal(sig[0], sig[1])
