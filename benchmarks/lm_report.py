@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import statistics
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neurosal.rules import parse_options  # noqa: E402
 from neurosal.text import bits, generate, load_text, unigram_bpc  # noqa: E402
 from neurosal.train import Trainer, TrainConfig, evaluate  # noqa: E402
+from neurosal.zoo import context_length  # noqa: E402
 
 RULES = ["bp", "fa", "usf", "ldef", "dfa", "drtp", "sal"]
 #: ablation rows: the direct rules with the signal arriving as projected (not through the final LayerNorm),
@@ -40,9 +42,8 @@ def run_one(rule: str, seed: int, args, sample: bool) -> dict:
     """One (rule, seed) run. ``rule`` is a name, or ``name:key=value,...`` with rule options (an ablation
     row). With ``sample``, the trained model's text from the prompt "It was a " comes back too."""
     torch.set_num_threads(args.threads)
-    corpus = load_text("austen")
-    ctx = context(args.model)
-    ds = corpus.windows(ctx)
+    corpus, ds = data(args.model)
+    ctx = context_length(args.model)
     epochs = args.steps // args.eval_every
     name, _, opts = rule.partition(":")
     cfg = TrainConfig(rule=name, rule_options=parse_options(opts), model=args.model, data="austen", epochs=epochs,
@@ -64,8 +65,11 @@ def run_one(rule: str, seed: int, args, sample: bool) -> dict:
     return out
 
 
-def context(model: str) -> int:
-    return int(model.split("ctx=")[1].split(",")[0]) if "ctx=" in model else 128
+@functools.cache
+def data(model: str):
+    """austen and its windows at the model's context, read once per process (a worker runs many jobs)."""
+    corpus = load_text("austen")
+    return corpus, corpus.windows(context_length(model))
 
 
 def main(argv=None) -> int:
@@ -94,8 +98,8 @@ def main(argv=None) -> int:
         write_markdown(out / "report.md", saved["info"], saved["runs"], rules, saved["samples"])
         plot(out / "curves.png", saved["info"], saved["runs"], rules)
         return 0
-    corpus = load_text("austen")
-    ctx = context(args.model)
+    corpus, _ = data(args.model)
+    ctx = context_length(args.model)
     unigram = unigram_bpc(corpus)
     rules = [r for r in args.rules.split(";") if r]
     seeds = [int(s) for s in args.seeds.split(",") if s]

@@ -592,7 +592,9 @@ class Wrapped(nn.Module):
         g = self.rule.project(self.rule.source(e, target).to(b.dtype), b).to(e.dtype)
         out = []
         parts = [g[..., a:b] for a, b in self._columns]
-        for part, s, dt, (axis, _, positions) in zip(parts, shapes, dtypes, layout):
+        norm = self._readout[0] if values is not None else None
+        first = {c: i for i, c in reversed(list(enumerate(self._columns)))}  # columns -> first point using them
+        for i, (part, s, dt, (axis, _, positions)) in enumerate(zip(parts, shapes, dtypes, layout)):
             s = tuple(s)
             if positions > 1:  # one signal per channel/feature, shared by every position
                 part = part / positions
@@ -610,11 +612,9 @@ class Wrapped(nn.Module):
             # other parts stay views of their columns of the one row-major projection (no copy); an
             # in-place accumulation into one touches only that point's columns
             part = part.reshape(s)
-            norm = self._readout[0] if values is not None else None
             if norm is not None and s[len(s) - len(norm.normalized_shape):] == tuple(norm.normalized_shape):
-                part = norm_vjp(norm, values[len(out)], part)
-            elif (self._columns.index(self._columns[len(out)]) < len(out)
-                  and part.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()):
+                part = norm_vjp(norm, values[i], part)
+            elif first[self._columns[i]] < i and part.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
                 part = part.clone()  # columns shared with an earlier point: each point gets its own tensor
             out.append(part.to(dt))
         if self._watch is not None:
