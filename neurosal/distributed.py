@@ -29,7 +29,9 @@ interpreter is still fully alive -- after a barrier, so no rank closes its conne
 still talking to it. A process group left to interpreter finalisation aborts at random (SIGABRT,
 ``terminate called without an active exception``): gloo's C++ worker threads and the work objects
 they hold (with references to our gradient tensors) are then torn down in static destructors, racing
-the interpreter's own teardown.
+the interpreter's own teardown. Destroying the group first made that rarer, not impossible (still about
+one job in 10-20 on a 2-core machine, 2026-12-07), so a rank of a torchrun job then leaves without
+interpreter finalisation (``os._exit`` after flushing, :func:`neurosal.cli.entry`): 0 aborts in 80 jobs.
 """
 
 from __future__ import annotations
