@@ -739,3 +739,17 @@ def test_torchrun_jobs_exit_cleanly_every_time(tmp_path):
         assert r.returncode == 0, f"run {i + 1}: {r.stderr[-3000:]}"
         assert "terminate called" not in r.stderr
         assert checkpoint.load(checkpoint.epoch_path(out, 2))["epoch"] == 2
+
+
+@pytest.mark.parametrize("args,status,line", [
+    (["train", "--rule", "dfa"], 2, "error: neurosal train: the following arguments are required: --out"),  # argparse's exit
+    (["train", "--rule", "dfa", "--data", "/nonexistent/data.csv", "--epochs", "1"], 2, "error: "),
+])
+def test_a_torchrun_rank_exits_with_its_status_and_message(args, status, line):
+    """A rank of a torchrun job leaves by os._exit (neurosal.cli.entry): its exit status and its one error
+    line must still come out (stderr flushed first). The environment marks the process as a rank; both
+    inputs fail before any process group is made."""
+    env = {**ENV, "TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    r = subprocess.run([sys.executable, "-m", "neurosal.cli", *args], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == status and line in r.stderr, r.stderr[-2000:]
