@@ -36,20 +36,52 @@ def _quantise(v: torch.Tensor, bits: int, full: float | torch.Tensor) -> torch.T
     return torch.round(v.clamp(-full, full) / full * levels) / levels * full
 
 
-def analog_mvm(x: torch.Tensor, w: torch.Tensor, fn, cfg: DeviceConfig, w_max: float, fan_in: int):
-    """``fn(x, w)`` (linear or conv, no bias) through DAC and ADC."""
+def analog_mvm(x: torch.Tensor, w: torch.Tensor, fn, cfg: DeviceConfig, w_max: float, fan_in: int,
+               noise=None, sumsq=None):
+    """``fn(x, w)`` (linear or conv, no bias) through DAC, read noise and ADC.
+
+    Read noise (``cfg.read_noise``, std per device relative to R) is fresh at every read, and a read is one
+    matrix-vector product: each sample (each token, each output position of a convolution) meets its own
+    draw of the conductances, as it does on an array that applies one input vector per read cycle
+    (aihwkit's ``w_noise`` is the same "MVM-to-MVM" noise). Independent noise of std ``s`` on every weight
+    of a row gives that row's output a normal of std ``s * |x|``, independent between outputs and reads,
+    so it is drawn on the outputs (``noise(shape)``: standard normals from the array's generator) scaled
+    by the norm of what each output reads (``sumsq(x)``, broadcastable to the output) -- exact in
+    distribution, and one draw per output instead of one per weight. It enters at the array, between
+    DAC and ADC.
+    """
+    sigma = cfg.read_noise * 2 ** 0.5 * w_max  # G+ and G- each read with std read_noise * R
     if not (cfg.dac_bits or cfg.adc_bits):
-        return fn(x, w)
+        y = fn(x, w)
+        return y + sumsq(x).sqrt() * (noise(y.shape) * sigma) if noise is not None and sigma > 0 else y
     dims = tuple(range(1, x.dim()))
     scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)
     xn = x / scale
     if cfg.dac_bits:
         xn = _quantise(xn, cfg.dac_bits, 1.0)
     y = fn(xn, w)
+    if noise is not None and sigma > 0:
+        y = y + sumsq(xn).sqrt() * (noise(y.shape) * sigma)
     if cfg.adc_bits:
         y = _quantise(y, cfg.adc_bits, cfg.adc_range * w_max * math.sqrt(fan_in))
     out_scale = scale.reshape(scale.shape[0], *([1] * (y.dim() - 1)))
     return y * out_scale
+
+
+def row_sumsq(x: torch.Tensor) -> torch.Tensor:
+    """What each output of a Linear layer reads: the squared norm of its input vector."""
+    return x.pow(2).sum(-1, keepdim=True)
+
+
+def patch_sumsq(conv: nn.Conv2d):
+    """What each output of ``conv`` reads: the squared norm of its input patch (per group), shaped to
+    broadcast over the output channels."""
+    def sumsq(x: torch.Tensor) -> torch.Tensor:
+        g = conv.groups
+        ones = x.new_ones(g, x.shape[1] // g, *conv.kernel_size)
+        s = F.conv2d(x * x, ones, None, conv.stride, conv.padding, conv.dilation, g)
+        return s if g == 1 else s.repeat_interleave(conv.out_channels // g, dim=1)
+    return sumsq
 
 
 class AnalogTiles:
@@ -76,8 +108,11 @@ class AnalogTiles:
         c = self.cfg
         return not (c.dac_bits or c.adc_bits or c.read_noise > 0)
 
-    def noisy(self, i: int) -> torch.Tensor:
-        return self.arrays[i].weights(noisy=True) if self.cfg.read_noise > 0 else self.params[i]
+    def read(self, i: int, x: torch.Tensor, fn, sumsq=row_sumsq) -> torch.Tensor:
+        """Array ``i`` read with input ``x`` (``fn``: the layer's linear map, no bias): DAC, the devices'
+        weights with fresh read noise per read, ADC (see :func:`analog_mvm`)."""
+        noise = self.arrays[i]._randn if self.cfg.read_noise > 0 else None
+        return analog_mvm(x, self.params[i].detach(), fn, self.cfg, self.w_max, self.fan_in, noise, sumsq)
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -232,7 +267,7 @@ class AnalogLinear(_AnalogMixin, nn.Linear):
 
     def forward(self, x):
         def hw(v):
-            y = analog_mvm(v, self.tiles.noisy(0), F.linear, self.tiles.cfg, self.tiles.w_max, self.in_features)
+            y = self.tiles.read(0, v, F.linear)
             return y + self.bias if self.bias is not None else y
         return self._straight_through(x, hw, lambda v: F.linear(v, self.weight, self.bias))
 
@@ -252,7 +287,7 @@ class AnalogConv2d(_AnalogMixin, nn.Conv2d):
         conv = lambda v, w: F.conv2d(v, w, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
 
         def hw(v):
-            y = analog_mvm(v, self.tiles.noisy(0), conv, self.tiles.cfg, self.tiles.w_max, self.weight[0].numel())
+            y = self.tiles.read(0, v, conv, patch_sumsq(self))
             return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
         return self._straight_through(x, hw, lambda v: self._conv_forward(v, self.weight, self.bias))
 
@@ -284,7 +319,7 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
 
     def area_forward(self, k: int, rows: torch.Tensor) -> torch.Tensor:
         t = self.tiles
-        return analog_mvm(rows, t.noisy(k), F.linear, t.cfg, t.w_max, self.in_features) + self.area_bias[k]
+        return t.read(k, rows, F.linear) + self.area_bias[k]
 
 
 def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_output: bool = True,

@@ -200,3 +200,38 @@ def test_every_preset_states_its_source():
 
     assert set(SOURCES) == set(PRESETS)
     assert all(len(text) > 60 for text in SOURCES.values())
+
+
+# ----------------------------------------------------------------------------- read noise, per read
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_groups"])
+def test_read_noise_is_fresh_for_every_read(kind):
+    """Every matrix-vector product (each sample; each output position of a convolution) meets its own
+    draw of the conductances: the output noise has std read_noise*sqrt(2)*w_max*|input it reads| and is
+    independent between reads -- identical samples in one batch read differently (one weight draw shared
+    by the batch, the former model, gave them identical outputs: correlation 1)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from hw_models.analog import convert, patch_sumsq, row_sumsq
+
+    torch.manual_seed(0)
+    cfg = DeviceConfig(levels=1000, read_noise=0.02)
+    if kind == "linear":
+        layer = convert(nn.Sequential(nn.Linear(48, 64, bias=False)), cfg, seed=1)[0]
+        x = torch.randn(1, 48).repeat(400, 1)  # one input read 400 times
+        sumsq, exact = row_sumsq, lambda v: F.linear(v, layer.weight)
+    else:
+        layer = convert(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2 if kind == "conv_groups" else 1,
+                                                bias=False)), cfg, seed=1)[0]
+        x = torch.randn(1, 4, 6, 6).repeat(100, 1, 1, 1)
+        x[:, :, 0] = 0  # a zero row of the image: patches of unequal norms
+        sumsq = patch_sumsq(layer)
+        exact = lambda v: F.conv2d(v, layer.weight, None, layer.stride, layer.padding, layer.dilation,  # noqa: E731
+                                   layer.groups)
+    t = layer.tiles
+    with torch.no_grad():
+        z = (layer(x) - exact(x)) / (t.cfg.read_noise * 2 ** 0.5 * t.w_max * sumsq(x).sqrt())
+    z = z.reshape(x.shape[0], -1)
+    assert torch.isfinite(z).all() and z.numel() > 10_000
+    assert abs(float(z.mean())) < 0.05 and abs(float(z.var()) - 1) < 0.06
+    c = torch.corrcoef(z[:50])  # between reads of the same input
+    assert abs(float(c[~torch.eye(50, dtype=torch.bool)].mean())) < 0.05

@@ -742,7 +742,8 @@ def test_torchrun_jobs_exit_cleanly_every_time(tmp_path):
 
 
 @pytest.mark.parametrize("args,status,line", [
-    (["train", "--rule", "dfa"], 2, "error: neurosal train: the following arguments are required: --out"),  # argparse's exit
+    # argparse's exit
+    (["train", "--rule", "dfa"], 2, "error: neurosal train: the following arguments are required: --out"),
     (["train", "--rule", "dfa", "--data", "/nonexistent/data.csv", "--epochs", "1"], 2, "error: "),
 ])
 def test_a_torchrun_rank_exits_with_its_status_and_message(args, status, line):
