@@ -31,11 +31,6 @@ from .array import DifferentialArray, check_request, clip_fraction
 from .devices import DeviceConfig
 
 
-def _quantise(v: torch.Tensor, bits: int, full: float | torch.Tensor) -> torch.Tensor:
-    levels = 2 ** (bits - 1) - 1
-    return torch.round(v.clamp(-full, full) / full * levels) / levels * full
-
-
 def analog_mvm(x: torch.Tensor, w: torch.Tensor, fn, cfg: DeviceConfig, w_max: float, fan_in: int,
                noise=None, sumsq=None):
     """``fn(x, w)`` (linear or conv, no bias) through DAC, read noise and ADC.
@@ -51,21 +46,31 @@ def analog_mvm(x: torch.Tensor, w: torch.Tensor, fn, cfg: DeviceConfig, w_max: f
     DAC and ADC.
     """
     sigma = cfg.read_noise * 2 ** 0.5 * w_max  # G+ and G- each read with std read_noise * R
+    noisy = noise is not None and sigma > 0
     if not (cfg.dac_bits or cfg.adc_bits):
         y = fn(x, w)
-        return y + sumsq(x).sqrt() * (noise(y.shape) * sigma) if noise is not None and sigma > 0 else y
+        return y.addcmul_(sumsq(x).sqrt_(), noise(y.shape).mul_(sigma)) if noisy else y
+    # Per-sample abs-max scaling, then the DAC's integer codes: the array sees x / scale (|.| <= 1) on
+    # 2^(bits-1) - 1 levels per side. The matmul runs on the codes (or on x / scale without a DAC) and
+    # every scale folds into one factor per sample at the end: the ops are written in place, few and
+    # fused, because this runs at every forward of every analog layer.
     dims = tuple(range(1, x.dim()))
-    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)
-    xn = x / scale
+    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min_(1e-12)
     if cfg.dac_bits:
-        xn = _quantise(xn, cfg.dac_bits, 1.0)
-    y = fn(xn, w)
-    if noise is not None and sigma > 0:
-        y = y + sumsq(xn).sqrt() * (noise(y.shape) * sigma)
-    if cfg.adc_bits:
-        y = _quantise(y, cfg.adc_bits, cfg.adc_range * w_max * math.sqrt(fan_in))
-    out_scale = scale.reshape(scale.shape[0], *([1] * (y.dim() - 1)))
-    return y * out_scale
+        levels = 2 ** (cfg.dac_bits - 1) - 1
+        xn = (x * (levels / scale)).round_()  # |x| <= scale: no clamp needed
+        unit = 1.0 / levels  # what one code stands for, in units of x / scale
+    else:
+        xn, unit = x / scale, 1.0
+    y = fn(xn, w)  # in units of `unit`
+    if noisy:  # std sigma * |read input|, in the same units as y
+        y.addcmul_(sumsq(xn).sqrt_(), noise(y.shape).mul_(sigma))
+    if cfg.adc_bits:  # codes of the ADC's grid over [-full, full] of the normalised output
+        levels = 2 ** (cfg.adc_bits - 1) - 1
+        full = cfg.adc_range * w_max * math.sqrt(fan_in) / unit
+        y.mul_(levels / full).clamp_(-levels, levels).round_()
+        unit *= full / levels
+    return y.mul_(scale.reshape(scale.shape[0], *([1] * (y.dim() - 1))) * unit)
 
 
 def row_sumsq(x: torch.Tensor) -> torch.Tensor:
