@@ -45,7 +45,7 @@ class DeviceConfig:
     dtod_step: float = 0.0  # device-to-device spread of the step size (relative std)
     dtod_bounds: float = 0.0  # device-to-device shrink of each device's bounds (relative to R)
     ctoc: float = 0.0  # cycle-to-cycle noise per pulse (std, in units of the nominal step)
-    read_noise: float = 0.0  # std of conductance read noise (relative to R), fresh at every read
+    read_noise: float = 0.0  # std of conductance read noise (relative to R), fresh at every read (each MVM)
     dac_bits: int = 0  # input quantisation (0 = off); per-sample abs-max scaling
     adc_bits: int = 0  # output quantisation (0 = off)
     adc_range: float = 4.0  # ADC full scale in units of w_max * sqrt(fan_in) for unit-range inputs
