@@ -223,6 +223,20 @@ def test_area_usage_is_logged(tmp_path):
     assert rec["dead_areas"] == [sum(c == 0 for c in u) for u in rec["area_usage"]]
 
 
+def test_dead_areas_are_warned_once_per_change(capsys):
+    """Dead areas (no sample routed there in an epoch) are in every epoch's metrics, but the warning is
+    printed when the per-layer counts change, not every epoch (iris ran 60 lines of the same warning)."""
+    from neurosal.train import TrainConfig, Trainer
+
+    tr = Trainer(TrainConfig(rule="sal", model="mlp:16x16", data="iris", epochs=8, batch_size=16, progress=False,
+                             rule_options={"areas": 8, "balance": 0.0, "warmup": 0.0}), None)
+    dead = [r["dead_areas"] for r in tr.fit()["epochs"]]
+    changes = [d for i, d in enumerate(dead) if sum(d) and (i == 0 or d != dead[i - 1])]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "dead areas" in ln]
+    assert sum(map(sum, dead)) > 0 and len(lines) == len(changes) < len(dead)
+    assert [ln.split("layer ")[1].split(" (")[0] for ln in lines] == [str(d) for d in changes]
+
+
 @pytest.mark.skipif(not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"),
                     reason="Debian package dataset-fashion-mnist not installed (make setup installs it)")
 def test_fashion_mnist_sal_within_1_5_points_of_bp():
