@@ -142,13 +142,17 @@ class AnalogTiles:
     @staticmethod
     def _sgd_rate(request: torch.Tensor, grad: torch.Tensor | None) -> float:
         """The learning rate of a plain SGD step ``request = -lr * grad`` (coincidence needs it). Reads
-        three numbers on the host -- the rate and the check that the step was plain SGD -- so a CUDA step
-        syncs once per array here (documented exception to the no-sync rule)."""
-        if grad is None or not torch.any(grad):
+        three numbers on the host in one transfer -- the rate and the check that the step was plain SGD --
+        so a CUDA step syncs once per array here (documented exception to the no-sync rule)."""
+        if grad is None:
             return 0.0
-        g = grad.reshape(-1)
-        lr = -float(request.reshape(-1) @ g) / float(g @ g)
-        resid = float((request.reshape(-1) + lr * g).norm()) / max(float(request.norm()), 1e-30)
+        g, r = grad.reshape(-1), request.reshape(-1)
+        gg = g @ g
+        lr_t = -(r @ g) / gg.clamp_min(torch.finfo(g.dtype).tiny)
+        resid_t = (r + lr_t * g).norm() / r.norm().clamp_min(1e-30)
+        gg, lr, resid = torch.stack([gg, lr_t, resid_t]).tolist()
+        if gg == 0:
+            return 0.0
         if lr < 0 or resid > 1e-3:
             raise NeurosalError("pulses=coincidence realises -lr * delta^T x by pulse trains and needs plain "
                                 "SGD (no momentum, weight decay or adaptive steps); use --optimizer SGD "
