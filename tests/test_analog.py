@@ -197,6 +197,46 @@ def test_quantised_periphery_and_drift():
     assert layer.weight.detach().abs().sum() < w1 < w0
 
 
+@pytest.mark.parametrize("dac,adc", [(3, 0), (0, 4), (5, 6)])
+def test_dac_and_adc_are_the_stated_quantisers(dac, adc):
+    """Per-sample abs-max scaling, the DAC's 2^(b-1)-1 levels per side on x/scale, the ADC's on the
+    normalised output over [-adc_range*w_max*sqrt(fan_in), +...] (clipped), the scale applied back --
+    written out here the plain way, against the layer's folded, in-place implementation."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(20, 6, bias=False)
+    layer = AnalogLinear.from_float(lin, DeviceConfig(levels=1_000_000, dac_bits=dac, adc_bits=adc), seed=0)
+    x = torch.randn(7, 20) * torch.logspace(-2, 1, 7)[:, None]  # samples of very different scales
+
+    def q(v, bits, full):
+        n = 2 ** (bits - 1) - 1
+        return torch.round(v.clamp(-full, full) / full * n) / n * full
+
+    scale = x.abs().amax(1, keepdim=True)
+    xn = q(x / scale, dac, 1.0) if dac else x / scale
+    y = F.linear(xn, layer.weight.detach())
+    if adc:
+        y = q(y, adc, layer.tiles.cfg.adc_range * layer.tiles.w_max * math.sqrt(20))
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.allclose(got, y * scale, rtol=1e-5, atol=1e-6 * float(scale.max()))
+
+
+def test_coincidence_rate_of_a_vanishing_gradient_is_no_update():
+    """A gradient whose squared norm underflows to 0 asks for no pulses (not a division by zero), and a
+    zero gradient likewise; a momentum step is still refused."""
+    from hw_models.analog import AnalogTiles
+
+    tiny = torch.full((4, 4), 1e-30)
+    assert AnalogTiles._sgd_rate(torch.zeros(4, 4), tiny) == 0.0
+    assert AnalogTiles._sgd_rate(torch.zeros(4, 4), torch.zeros(4, 4)) == 0.0
+    g = torch.randn(4, 4)
+    assert AnalogTiles._sgd_rate(-0.1 * g, g) == pytest.approx(0.1, rel=1e-5)
+    with pytest.raises(NeurosalError, match="needs plain SGD"):
+        AnalogTiles._sgd_rate(-0.1 * g + 0.05 * torch.randn(4, 4), g)
+
+
 def test_forward_reads_the_array_once_and_differentiates_as_float():
     """One matmul per forward: with exact reads (no converters, no read noise) the array's output is the
     float layer's; with converters the output is the quantised read under grad too, and no float forward
