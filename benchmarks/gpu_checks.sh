@@ -51,7 +51,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log output and 
   echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
-{ nvidia-smi 2>/dev/null || echo "no nvidia-smi (CPU run)"; "$PY" -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"; } > "$OUT/device.txt" 2>&1
+{
+  nvidia-smi 2>/dev/null || echo "no nvidia-smi (CPU run)"
+  "$PY" -c "import torch; c = torch.cuda.is_available(); print(torch.__version__, torch.cuda.get_device_name(0) if c else 'cpu')"
+} > "$OUT/device.txt" 2>&1
 
 # 1. the suite's CUDA-only tests
 step cuda-tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider \
