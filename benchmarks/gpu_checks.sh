@@ -74,27 +74,25 @@ for rule in dfa sal; do
     --data "$CORPUS" --epochs 1 --accel "$ACCEL" --no-progress --out "$WORK/runs/$rule-gpt"
 done
 
-# 4. transformers to 1e9 parameters (first: the largest owed item). `bench` starts from its GPU preset:
-# every sweep a step does not name is emptied ('') so that it runs only its own
-NONE=(--widths '' --depths '' --params '' --gpt-params '' --gpt-depths '')
+# 4. transformers to 1e9 parameters (first: the largest owed item; `bench` runs only the sweeps named)
 if [ "$SZ" = full ]; then
-  step gpt-1e7-1e9 240 "$PY" -m neurosal.cli bench "${NONE[@]}" --gpt-params 1e7,1e8,1e9 --ctx 1024 --gpt-batch 8 --steps 5 \
+  step gpt-1e7-1e9 240 "$PY" -m neurosal.cli bench --gpt-params 1e7,1e8,1e9 --ctx 1024 --gpt-batch 8 --steps 5 \
     --dtype "$DT" --rules "bp,dfa,dfa[recompute],sal" --accel "$ACCEL" --out "$OUT/gpt"
 else
-  step gpt-1e7-1e9 240 "$PY" -m neurosal.cli bench "${NONE[@]}" --gpt-depths 2 --gpt-dim 32 --ctx 16 --gpt-batch 2 --steps 2 \
+  step gpt-1e7-1e9 240 "$PY" -m neurosal.cli bench --gpt-depths 2 --gpt-dim 32 --ctx 16 --gpt-batch 2 --steps 2 \
     --dtype "$DT" --rules "bp,dfa,sal" --accel "$ACCEL" --out "$OUT/gpt"
 fi
 
 # 3. matmul share of peak at width 4096 (bf16) and activation memory at depth
 if [ "$SZ" = full ]; then
-  step width-4096 150 "$PY" -m neurosal.cli bench "${NONE[@]}" --widths 4096 --depth 8 --batch 4096 --steps 10 --dtype "$DT" \
+  step width-4096 150 "$PY" -m neurosal.cli bench --widths 4096 --depth 8 --batch 4096 --steps 10 --dtype "$DT" \
     --rules bp,dfa,sal --accel "$ACCEL" --out "$OUT/width4096"
-  step depth-16-32 150 "$PY" -m neurosal.cli bench "${NONE[@]}" --depths 16,32 --width 1024 --batch 1024 --steps 10 --dtype "$DT" \
+  step depth-16-32 150 "$PY" -m neurosal.cli bench --depths 16,32 --width 1024 --batch 1024 --steps 10 --dtype "$DT" \
     --rules "bp,dfa,sal,dfa[recompute]" --accel "$ACCEL" --out "$OUT/depth"
 else
-  step width-4096 150 "$PY" -m neurosal.cli bench "${NONE[@]}" --widths 64 --depth 2 --batch 32 --steps 2 --dtype "$DT" \
+  step width-4096 150 "$PY" -m neurosal.cli bench --widths 64 --depth 2 --batch 32 --steps 2 --dtype "$DT" \
     --rules bp,dfa,sal --accel "$ACCEL" --out "$OUT/width4096"
-  step depth-16-32 150 "$PY" -m neurosal.cli bench "${NONE[@]}" --depths 4 --width 32 --batch 32 --steps 2 --dtype "$DT" \
+  step depth-16-32 150 "$PY" -m neurosal.cli bench --depths 4 --width 32 --batch 32 --steps 2 --dtype "$DT" \
     --rules "bp,dfa,sal,dfa[recompute]" --accel "$ACCEL" --out "$OUT/depth"
 fi
 

@@ -184,6 +184,10 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig.small() if args.small else BenchConfig.full()
     if args.rules:
         cfg.rules = [r for r in args.rules.split(",") if r]
+    sweeps = ("widths", "depths", "params", "models", "gpt_params", "gpt_depths")
+    if any(getattr(args, name) is not None for name in sweeps):  # the sweeps named replace the preset's
+        for name in sweeps:
+            setattr(cfg, name, [])
     for name in ("widths", "depths"):
         if getattr(args, name) is not None:
             setattr(cfg, name, number_list(getattr(args, name), name))

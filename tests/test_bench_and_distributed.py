@@ -32,6 +32,28 @@ def test_bench_runner_writes_a_valid_json_on_cpu(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("argv,expect", [
+    ([], None),  # no sweep named: the preset's sweeps
+    (["--widths", "64"], {"widths": [64], "depths": [], "params": [], "models": [], "gpt_params": [],
+                          "gpt_depths": []}),
+    (["--gpt-depths", "2", "--models", "cnn"], {"widths": [], "depths": [], "params": [], "models": ["cnn"],
+                                                "gpt_params": [], "gpt_depths": [2]}),
+])
+def test_bench_sweeps_named_replace_the_presets(monkeypatch, tmp_path, argv, expect):
+    """`neurosal bench --widths 4096` runs that width sweep only: the sweeps a command names replace the
+    preset's (unnamed ones are off); naming none keeps the preset."""
+    import neurosal.bench
+    from neurosal.cli import main
+
+    seen = {}
+    monkeypatch.setattr(neurosal.bench, "run", lambda cfg, out: seen.setdefault("cfg", cfg))
+    assert main(["bench", "--small", *argv, "--out", str(tmp_path)]) == 0
+    cfg = seen["cfg"]
+    got = {k: getattr(cfg, k) for k in ("widths", "depths", "params", "models", "gpt_params", "gpt_depths")}
+    small = BenchConfig.small()
+    assert got == (expect or {k: getattr(small, k) for k in got})
+
+
 def test_flop_counts():
     # one hidden layer 4 -> 3 -> 2, batch 5: forward 2*5*(12+6) = 180
     assert mlp_flops("bp", 5, [4, 3, 2], 2) == 180 + 180 + 2 * 5 * 6
