@@ -275,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_compare, subparser=p)
 
-    p = sub.add_parser("bench", help="step time, memory and FLOP/s of rules over width/depth/size sweeps")
+    p = sub.add_parser("bench", help="step time, memory and FLOP/s of rules over width/depth/size sweeps",
+                       description="Step time, memory and FLOP/s of rules over sweeps. The sweeps named "
+                                   "(--widths, --depths, --params, --models, --gpt-params, --gpt-depths) replace "
+                                   "the preset's and the others are off; naming none runs the preset's sweeps.")
     p.add_argument("--small", action="store_true", help="preset that finishes in minutes on 2 CPU cores")
     p.add_argument("--rules", default=None, help="e.g. bp,fa,dfa,sal,dfa[recompute]")
     p.add_argument("--widths", default=None, help="width sweep at --depth, e.g. 256,1024")
