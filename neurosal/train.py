@@ -220,7 +220,6 @@ class Trainer:
         self.opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.reference = make_rule("bp") if cfg.alignment and cfg.rule != "bp" else None
         self.history: list[dict] = []
-        self._dead_warned: list = []  # the dead-area counts last warned about (warn once per change)
         self.epoch = 0
 
     # ------------------------------------------------------------------ checkpoints
@@ -437,10 +436,10 @@ class Trainer:
                 print(f"warning: epoch {epoch}: the pulse trains cut {100 * clipped:.0f}% of the requested "
                       "coincidence pulses (updates longer than bl); lower the learning rate or raise bl", flush=True)
             dead = rec.get("dead_areas", [])
-            if self.main and sum(dead) and dead != self._dead_warned:  # once per change (metrics.json has all)
+            before = self.history[-2].get("dead_areas", []) if len(self.history) > 1 else []
+            if self.main and sum(dead) and dead != before:  # once per change (metrics.json has every epoch)
                 print(f"warning: epoch {epoch}: dead areas per layer {dead} (no sample routed "
                       "to them; raise the rule's balance option)", flush=True)
-            self._dead_warned = dead
         return self.summary()
 
     def summary(self) -> dict:
