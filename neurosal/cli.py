@@ -360,22 +360,20 @@ def _fail(message: str) -> int:
     return 2
 
 
-def launched_by_torchrun() -> bool:
-    """This process is one rank of a multi-process torchrun job."""
-    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def entry() -> None:
     """The ``neurosal`` command and ``python -m neurosal.cli``: :func:`main`, then exit.
 
-    A torchrun rank leaves by ``os._exit`` once its output is flushed: its process group is destroyed by
+    A rank of a multi-process job (torchrun: ``WORLD_SIZE`` > 1, where the trainer makes a process group)
+    leaves by ``os._exit`` once its output is flushed: its process group is destroyed by
     then, every file it wrote is closed (checkpoints are written atomically), and interpreter
     finalisation is what remained -- where a rank still aborted about once in 10-20 jobs on a 2-core
     machine (``terminate called without an active exception``: a C++ thread object of the distributed
     runtime destroyed while joinable during static destruction), turning a finished job into a failed
     one. One process on its own exits the ordinary way.
     """
-    if not launched_by_torchrun():
+    from .distributed import launched_world_size
+
+    if launched_world_size() <= 1:
         sys.exit(main())
     try:
         code = main()

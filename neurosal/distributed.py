@@ -30,7 +30,7 @@ still talking to it. A process group left to interpreter finalisation aborts at 
 ``terminate called without an active exception``): gloo's C++ worker threads and the work objects
 they hold (with references to our gradient tensors) are then torn down in static destructors, racing
 the interpreter's own teardown. Destroying the group first made that rarer, not impossible (still about
-one job in 10-20 on a 2-core machine, 2026-12-07), so a rank of a torchrun job then leaves without
+one job in 10-20 on a 2-core machine, 2026-12-07), so a rank of a multi-process job then leaves without
 interpreter finalisation (``os._exit`` after flushing, :func:`neurosal.cli.entry`): 0 aborts in 80 jobs.
 """
 
@@ -43,6 +43,12 @@ import torch
 import torch.distributed as dist
 
 
+def launched_world_size() -> int:
+    """The number of processes of the job this one was launched into (``WORLD_SIZE``, set by torchrun and
+    other launchers); 1 for a process on its own. Above 1, :meth:`DistContext.from_env` makes a process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @dataclass
 class DistContext:
     rank: int
@@ -52,8 +58,7 @@ class DistContext:
 
     @staticmethod
     def from_env() -> "DistContext | None":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        if launched_world_size() <= 1:
             return None
         owns = not dist.is_initialized()
         if owns:

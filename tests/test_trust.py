@@ -750,7 +750,7 @@ def test_a_torchrun_rank_exits_with_its_status_and_message(args, status, line):
     """A rank of a torchrun job leaves by os._exit (neurosal.cli.entry): its exit status and its one error
     line must still come out (stderr flushed first). The environment marks the process as a rank; both
     inputs fail before any process group is made."""
-    env = {**ENV, "TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    env = {**ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
     r = subprocess.run([sys.executable, "-m", "neurosal.cli", *args], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == status and line in r.stderr, r.stderr[-2000:]
