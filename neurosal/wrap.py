@@ -40,7 +40,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -322,15 +324,17 @@ def find_blocks(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def probe(model: nn.Module, args, kwargs) -> tuple[list, torch.Tensor, list[str]]:
+def probe(model: nn.Module, args, kwargs) -> tuple[list, object, list[str], list]:
     """One forward pass: every leaf-module call in order, ``(name, module, input, output)``; the output;
-    and the names of all modules, composite ones too, in the order their calls finished."""
+    the names of all modules, composite ones too, in the order their calls finished; and their outputs."""
     calls: list = []
     finished: list[str] = []
+    outputs: list = []  # each finished call's output, beside ``finished``
     names = {m: n for n, m in model.named_modules()}
 
     def record(mod, inp, out):
         finished.append(names[mod])
+        outputs.append(out)
         if next(mod.children(), None) is None or isinstance(mod, (nn.MultiheadAttention, AreaLinear)):
             calls.append((names[mod], mod, inp[0] if inp else None, out))
 
@@ -344,7 +348,74 @@ def probe(model: nn.Module, args, kwargs) -> tuple[list, torch.Tensor, list[str]
         model.train(was)
         for h in handles:
             h.remove()
-    return calls, out, finished
+    return calls, out, finished, outputs
+
+
+def select_output(out, key=None):
+    """The tensor of a model's output that carries the error, and how to put a tensor back in its place.
+
+    ``out`` a tensor (``key`` None); a mapping (a dict, HF-style ``ModelOutput``): ``out[key]``, by
+    default ``"logits"`` or else its only tensor of two or more dims; a tuple/list/namedtuple:
+    ``out[key]``, by default the first tensor of two or more dims (so a ``(loss, logits, ...)`` tuple
+    gives the logits); a dataclass: the field ``key`` (default ``"logits"``). Returns
+    ``(tensor, put)`` with ``put(t)`` the output with ``t`` in the tensor's place (a mapping is
+    changed in place, a tuple or dataclass rebuilt)."""
+    def batched(v):
+        return torch.is_tensor(v) and v.dim() >= 2
+
+    def pick(keys, values, what):
+        if key is not None:
+            if key not in keys:
+                raise NeurosalError(f"output={key!r} is not in the model's {what} (has {list(keys)})")
+            return key
+        if "logits" in keys and batched(values[keys.index("logits")]):
+            return "logits"
+        found = [k for k, v in zip(keys, values) if batched(v)]
+        if len(found) == 1 or (found and what == "tuple"):
+            return found[0]
+        raise NeurosalError(f"cannot tell which tensor of the model's {what} is the output the rule learns "
+                            f"from ({found or 'none of two or more dims'}): name it with output=...")
+
+    if torch.is_tensor(out):
+        if key is not None:
+            raise NeurosalError(f"output={key!r} names a part of the model's output, but it returns one tensor")
+        return out, lambda t: t
+    if isinstance(out, Mapping):
+        keys = list(out.keys())
+        k = pick(keys, [out[k] for k in keys], "mapping")
+
+        def put(t):
+            out[k] = t
+            return out
+        return out[k], put
+    if isinstance(out, (tuple, list)):
+        k = pick(list(range(len(out))), list(out), "tuple")
+
+        def put(t):
+            items = [t if i == k else v for i, v in enumerate(out)]
+            return out._make(items) if hasattr(out, "_make") else type(out)(items)
+        return out[k], put
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        fields = [f.name for f in dataclasses.fields(out)]
+        k = pick(fields, [getattr(out, f) for f in fields], "dataclass")
+        return getattr(out, k), lambda t: dataclasses.replace(out, **{k: t})
+    raise NeurosalError(f"the direct rules need the model's output as a tensor, a mapping, a tuple or a "
+                        f"dataclass holding one, got {type(out).__name__}")
+
+
+def output_module(modules: dict, sel: torch.Tensor, points: list[str], finished: list[str],
+                  outputs: list) -> str | None:
+    """The module whose output is ``sel`` (the innermost, called once per forward, after every feedback
+    point), or None. The direct rules join the points to the output there, so that whatever the model
+    does with it afterwards -- a loss computed inside ``forward`` (HF-style ``labels=``), a dict or a
+    tuple around it -- passes dL/d(that output) to the rule."""
+    for i, (name, o) in enumerate(zip(finished, outputs)):
+        if o is sel:
+            if finished.count(name) != 1:
+                return None
+            last_point = max((j for j, n in enumerate(finished) if n in set(points)), default=-1)
+            return name if last_point < i and name else None
+    return None
 
 
 def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
@@ -352,7 +423,8 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
 
     1. the :class:`Point` modules, if the model has any;
     2. else every repeated block (:func:`find_blocks`): residual blocks, transformer layers;
-    3. else, in a plain stack, every Linear/Conv but the last one called (the head): after the run of
+    3. else, in a plain stack, every Linear/Conv but the head (the one whose output is the model's, else
+       the last one called): after the run of
        activation/pooling/reshape modules applied to its output (where the next layer reads), or at its
        own output when the activation is functional.
 
@@ -368,8 +440,9 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
     if blocks:
         return [b for b in blocks if outputs.get(b) is not out]
     layers = [(i, c) for i, c in enumerate(calls) if isinstance(c[1], PARAM_LAYERS + (AreaLinear,))]
+    head = next((k for k, (_, c) in enumerate(layers) if c[3] is out), len(layers) - 1)
     points: list[str] = []
-    for i, (name, _, _, o) in layers[:-1]:
+    for i, (name, _, _, o) in layers[:head] + layers[head + 1:]:
         point, j = name, i
         while True:  # follow the output through activation, pooling and reshapes
             nxt = next(((k, c) for k, c in enumerate(calls[j + 1:], j + 1) if c[2] is o), None)
@@ -412,10 +485,18 @@ class Wrapped(nn.Module):
     """
 
     def __init__(self, model: nn.Module, rule: Rule, seed: int = 0, points: Iterable[str] | None = None,
-                 memory: str = "cache", input_shape: tuple[int, ...] | None = None):
+                 memory: str = "cache", input_shape: tuple[int, ...] | None = None,
+                 output: str | int | None = None):
         super().__init__()
         if memory not in MEMORY_MODES:
             raise NeurosalError(f"unknown memory mode {memory!r}; use one of {MEMORY_MODES}")
+        if output is not None and not isinstance(output, (str, int)):
+            raise NeurosalError(f"output= names a key or an index of the model's output, got {type(output).__name__}")
+        #: which part of a tuple/dict output carries the error (:func:`select_output`; None: found)
+        self.output = output
+        #: the module the direct rules join the points to the output at (:func:`output_module`), if any
+        self.output_name: str | None = None
+        self._joined = False  # this forward's points are joined already (at that module)
         self.model = model
         self.rule = rule
         self.seed = seed
@@ -497,17 +578,20 @@ class Wrapped(nn.Module):
 
     # -- direct
     def _plan(self, args, kwargs) -> None:
-        calls, out, finished = probe(self.model, args, kwargs)
-        if not torch.is_tensor(out):
-            raise NeurosalError(f"the direct rules need a model that returns one tensor, got {type(out).__name__}")
+        calls, out, finished, outputs = probe(self.model, args, kwargs)
+        sel, _ = select_output(out, self.output)
         if self.point_names is None:
-            self.point_names = find_points(self.model, calls, out)
+            self.point_names = find_points(self.model, calls, sel)
         modules = dict(self.model.named_modules())
         unknown = [n for n in self.point_names if n not in modules]
         if unknown:
             raise NeurosalError(f"feedback point(s) {unknown} are not modules of this model")
         for name in self.point_names:
             self._hooks.append(modules[name].register_forward_hook(self._at_point))
+        if not torch.is_tensor(out):  # a tuple/dict: join at the module that made the output, if one did
+            self.output_name = output_module(modules, sel, self.point_names, finished, outputs)
+            if self.output_name is not None:
+                self._hooks.append(modules[self.output_name].register_forward_hook(self._at_output))
         if self.rule.config.readout_norm:
             self.readout_name = readout_norm(modules, self.point_names, finished)
             self._readout = [modules[self.readout_name]] if self.readout_name is not None else []
@@ -532,6 +616,14 @@ class Wrapped(nn.Module):
             return None
         self._collect.append(output)
         return output.detach()
+
+    def _at_output(self, module, inputs, output):
+        """The output module's hook: join this forward's points to its output (see :func:`output_module`)."""
+        if self._collect is None or self._joined or not self._collect or not torch.is_tensor(output) \
+                or not output.requires_grad:
+            return None
+        self._joined = True
+        return _Hub.apply(self, output, *self._collect)
 
     def _layout(self, e_shape, shapes) -> list[tuple[int, int, int]]:
         """Per point: (batch axis, projected width, positions sharing it).
@@ -636,14 +728,15 @@ class Wrapped(nn.Module):
             self._plan(args, kwargs)
             was = self.training
             self.eval()  # no running statistics move
-            self._collect = []
+            self._collect, self._joined = [], True  # nothing joined: no backward follows
             try:
                 with torch.enable_grad(), torch.random.fork_rng(devices=[]):
                     out = self.model(*args, **kwargs)
             finally:
                 points, self._collect = self._collect, None
                 self.train(was)
-            self._materialise(tuple(out.shape), [tuple(p.shape) for p in points])
+            sel, _ = select_output(out, self.output)
+            self._materialise(tuple(sel.shape), [tuple(p.shape) for p in points])
         return self
 
     def forward(self, *args, **kwargs):
@@ -661,14 +754,17 @@ class Wrapped(nn.Module):
             return self.model(*args, **kwargs)
         if not self._hooks and self.point_names != []:
             self._plan(args, kwargs)
-        self._collect = []
+        self._collect, self._joined = [], False
         try:
             out = self.model(*args, **kwargs)
         finally:
             points, self._collect = self._collect, None
-        if not points or not out.requires_grad:
+        if self._joined:
             return out
-        return _Hub.apply(self, out, *points)
+        sel, put = select_output(out, self.output)
+        if not points or not sel.requires_grad:
+            return out
+        return put(_Hub.apply(self, sel, *points))
 
     def unwrap(self) -> nn.Module:
         """The plain model (hooks and patched forwards removed); the wrapper is unusable afterwards."""
@@ -713,7 +809,7 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
         for p in params:
             p.grad = None
         with torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []):
-            out = run(x)
+            out, _ = select_output(run(x), wrapped.output)
             if wrapped.rule.needs_target:
                 wrapped.set_target(y)
             loss_fn(out, y).backward()
@@ -774,7 +870,8 @@ def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
 
 
 def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: Iterable[str] | None = None,
-         areas_on: Iterable[str] | None = None, memory: str = "cache", **options) -> Wrapped:
+         areas_on: Iterable[str] | None = None, memory: str = "cache", output: str | int | None = None,
+         **options) -> Wrapped:
     """Train ``model`` with ``rule`` (a name and its options, or a built :class:`~neurosal.rules.base.Rule`).
 
     * ``seed`` seeds the rule's feedback matrices (same seed, same matrices);
@@ -784,6 +881,10 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
     * ``memory``: ``"recompute"`` for the direct rules: spec chains recompute block by block without
       autograd; other models recompute each feedback block (activation checkpointing) when its signal
       arrives, so one block's activations are alive at a time instead of the whole model's;
+    * ``output``: for a model returning a tuple, dict (HF-style ``ModelOutput``) or dataclass, the key or
+      index of the tensor the direct rules take the error at (default: ``"logits"``, or the first/only
+      tensor of two or more dims: :func:`select_output`). A loss computed inside ``forward`` works too
+      when that tensor is a module's output (the usual head): the points are joined to it there;
     * ``options``: the rule's options (``areas=8``, ``init="gaussian"``, ``rank=16``...).
 
     Build the optimiser from the wrapped model's parameters *after* wrapping (sal replaces layers,
@@ -812,4 +913,4 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
     if p is None:
         raise NeurosalError("this model has no parameters to train")
     r.to(p.device)
-    return Wrapped(model, r, seed=seed, points=points, memory=memory)
+    return Wrapped(model, r, seed=seed, points=points, memory=memory, output=output)

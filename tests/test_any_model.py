@@ -271,6 +271,114 @@ def test_sal_general_unchosen_areas_stay_put_under_adamw():
         assert torch.equal(p, b) != bool(chosen[k])  # max/compare, no rounding: bitwise is portable
 
 
+class HFOutput(dict):
+    """Like transformers' ``ModelOutput``: a dict whose items are attributes too."""
+    __getattr__ = dict.__getitem__
+
+
+class HFStyle(nn.Module):
+    """A HF-style classifier: ``forward(x, labels=None)`` returns a dict-like output, with the loss
+    computed inside when labels are given (``return_dict=False``: a ``(loss, logits)`` tuple)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, labels=None, return_dict=True):
+        hidden = self.body(x)
+        logits = self.head(hidden)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        if not return_dict:
+            return (loss, logits) if loss is not None else (logits,)
+        return HFOutput(loss=loss, logits=logits, hidden=hidden)
+
+
+@pytest.mark.parametrize("style", ["dict-loss-inside", "tuple-loss-inside", "dict-loss-outside", "key"])
+def test_direct_rules_take_the_error_from_tuple_and_dict_outputs(style):
+    """A model returning a dict/tuple, with its loss computed inside forward (HF-Trainer style): DFA with
+    B = W_head^T on one hidden layer still equals backprop -- the points are joined to the head's output,
+    so the error reaches them whatever the model does with the logits afterwards."""
+    torch.manual_seed(0)
+    model = HFStyle().double()
+    x, y = torch.randn(7, 8, dtype=torch.float64), torch.randint(0, 3, (7,))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x).logits, y).backward()
+    wrapped = neurosal.wrap(model, "dfa", output="logits" if style == "key" else None).materialise(x)
+    assert wrapped.point_names == ["body.1"] and wrapped.projection.shape == (3, 16)
+    assert wrapped.output_name == "head"
+    wrapped.projection.copy_(model.head.weight.detach())
+    if style == "dict-loss-inside":
+        wrapped(x, labels=y).loss.backward()
+    elif style == "tuple-loss-inside":
+        wrapped(x, labels=y, return_dict=False)[0].backward()
+    else:
+        F.cross_entropy(wrapped(x)["logits"], y).backward()
+    got, want = _grads(wrapped.model), _grads(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert_close(got[k], want[k], msg=k)
+    wrapped.zero_grad()
+    wrapped.projection.normal_()  # not vacuous: another B, another hidden update; the head's is exact
+    wrapped(x, labels=y).loss.backward()
+    assert not torch.allclose(wrapped.model.body[0].weight.grad, want["body.0.weight"])
+    assert_close(wrapped.model.head.weight.grad, want["head.weight"])
+
+
+def test_a_tuple_output_made_outside_any_module_is_joined_where_it_is_returned():
+    """No module made the output (a functional op after the head): the rule joins the points to the
+    returned tensor, in its place in the tuple; the loss is then the caller's, outside."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return 2.0 * self.b(h), h
+
+    torch.manual_seed(0)
+    model = Scaled().double()
+    x, y = torch.randn(5, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x)[0], y).backward()
+    wrapped = neurosal.wrap(model, "dfa").materialise(x)
+    assert wrapped.output_name is None and wrapped.point_names == ["a"]
+    F.cross_entropy(wrapped(x)[0], y).backward()
+    signal = wrapped.model.a.weight.grad.clone()
+    assert float(signal.abs().max()) > 0 and not torch.allclose(signal, ref.a.weight.grad)
+    assert_close(wrapped.model.b.weight.grad, ref.b.weight.grad)  # the head learns from e itself
+    wrapped.zero_grad()
+    wrapped.projection.zero_()  # no projected signal: nothing else reaches the layer below the point
+    F.cross_entropy(wrapped(x)[0], y).backward()
+    assert float(wrapped.model.a.weight.grad.abs().max()) == 0.0
+
+
+def test_output_selection_errors_name_the_problem():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return {"scores": self.b(h), "features": h}
+
+    x = torch.randn(2, 4)
+    with pytest.raises(NeurosalError, match="name it with output="):
+        neurosal.wrap(Two(), "dfa")(x)
+    with pytest.raises(NeurosalError, match=r"output='nope' is not in .*scores"):
+        neurosal.wrap(Two(), "dfa", output="nope")(x)
+    with pytest.raises(NeurosalError, match="returns one tensor"):
+        neurosal.wrap(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), "dfa", output="logits")(x)
+    with pytest.raises(NeurosalError, match="names a key or an index"):
+        neurosal.wrap(Two(), "dfa", output=1.5)
+    w = neurosal.wrap(Two(), "sal", output="scores", warmup=0)
+    out = w(x)
+    F.cross_entropy(out["scores"], torch.tensor([0, 2])).backward()
+    assert w.output_name == "b" and w.model.b.weight.grad is not None
+
+
 def test_drtp_asks_for_the_target():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     w = neurosal.wrap(model, "drtp")
