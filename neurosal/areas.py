@@ -81,6 +81,7 @@ class AreaLinear(nn.Module):
         self.warmup_steps = int(warmup_steps)
         #: training steps so far (saved with the module's state: a resumed run continues its warm-up)
         self.steps = 0
+        self.loss_scale = 1.0  # see _learn_router
         self.router = nn.Parameter(torch.randn(route_dim, n_in) / math.sqrt(n_in))
         protos = torch.randn(max(route_dim, areas), max(route_dim, areas))
         if areas <= route_dim:
@@ -268,7 +269,10 @@ class AreaLinear(nn.Module):
 
     def _learn_router(self, x: torch.Tensor, route: Route) -> None:
         with torch.no_grad():
-            accumulate_grad(self.router, self.router_grad(x, route))
+            g = self.router_grad(x, route)
+            # the routing objective in the units of the loss beside it (a GradScaler's scale, 1/k for
+            # accumulated micro-batches: Rule.loss_scale, set per forward by the wrapper)
+            accumulate_grad(self.router, g if self.loss_scale == 1.0 else g * self.loss_scale)
 
     def take_usage(self) -> list[int]:
         counts = self.usage.tolist()

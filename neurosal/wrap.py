@@ -486,7 +486,7 @@ class Wrapped(nn.Module):
 
     def __init__(self, model: nn.Module, rule: Rule, seed: int = 0, points: Iterable[str] | None = None,
                  memory: str = "cache", input_shape: tuple[int, ...] | None = None,
-                 output: str | int | None = None):
+                 output: str | int | None = None, loss_scale=None):
         super().__init__()
         if memory not in MEMORY_MODES:
             raise NeurosalError(f"unknown memory mode {memory!r}; use one of {MEMORY_MODES}")
@@ -497,6 +497,10 @@ class Wrapped(nn.Module):
         #: the module the direct rules join the points to the output at (:func:`output_module`), if any
         self.output_name: str | None = None
         self._joined = False  # this forward's points are joined already (at that module)
+        #: what the loss is multiplied by before ``backward()``: None (1), a number, a callable returning
+        #: one, or a ``torch.amp.GradScaler`` (its current scale) -- see :meth:`current_loss_scale`
+        self.loss_scale = loss_scale
+        self._area_layers = [m for m in model.modules() if isinstance(m, AreaLinear)]
         self.model = model
         self.rule = rule
         self.seed = seed
@@ -542,14 +546,40 @@ class Wrapped(nn.Module):
         self._chain_ready = True
 
     def take_target(self, e: torch.Tensor) -> torch.Tensor | None:
-        """This batch's one-hot target for rules that need it (then forgotten), else None."""
+        """This batch's one-hot target for rules that need it (then forgotten), else None; times the
+        loss scale (:meth:`current_loss_scale`), which the error ``e`` carries too."""
         if not self.rule.needs_target:
             return None
         if self._target is None:
             raise NeurosalError(f"{self.rule.name} teaches from the target: call model.set_target(y) "
                                 "before backward()")
         target, self._target = F.one_hot(self._target, e.shape[-1]).to(e.dtype), None
-        return target
+        return target if self.rule.loss_scale == 1.0 else target * self.rule.loss_scale
+
+    def current_loss_scale(self) -> float:
+        """The factor the loss carries in this step's backward, from ``loss_scale``.
+
+        The error-derived signals carry it by themselves; what a rule adds that is *not* derived from
+        the error -- drtp's target, sal's routing objective, kp/ldef's decay -- does not, and is
+        multiplied by it, so that it keeps its weight against the rest: under a GradScaler (which divides
+        every ``.grad`` by its scale before the step; pass the scaler) and when accumulating k micro-batches
+        of ``loss / k`` (pass ``1 / k``). Read once per training forward (a GradScaler's ``get_scale()``
+        waits for the GPU; its ``step`` waits anyway)."""
+        s = self.loss_scale
+        if s is None:
+            return 1.0
+        if hasattr(s, "get_scale"):
+            s = s.get_scale()
+        elif callable(s):
+            s = s()
+        try:
+            value = float(s)
+        except (TypeError, ValueError):
+            raise NeurosalError(f"loss_scale must be a number, a callable giving one or a GradScaler, got "
+                                f"{type(s).__name__}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise NeurosalError(f"loss_scale must be a finite number > 0, got {value}")
+        return value
 
     # -- layerwise
     def _install_layerwise(self, gen: torch.Generator) -> None:
@@ -743,6 +773,10 @@ class Wrapped(nn.Module):
         if not self.training or not torch.is_grad_enabled():
             return self.model(*args, **kwargs)
         self.rule.after_step(self.model)  # per-batch bookkeeping (brsf's draw counter)
+        scale = self.current_loss_scale()
+        self.rule.loss_scale = scale
+        for m in self._area_layers:
+            m.loss_scale = scale
         if self.chain and not self.rule.autograd:
             if len(args) != 1 or kwargs:
                 raise NeurosalError("a spec chain takes one input tensor")
@@ -871,7 +905,7 @@ def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
 
 def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: Iterable[str] | None = None,
          areas_on: Iterable[str] | None = None, memory: str = "cache", output: str | int | None = None,
-         **options) -> Wrapped:
+         loss_scale=None, **options) -> Wrapped:
     """Train ``model`` with ``rule`` (a name and its options, or a built :class:`~neurosal.rules.base.Rule`).
 
     * ``seed`` seeds the rule's feedback matrices (same seed, same matrices);
@@ -885,6 +919,11 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
       index of the tensor the direct rules take the error at (default: ``"logits"``, or the first/only
       tensor of two or more dims: :func:`select_output`). A loss computed inside ``forward`` works too
       when that tensor is a module's output (the usual head): the points are joined to it there;
+    * ``loss_scale``: what your loss is multiplied by before ``backward()`` -- your
+      ``torch.amp.GradScaler`` (fp16 AMP), ``1 / k`` when accumulating k micro-batches of ``loss / k``,
+      or a callable giving the number; terms not derived from the error (drtp's target, sal's
+      routing objective, kp/ldef's decay) are multiplied by it (:meth:`Wrapped.current_loss_scale`);
+      settable later as ``wrapped.loss_scale``;
     * ``options``: the rule's options (``areas=8``, ``init="gaussian"``, ``rank=16``...).
 
     Build the optimiser from the wrapped model's parameters *after* wrapping (sal replaces layers,
@@ -913,4 +952,4 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
     if p is None:
         raise NeurosalError("this model has no parameters to train")
     r.to(p.device)
-    return Wrapped(model, r, seed=seed, points=points, memory=memory, output=output)
+    return Wrapped(model, r, seed=seed, points=points, memory=memory, output=output, loss_scale=loss_scale)

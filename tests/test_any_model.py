@@ -379,6 +379,69 @@ def test_output_selection_errors_name_the_problem():
     assert w.output_name == "b" and w.model.b.weight.grad is not None
 
 
+def _mlp3():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+
+
+@pytest.mark.parametrize("rule", ["drtp", "sal", "kp", "ldef", "dfa"])
+def test_a_grad_scaler_leaves_every_update_as_it_was(rule):
+    """fp16 AMP's GradScaler multiplies the loss and divides every .grad again. What a rule adds that is
+    not derived from the error (drtp's target signal, sal's routing objective, kp/ldef's decay) must
+    carry the same factor, or the scaler divides it away: with ``loss_scale=scaler`` every gradient
+    after ``unscale_`` is the unscaled run's; without it those terms come out 1/scale as large."""
+    x, y = torch.randn(12, 8, dtype=torch.float64), torch.randint(0, 3, (12,))
+    options = {"warmup": 0} if rule == "sal" else {}
+
+    def grads(scaler, pass_it=True):
+        w = neurosal.wrap(_mlp3(), rule, loss_scale=scaler if pass_it else None, **options)
+        opt = torch.optim.SGD(w.parameters(), lr=0.1)
+        if rule == "drtp":
+            w.set_target(y)
+        scaler.scale(F.cross_entropy(w(x), y)).backward()
+        scaler.unscale_(opt)
+        return {n: p.grad.clone() for n, p in w.named_parameters() if p.grad is not None}
+
+    plain = grads(torch.amp.GradScaler("cpu", enabled=False))
+    scaled = grads(torch.amp.GradScaler("cpu", init_scale=1024.0))
+    assert scaled.keys() == plain.keys()
+    for k in plain:
+        assert_close(scaled[k], plain[k], msg=k)
+    if rule != "dfa":  # not vacuous: without the scaler those terms shrink
+        forgot = grads(torch.amp.GradScaler("cpu", init_scale=1024.0), pass_it=False)
+        off = [k for k in plain if not torch.allclose(forgot[k], plain[k], rtol=1e-3)]
+        assert off, "some update should have lost the scale"
+
+
+@pytest.mark.parametrize("rule", ["drtp", "kp", "ldef"])
+def test_accumulated_micro_batches_with_loss_scale_equal_the_full_batch(rule):
+    """k micro-batches of loss / k with ``loss_scale = 1 / k`` give the full batch's gradients, also for
+    the terms not derived from the error (drtp: its hidden signal; kp/ldef: the decay)."""
+    x, y = torch.randn(12, 8, dtype=torch.float64), torch.randint(0, 3, (12,))
+    full = neurosal.wrap(_mlp3(), rule)
+    if rule == "drtp":
+        full.set_target(y)
+    F.cross_entropy(full(x), y).backward()
+    acc = neurosal.wrap(_mlp3(), rule, loss_scale=1 / 3)
+    for i in range(3):
+        xs, ys = x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]
+        if rule == "drtp":
+            acc.set_target(ys)
+        (F.cross_entropy(acc(xs), ys) / 3).backward()
+    want = {n: p.grad for n, p in full.named_parameters() if p.grad is not None}
+    got = {n: p.grad for n, p in acc.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for k in want:
+        assert_close(got[k], want[k], msg=k)
+
+
+def test_loss_scale_refuses_what_is_not_a_positive_number():
+    x = torch.randn(2, 8, dtype=torch.float64)
+    for bad, match in ((0.0, "> 0"), (float("nan"), "> 0"), ("big", "number"), (lambda: -1, "> 0")):
+        with pytest.raises(NeurosalError, match=match):
+            neurosal.wrap(_mlp3(), "dfa", loss_scale=bad)(x)
+
+
 def test_drtp_asks_for_the_target():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     w = neurosal.wrap(model, "drtp")

@@ -51,6 +51,11 @@ class Rule(nn.Module):
     direct = False
     #: the signal needs the target itself (drtp): the general engine asks for ``set_target(y)``
     needs_target = False
+    #: the factor the user's loss carries in the coming backward (a GradScaler's scale, 1/k for k
+    #: accumulated micro-batches; set per forward by :class:`~neurosal.wrap.Wrapped` from its
+    #: ``loss_scale``): terms a rule adds that are not derived from the error -- drtp's target, kp/ldef's
+    #: decay -- are multiplied by it, so they keep their weight against the error-derived ones
+    loss_scale = 1.0
 
     def __init__(self, config: RuleConfig | None = None):
         super().__init__()

@@ -253,7 +253,7 @@ class KolenPollack(FeedbackAlignment):
         b = self.feedback[str(slot)]
         if dw is None:
             dw, _ = weight_update(op, x, delta)
-        accumulate_grad(b, dw.to(b.dtype) + self.config.decay * b)
+        accumulate_grad(b, dw.to(b.dtype) + (self.config.decay * self.loss_scale) * b)
 
 
 @dataclasses.dataclass
@@ -329,6 +329,6 @@ class LowDimErrorFeedback(LayerwiseRule):
             dw = dw.reshape(dw.shape[0], -1).to(a.dtype)
             ga, gc = dw @ c.t(), a.t() @ dw
         ga, gc = ga.to(a.dtype), gc.to(c.dtype)
-        lam = self.config.decay
+        lam = self.config.decay * self.loss_scale  # the decay in the loss's units (see Rule.loss_scale)
         accumulate_grad(a, ga + lam * a)
         accumulate_grad(c, gc + lam * c)
