@@ -35,6 +35,7 @@ from neurosal.errors import NeurosalError
 from neurosal.layers import keep_own_forward, replace_module
 from neurosal.models import Block, Net
 from neurosal.protocols import LocalDerivative
+from neurosal.wrap import MHAForward
 
 OPSET = 18
 
@@ -77,6 +78,30 @@ class Conv2dTwin(nn.Module):
     def forward(self, x):
         y = _through_devices(self.analog, x, lambda v: F.conv2d(v, self.weight, None, **self.kw))
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+
+class MHATwin(nn.MultiheadAttention):
+    """An analog ``nn.MultiheadAttention`` (:class:`hw_models.analog.AnalogMultiheadAttention`): the packed
+    projection through its devices' DAC and ADC, written-out attention (no read noise: a random process
+    the exported graph leaves out); ``out_proj`` is exported as any analog Linear."""
+
+    def __init__(self, op: nn.MultiheadAttention):
+        w = op.in_proj_weight
+        super().__init__(op.embed_dim, op.num_heads, dropout=op.dropout, bias=op.in_proj_bias is not None,
+                         batch_first=op.batch_first, device=w.device, dtype=w.dtype)
+        self.load_state_dict(op.state_dict(), strict=False)  # not the devices' extra state
+        self.out_proj = op.out_proj
+        self.requires_grad_(False)
+        self.analog = _analog_of(op)
+
+    def in_projection(self, x):
+        y = _through_devices(self.analog, x, lambda v: F.linear(v, self.in_proj_weight))
+        return y if self.in_proj_bias is None else y + self.in_proj_bias
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        return MHAForward(self, self.in_projection)(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                                    average_attn_weights, is_causal)
 
 
 class SALTwin(nn.Module):
@@ -186,6 +211,8 @@ class ModuleTwin(nn.Module):
         for name, m in list(twin.named_modules()):
             if isinstance(m, AreaLinear):
                 new = TokenSALTwin(m, sal_mode) if m.tokens else SALTwin(m, sal_mode)
+            elif _analog_of(m) is not None and isinstance(m, nn.MultiheadAttention):
+                new = MHATwin(m)  # before its out_proj, which the loop reaches next (now the twin's)
             elif _analog_of(m) is not None and isinstance(m, nn.Conv2d):
                 new = Conv2dTwin(m)
             elif _analog_of(m) is not None and isinstance(m, nn.Linear):

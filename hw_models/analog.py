@@ -301,6 +301,60 @@ class AnalogConv2d(_AnalogMixin, nn.Conv2d):
         return self._straight_through(x, hw, lambda v: self._conv_forward(v, self.weight, self.bias))
 
 
+class AnalogMultiheadAttention(_AnalogMixin, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` on devices: the packed q/k/v projection (3E x E) on one array, the
+    out-projection an :class:`AnalogLinear`; the attention itself (scores, softmax, the weighted sum of
+    values) stays digital, the usual split of analog in-memory transformer accelerators, whose arrays
+    hold the static weight matrices while the input-dependent products run in digital units.
+
+    torch's own forward reads ``in_proj_weight`` and ``out_proj.weight`` directly (no DAC/ADC, no read
+    noise, in the fused path not even the module calls), so the forward here is torch's written out
+    (:class:`neurosal.wrap.MHAForward`) with both projections read through their arrays. Parameter names
+    are torch's (checkpoints and exports keep their keys). The packed default only (no kdim/vdim,
+    add_bias_kv, add_zero_attn), and not in ``pulses=coincidence`` mode (its trains are built per
+    Linear layer from the layer's own input and signal).
+    """
+
+    @classmethod
+    def from_float(cls, mha: nn.MultiheadAttention, cfg: DeviceConfig, seed: int) -> "AnalogMultiheadAttention":
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise NeurosalError("analog attention takes nn.MultiheadAttention's packed default (no kdim/vdim, "
+                                "add_bias_kv or add_zero_attn)")
+        if cfg.pulses == "coincidence":
+            raise NeurosalError("pulses=coincidence is defined for Linear layers; nn.MultiheadAttention's "
+                                "packed projection takes pulses=stochastic or deterministic")
+        w = mha.in_proj_weight
+        new = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
+                  batch_first=mha.batch_first, device=w.device, dtype=w.dtype)
+        new.load_state_dict(mha.state_dict(), strict=False)
+        new.out_proj = mha.out_proj  # the caller puts it on its own array, as any Linear
+        new.train(mha.training)
+        new.tiles = AnalogTiles(cfg, [new.in_proj_weight], mha.embed_dim, seed)
+        return new
+
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ in_proj_weight^T + in_proj_bias`` as the array reads it (digital bias), with the float
+        projection's derivative (straight-through, as :class:`AnalogLinear`)."""
+        w, b = self.in_proj_weight, self.in_proj_bias
+
+        def hw(v):
+            y = self.tiles.read(0, v, F.linear)
+            return y if b is None else y + b
+        if self.tiles.exact_read:
+            return F.linear(x, w, b)
+        if torch.is_grad_enabled() and w.requires_grad:
+            return _ReadWithFloatGradient.apply(x, w, b, hw)
+        with torch.no_grad():
+            return hw(x)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        from neurosal.wrap import MHAForward
+
+        return MHAForward(self, self.in_projection)(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                                    average_attn_weights, is_causal)
+
+
 class AnalogAreaLinear(_AnalogMixin, AreaLinear):
     """SAL's area layer on devices: one array per area; routing (a small projection) stays digital."""
 
@@ -333,9 +387,10 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
 
 def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_output: bool = True,
             **options) -> nn.Module:
-    """Put every ``nn.Linear``/``nn.Conv2d``/area layer of ``net`` -- any module, anywhere in it -- on
-    analog arrays (in place; returns ``net``). ``device`` is a :class:`DeviceConfig` or a preset name or
-    file (``options`` override its fields: ``convert(model, device="rram-like", levels=64)``). The output
+    """Put every ``nn.Linear``/``nn.Conv2d``/area layer and ``nn.MultiheadAttention``'s two projections
+    (:class:`AnalogMultiheadAttention`) of ``net`` -- any module, anywhere in it -- on analog arrays (in
+    place; returns ``net``). ``device`` is a :class:`DeviceConfig` or a preset name or file (``options``
+    override its fields: ``convert(model, device="rram-like", levels=64)``). The output
     layer is the last one registered.
 
     Convert before :func:`neurosal.wrap` for the layerwise rules (wrapping patches the layers it finds);
@@ -358,13 +413,19 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
                                 "(wrapping patches the layers it finds)")
         target = net.model
     named = [(n, m) for n, m in target.named_modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d, AreaLinear)) and not isinstance(m, _AnalogMixin)]
+             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d, AreaLinear, nn.MultiheadAttention))
+             and not isinstance(m, _AnalogMixin)]
     if not named:
         raise NeurosalError("convert: the model has no Linear/Conv2d layer to put on devices")
     for i, (name, op) in enumerate(named):
         if not include_output and i == len(named) - 1:
             continue
-        if isinstance(op, AreaLinear):
+        if isinstance(op, nn.MultiheadAttention):  # its out_proj follows in `named`: a Linear of its own
+            try:
+                new = AnalogMultiheadAttention.from_float(op, cfg, seed * 1000 + i)
+            except NeurosalError as exc:
+                raise NeurosalError(f"{name}: {exc}") from None
+        elif isinstance(op, AreaLinear):
             new = AnalogAreaLinear.from_float(op, cfg, seed * 1000 + i)
         elif isinstance(op, nn.Conv2d):
             new = AnalogConv2d.from_float(op, cfg, seed * 1000 + i)

@@ -78,6 +78,15 @@ class LocalUpdate(Protocol):
 
 
 @runtime_checkable
+class InProjection(Protocol):
+    """An attention module whose packed q/k/v projection is a layer of its own (an analog array): the
+    engine computes that projection with ``in_projection(x)`` (``x @ in_proj_weight^T + in_proj_bias``
+    as the substrate reads it) wherever it writes ``nn.MultiheadAttention`` out."""
+
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class ReportsContext(Protocol):
     """A layer whose forward makes per-sample decisions its update needs later (SAL's routing)."""
 

@@ -56,7 +56,7 @@ from .errors import NeurosalError
 from .layers import (NORMS, PARAM_LAYERS, _conv_args, feedback, keep_own_forward, norm_vjp, replace_module,
                      weight_update)
 from .models import Net
-from .protocols import DirectFeedback, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
+from .protocols import DirectFeedback, InProjection, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
 from .rules import make_rule
 from .rules.base import Rule
 from .rules.layerwise import LayerwiseRule
@@ -198,6 +198,9 @@ class _InProjection(nn.Linear):
         return self.mha[0].in_proj_bias
 
     def forward(self, x):
+        mha = self.mha[0]
+        if implements(mha, InProjection):  # the projection as its substrate reads it (analog arrays)
+            return mha.in_projection(x)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -221,8 +224,10 @@ def _attention_mask(mha, attn_mask, key_padding_mask, is_causal, b, l, s, dtype,
     return mask
 
 
-class _MHAForward:
-    """``nn.MultiheadAttention.forward`` with both projections through the rule's feedback layers."""
+class MHAForward:
+    """``nn.MultiheadAttention.forward`` written out, with the packed in-projection a callable ``in_proj``
+    and the out-projection the module's own ``out_proj`` called as a module: the layerwise rules route
+    both through their feedback layers, analog attention both through its arrays."""
 
     def __init__(self, mha: nn.MultiheadAttention, in_proj: nn.Module):
         self.mha, self.in_proj = mha, in_proj
@@ -595,7 +600,7 @@ class Wrapped(nn.Module):
                 proj = _InProjection(m)
                 self.rule.init_feedback(slot, proj.weight, gen)
                 proj.forward = _LayerForward(Site(slot, proj, self.rule), proj.forward, self._bypass)
-                m.forward = _MHAForward(m, proj)
+                m.forward = MHAForward(m, proj)
             else:
                 if isinstance(m, (nn.Conv2d, nn.Conv1d)):
                     try:

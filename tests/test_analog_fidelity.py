@@ -2,8 +2,11 @@
 programming is verified by read-back, coincidence trains have a fixed length, randomness lives on the
 array's device (bp with pulse coincidence: tests/test_analog.py)."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn as nn
 
 from hw_models.array import DifferentialArray
 from hw_models.devices import DeviceConfig
@@ -235,3 +238,93 @@ def test_read_noise_is_fresh_for_every_read(kind):
     assert abs(float(z.mean())) < 0.05 and abs(float(z.var()) - 1) < 0.06
     c = torch.corrcoef(z[:50])  # between reads of the same input
     assert abs(float(c[~torch.eye(50, dtype=torch.bool)].mean())) < 0.05
+
+
+# ----------------------------------------------------------------------------- attention on devices
+
+def _encoder(batch_first=True):
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first, norm_first=True).double()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_projections_are_read_through_their_arrays(batch_first):
+    """torch's attention reads in_proj_weight / out_proj.weight directly: converted, both projections must
+    go through their arrays. With read noise, two reads of the same input differ (they did not: the
+    attention was read as floats); with an exactly reading device the written-out attention is torch's."""
+    from hw_models.analog import AnalogLinear, AnalogMultiheadAttention, convert
+
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    n = x.shape[1 if batch_first else 0]  # sequence length
+    mask = torch.ones(n, n, dtype=torch.bool).triu(1)
+    ref = _encoder(batch_first)
+    exact = convert(copy.deepcopy(ref), DeviceConfig(levels=1_000_000))
+    assert isinstance(exact.self_attn, AnalogMultiheadAttention)
+    assert isinstance(exact.self_attn.out_proj, AnalogLinear)
+    for m in (ref, exact):
+        m.eval()
+    with torch.no_grad():
+        want = ref.self_attn(x, x, x, attn_mask=mask)[0]
+        got = exact.self_attn(x, x, x, attn_mask=mask)[0]
+    # the devices hold the weights to 1e-6 of w_max (10^6 levels): close, not bitwise
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
+    noisy = convert(copy.deepcopy(ref), DeviceConfig(levels=1_000_000, read_noise=0.05))
+    attn = noisy.self_attn
+    attn.out_proj = copy.deepcopy(exact.self_attn.out_proj)  # noise only in the packed projection
+    with torch.no_grad():
+        a, b = attn(x, x, x)[0], attn(x, x, x)[0]
+    assert float((a - b).abs().max()) > 1e-3 * float(a.abs().max())
+    noisy.eval()
+    with torch.no_grad():  # the fused eval path of the encoder layer must not bypass the arrays either
+        assert not torch.equal(noisy(x), noisy(x))
+
+
+def test_attention_on_devices_trains_with_fa_and_dfa_and_exports():
+    from export.onnx_export import export_onnx, reference_outputs, run_onnxruntime
+    from hw_models.analog import attach, convert
+    from neurosal.zoo import build_zoo
+
+    import neurosal
+
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    for rule in ("fa", "dfa"):
+        torch.manual_seed(0)
+        vit = convert(build_zoo("vit:patch=4,dim=16,depth=1,heads=2", (1, 8, 8), 4), "linear-256")
+        attn = vit.blocks[0].self_attn
+        before = attn.in_proj_weight.detach().clone()
+        w = neurosal.wrap(vit, rule)
+        opt = torch.optim.Adam(w.parameters(), lr=3e-3)
+        attach(opt, w)
+        losses = []
+        for _ in range(30):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(w(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        assert losses[-1] < 0.7 * losses[0], (rule, losses[0], losses[-1])
+        moved = attn.in_proj_weight.detach()
+        assert not torch.equal(moved, before)
+        step = attn.tiles.arrays[0].dw_pulse  # every weight a whole number of pulses from where it started
+        assert float(((moved - before) / step - ((moved - before) / step).round()).abs().max()) < 1e-3
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "vit.onnx"
+        model = w.unwrap()
+        export_onnx(model, x[:2], path)
+        ref = reference_outputs(model, x)
+        got = torch.as_tensor(run_onnxruntime(path, x)[0])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_attention_refuses_coincidence_and_unpacked_projections():
+    from hw_models.analog import convert
+    from neurosal.errors import NeurosalError
+
+    with pytest.raises(NeurosalError, match="self_attn: pulses=coincidence"):
+        convert(_encoder(), DeviceConfig(levels=256, pulses="coincidence"))
+    torch.manual_seed(0)
+    with pytest.raises(NeurosalError, match="packed default"):
+        convert(nn.MultiheadAttention(16, 2, kdim=8, vdim=8), "linear-256")
