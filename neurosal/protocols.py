@@ -10,7 +10,8 @@ signal into a weight change.** Neither knows the other, and neither assumes the 
   :class:`DirectFeedback` (a global signal projected straight to every feedback point: dfa, drtp, sal);
 * a *layer* is any module with a ``weight`` whose local update the float substrate knows (``nn.Linear``,
   ``nn.Conv1d``, ``nn.Conv2d``); a layer that realises updates differently (an analog array, SAL's area
-  layer) offers :class:`LocalUpdate`, and the engine hands it the signal instead;
+  layer) offers :class:`LocalUpdate`, and the engine hands it the signal instead; an attention module
+  whose packed q/k/v projection is read by a substrate offers :class:`InProjection`;
 * a *tail* (activation, pooling, spiking neurons) is differentiated by its true local derivative,
   unless it offers :class:`LocalDerivative` (spiking neurons' eligibility traces);
 * a *substrate package* (analog arrays in ``hw_models``) offers :class:`Substrate` through an entry point.
