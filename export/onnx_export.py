@@ -68,16 +68,21 @@ class LinearTwin(nn.Module):
 
 
 class Conv2dTwin(nn.Module):
-    def __init__(self, op: nn.Conv2d):
+    """A (possibly analog) Conv2d -- or Conv1d -- through its devices' DAC and ADC."""
+
+    def __init__(self, op: nn.Conv2d | nn.Conv1d):
         super().__init__()
         self.weight = nn.Parameter(op.weight.detach().clone(), requires_grad=False)
         self.bias = None if op.bias is None else nn.Parameter(op.bias.detach().clone(), requires_grad=False)
         self.kw = dict(stride=op.stride, padding=op.padding, dilation=op.dilation, groups=op.groups)
+        self.conv = F.conv1d if isinstance(op, nn.Conv1d) else F.conv2d
         self.analog = _analog_of(op)
 
     def forward(self, x):
-        y = _through_devices(self.analog, x, lambda v: F.conv2d(v, self.weight, None, **self.kw))
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        y = _through_devices(self.analog, x, lambda v: self.conv(v, self.weight, None, **self.kw))
+        if self.bias is None:
+            return y
+        return y + self.bias.view(1, -1, *([1] * (y.dim() - 2)))
 
 
 class MHATwin(nn.MultiheadAttention):
@@ -213,7 +218,7 @@ class ModuleTwin(nn.Module):
                 new = TokenSALTwin(m, sal_mode) if m.tokens else SALTwin(m, sal_mode)
             elif _analog_of(m) is not None and isinstance(m, nn.MultiheadAttention):
                 new = MHATwin(m)  # before its out_proj, which the loop reaches next (now the twin's)
-            elif _analog_of(m) is not None and isinstance(m, nn.Conv2d):
+            elif _analog_of(m) is not None and isinstance(m, (nn.Conv1d, nn.Conv2d)):
                 new = Conv2dTwin(m)
             elif _analog_of(m) is not None and isinstance(m, nn.Linear):
                 new = LinearTwin(m)

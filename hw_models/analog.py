@@ -78,13 +78,15 @@ def row_sumsq(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).sum(-1, keepdim=True)
 
 
-def patch_sumsq(conv: nn.Conv2d):
+def patch_sumsq(conv: nn.Conv1d | nn.Conv2d):
     """What each output of ``conv`` reads: the squared norm of its input patch (per group), shaped to
     broadcast over the output channels."""
+    fn = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+
     def sumsq(x: torch.Tensor) -> torch.Tensor:
         g = conv.groups
         ones = x.new_ones(g, x.shape[1] // g, *conv.kernel_size)
-        s = F.conv2d(x * x, ones, None, conv.stride, conv.padding, conv.dilation, g)
+        s = fn(x * x, ones, None, conv.stride, conv.padding, conv.dilation, g)
         return s if g == 1 else s.repeat_interleave(conv.out_channels // g, dim=1)
     return sumsq
 
@@ -301,6 +303,28 @@ class AnalogConv2d(_AnalogMixin, nn.Conv2d):
         return self._straight_through(x, hw, lambda v: self._conv_forward(v, self.weight, self.bias))
 
 
+class AnalogConv1d(_AnalogMixin, nn.Conv1d):
+    """A 1-d convolution on devices (sequences, audio, time series): one array of out x (in/groups * k)
+    conductances, read per output position as :class:`AnalogConv2d` reads per pixel."""
+
+    @classmethod
+    def from_float(cls, layer: nn.Conv1d, cfg: DeviceConfig, seed: int) -> "AnalogConv1d":
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
+                  device=layer.weight.device, dtype=layer.weight.dtype)
+        new.load_state_dict(layer.state_dict(), strict=False)
+        new.tiles = AnalogTiles(cfg, [new.weight], layer.weight[0].numel(), seed)
+        return new
+
+    def forward(self, x):
+        conv = lambda v, w: F.conv1d(v, w, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
+
+        def hw(v):
+            y = self.tiles.read(0, v, conv, patch_sumsq(self))
+            return y + self.bias.view(1, -1, 1) if self.bias is not None else y
+        return self._straight_through(x, hw, lambda v: self._conv_forward(v, self.weight, self.bias))
+
+
 class AnalogMultiheadAttention(_AnalogMixin, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` on devices: the packed q/k/v projection (3E x E) on one array, the
     out-projection an :class:`AnalogLinear`; the attention itself (scores, softmax, the weighted sum of
@@ -387,7 +411,7 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
 
 def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_output: bool = True,
             **options) -> nn.Module:
-    """Put every ``nn.Linear``/``nn.Conv2d``/area layer and ``nn.MultiheadAttention``'s two projections
+    """Put every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/area layer and ``nn.MultiheadAttention``'s two projections
     (:class:`AnalogMultiheadAttention`) of ``net`` -- any module, anywhere in it -- on analog arrays (in
     place; returns ``net``). ``device`` is a :class:`DeviceConfig` or a preset name or file (``options``
     override its fields: ``convert(model, device="rram-like", levels=64)``). The output
@@ -427,8 +451,11 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
                 raise NeurosalError(f"{name}: {exc}") from None
         elif isinstance(op, AreaLinear):
             new = AnalogAreaLinear.from_float(op, cfg, seed * 1000 + i)
-        elif isinstance(op, nn.Conv2d):
-            new = AnalogConv2d.from_float(op, cfg, seed * 1000 + i)
+        elif isinstance(op, (nn.Conv1d, nn.Conv2d)):
+            if op.padding_mode != "zeros":  # the arrays' reads pad with zeros
+                raise NeurosalError(f"{name}: analog convolutions pad with zeros, not {op.padding_mode!r}")
+            kind = AnalogConv2d if isinstance(op, nn.Conv2d) else AnalogConv1d
+            new = kind.from_float(op, cfg, seed * 1000 + i)
         elif isinstance(op, nn.Linear):
             new = AnalogLinear.from_float(op, cfg, seed * 1000 + i)
         else:

@@ -206,7 +206,7 @@ def test_every_preset_states_its_source():
 
 
 # ----------------------------------------------------------------------------- read noise, per read
-@pytest.mark.parametrize("kind", ["linear", "conv", "conv_groups"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_groups", "conv1d"])
 def test_read_noise_is_fresh_for_every_read(kind):
     """Every matrix-vector product (each sample; each output position of a convolution) meets its own
     draw of the conductances: the output noise has std read_noise*sqrt(2)*w_max*|input it reads| and is
@@ -222,6 +222,13 @@ def test_read_noise_is_fresh_for_every_read(kind):
         layer = convert(nn.Sequential(nn.Linear(48, 64, bias=False)), cfg, seed=1)[0]
         x = torch.randn(1, 48).repeat(400, 1)  # one input read 400 times
         sumsq, exact = row_sumsq, lambda v: F.linear(v, layer.weight)
+    elif kind == "conv1d":
+        layer = convert(nn.Sequential(nn.Conv1d(4, 6, 5, padding=2, dilation=1, bias=False)), cfg, seed=1)[0]
+        x = torch.randn(1, 4, 40).repeat(100, 1, 1)
+        x[:, :, :2] = 0  # patches of unequal norms (none all zero)
+        sumsq = patch_sumsq(layer)
+        exact = lambda v: F.conv1d(v, layer.weight, None, layer.stride, layer.padding, layer.dilation,  # noqa: E731
+                                   layer.groups)
     else:
         layer = convert(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2 if kind == "conv_groups" else 1,
                                                 bias=False)), cfg, seed=1)[0]
@@ -328,3 +335,45 @@ def test_attention_refuses_coincidence_and_unpacked_projections():
     torch.manual_seed(0)
     with pytest.raises(NeurosalError, match="packed default"):
         convert(nn.MultiheadAttention(16, 2, kdim=8, vdim=8), "linear-256")
+
+
+def test_conv1d_models_train_on_devices_and_export():
+    """A 1-d conv net (sequences) converted whole: the Conv1d on its own array, trained with fa in whole
+    pulses, exported through its DAC/ADC with onnxruntime parity."""
+    import tempfile
+    from pathlib import Path
+
+    import neurosal
+    from export.onnx_export import export_onnx, reference_outputs, run_onnxruntime
+    from hw_models.analog import AnalogConv1d, attach, convert
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(2, 6, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(4), nn.Flatten(),
+                        nn.Linear(24, 3))
+    convert(net, DeviceConfig(levels=256, dac_bits=8, adc_bits=8))
+    assert isinstance(net[0], AnalogConv1d)
+    x = torch.randn(24, 2, 30)
+    y = (x[:, 0].mean(1) > 0).long() + (x[:, 1].mean(1) > 0).long()
+    w = neurosal.wrap(net, "fa")
+    opt = torch.optim.Adam(w.parameters(), lr=1e-2)
+    attach(opt, w)
+    before = net[0].weight.detach().clone()
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(w(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    moved = (net[0].weight.detach() - before) / net[0].tiles.arrays[0].dw_pulse
+    assert float(moved.abs().max()) >= 1 and float((moved - moved.round()).abs().max()) < 1e-3
+    model = w.unwrap()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c1.onnx"
+        export_onnx(model, x[:2], path)
+        ref = reference_outputs(model, x)
+        got = torch.as_tensor(run_onnxruntime(path, x)[0])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    with pytest.raises(Exception, match="pad with zeros"):
+        convert(nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular"), "linear-256")
