@@ -181,6 +181,8 @@ class Trainer:
         n_epoch = min(cfg.epoch_samples or len(ds.x_train), len(ds.x_train))
         self.rule.plan(cfg.epochs * math.ceil(n_epoch / cfg.batch_size))  # the run's length (SAL's warm-up)
         self.net = build_net(cfg, self.rule, ds.input_shape, ds.n_classes, self.device)
+        if not isinstance(self.net, Net):  # zoo and user models: say at once if they cannot take this data
+            check_model_io(self.net, cfg.model, self.data.x_train[:2], ds.n_classes, self.sequence)
         self.wrapped = wrap_for_training(cfg, self.net, self.rule, ds.input_shape, self.data.x_train[:2])
         self.model = self.wrapped  # what each step calls (DDP-wrapped when distributed)
         self.reducer = None
@@ -496,6 +498,29 @@ def build_net(cfg: TrainConfig, rule: Rule, input_shape, n_classes: int, device:
     if cfg.device:
         net = apply_device(net, cfg.device, cfg.device_options, cfg.seed)
     return net
+
+
+def check_model_io(net: torch.nn.Module, spec: str, example: torch.Tensor, n_classes: int, sequence: bool) -> None:
+    """One forward pass of ``net`` on two samples (eval mode, no gradients, random state kept): a model
+    that cannot take the data's inputs, or does not return one score per class (per position for text),
+    is refused with one line naming the shapes instead of failing inside the first training step."""
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[example.device.index] if example.is_cuda else []):
+            out = net(example)
+    except NeurosalError:
+        raise
+    except Exception as exc:
+        raise NeurosalError(f"model {spec!r} cannot take this data's inputs (a batch of shape "
+                            f"{tuple(example.shape)}): {type(exc).__name__}: {exc}") from exc
+    finally:
+        net.train(was)
+    want = (len(example), example.shape[1], n_classes) if sequence else (len(example), n_classes)
+    if not torch.is_tensor(out) or tuple(out.shape) != want:
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise NeurosalError(f"model {spec!r} returns {got} for a batch of shape {tuple(example.shape)}; the "
+                            f"trainer needs {want} ({'a score per class at every position' if sequence else 'a score per class'})")
 
 
 def context_for(cfg: TrainConfig) -> int | None:

@@ -104,6 +104,14 @@ def files(tmp: Path) -> dict[str, Path]:
     csv("missing_label.csv", "".join(f"{i},{i},{'' if i == 7 else i % 2}\n" for i in range(20)))
     out["binary.csv"] = tmp / "binary.csv"
     out["binary.csv"].write_bytes(bytes(range(256)) * 4)
+    head = "import torch.nn as nn\nclass M(nn.Module):\n    def __init__(self, n_classes):\n        super().__init__()\n"
+    for name, body in (("model_in.py", "        self.f = nn.Linear(3, n_classes)\n    def forward(self, x):\n"
+                                        "        return self.f(x)\n"),
+                       ("model_out.py", "        self.f = nn.Sequential(nn.Flatten(), nn.LazyLinear(7))\n"
+                                         "    def forward(self, x):\n        return self.f(x)\n"),
+                       ("model_dict.py", "        self.f = nn.Sequential(nn.Flatten(), nn.LazyLinear(n_classes))\n"
+                                          "    def forward(self, x):\n        return {'logits': self.f(x)}\n")):
+        csv(name, head + body)
     out["wrong.txt"] = tmp / "wrong.txt"
     out["wrong.txt"].write_text("1 2 3\n")
     out["wrong.json"] = tmp / "wrong.json"
@@ -246,6 +254,9 @@ CASES = [
     ("train-vit-option", T + ["--model", "vit:patch=4,width=3"], "unknown option 'width'", None),
     ("train-vit-patch", T + ["--model", "vit:patch=3"], "does not divide", None),
     ("train-model-file-missing", T + ["--model", "{tmp}/nowhere.py:Net"], "no such file", None),
+    ("train-model-wrong-input", T + ["--model", "{f:model_in.py}:M"], "cannot take this data's inputs", None),
+    ("train-model-wrong-output", T + ["--model", "{f:model_out.py}:M"], "returns (2, 7)", None),
+    ("train-model-dict-output", T + ["--model", "{f:model_dict.py}:M"], "returns dict", None),
     ("train-sal-without-linear", T + ["--rule", "sal", "--model", "resnet:8"], "no hidden nn.Linear", None),
     ("train-bad-model-spec", T + ["--model", "mlp:abc"], "cannot parse model spec", None),
     ("train-unknown-dataset", T + ["--data", "imagenet"], "unknown dataset 'imagenet'", None),
