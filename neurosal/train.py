@@ -207,14 +207,14 @@ class Trainer:
                 from torch.nn.parallel import DistributedDataParallel
 
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                # learned feedback is reduced by reduce_learned_feedback; the rule's buffers (fixed feedback,
-                # brsf's CPU-resident counter) are the same on every rank by construction
-                learned = [f"rule.{n}" for n, _ in self.rule.named_parameters()]
-                learned += [f"rule.{n}" for n, _ in self.rule.named_buffers()]
-                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.wrapped, learned)
+                # wrap told DDP to skip what it cannot see -- learned feedback, layers writing their own
+                # update (analog arrays) -- which the wrapper averages after each backward
+                # (Wrapped.bypassed); the rule's buffers (fixed feedback, brsf's CPU-resident counter) are
+                # the same on every rank by construction
                 self.model = DistributedDataParallel(self.wrapped, device_ids=ids)
             else:  # chains: each layer's all-reduce starts as soon as its update is ready; routed
                 # general models: all at once after the backward pass (train_epoch)
+                self.wrapped.reduce_bypassed = False
                 self.reducer = LayerwiseAllReduce(self.dist)
                 if self.wrapped.chain:
                     self.wrapped.on_layer = self.reducer
@@ -351,8 +351,8 @@ class Trainer:
                 if not self.wrapped.chain:
                     self.reducer(self.net)  # every gradient at once (see __init__)
                 self.reducer.wait()
-            if self.dist is not None:
-                reduce_learned_feedback(self.dist, self.rule)  # kp/ldef feedback: outside DDP's buckets
+            if self.reducer is not None:
+                reduce_learned_feedback(self.dist, self.rule)  # kp/ldef feedback: beside the layers
             self.opt.step()
             finish_step(self.net)
             if self.dist is not None:

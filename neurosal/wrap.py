@@ -534,13 +534,74 @@ class Wrapped(nn.Module):
                 raise NeurosalError("memory='recompute' applies to the direct rules (dfa, drtp, sal)")
             if input_shape is not None or not rule.direct:
                 self._setup_chain(input_shape)
+        else:
+            if memory == "recompute" and not rule.direct:
+                raise NeurosalError("memory='recompute' applies to the direct rules (dfa, drtp, sal)")
+            if isinstance(rule, LayerwiseFeedback) and not rule.direct:
+                self._install_layerwise(gen)
+            elif not isinstance(rule, DirectFeedback):
+                raise NeurosalError(f"rule {rule.name!r} offers neither layerwise nor direct feedback")
+        #: under torch.distributed (a user's DDP loop), average the gradients DDP cannot see after each
+        #: backward (:meth:`bypassed`); a trainer that reduces them itself sets this False
+        self.reduce_bypassed = True
+        self._reduce_queued = False
+        from torch.nn.parallel import DistributedDataParallel
+
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [n for n, _ in self.bypassed()] + [f"rule.{n}" for n, _ in rule.named_buffers()])
+
+    # -- gradients outside autograd, and DDP
+    def bypassed(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters whose gradients are written outside autograd, which DDP's reducer never sees
+        (it would wait for them, or leave them unaveraged): a rule's learned feedback (kp, ldef), the
+        parameters of layers that write their own update (:class:`~neurosal.protocols.LocalUpdate`:
+        SAL's areas and router, analog arrays) and, for a spec chain under a local rule, every parameter
+        (its backward is the engine's). DDP is told to skip them (``wrap`` sets its ignore list); under
+        ``torch.distributed`` they are averaged over ranks after each backward instead."""
+        out = [(f"rule.{n}", p) for n, p in self.rule.named_parameters()]
+        if self.chain and not self.rule.autograd:
+            return out + [(f"model.{n}", p) for n, p in self.model.named_parameters()]
+        for name, m in self.model.named_modules():
+            if implements(m, LocalUpdate):
+                out += [(f"model.{name}.{n}" if name else f"model.{n}", p) for n, p in m.named_parameters()]
+        return out
+
+    def _queue_reduce(self, grad):
+        if not self._reduce_queued:
+            self._reduce_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._reduce_bypassed)
+        return None
+
+    def _reduce_bypassed(self) -> None:
+        """Average the bypassed gradients over ranks in one all-reduce (a rank that computed none gives
+        zeros; a gradient no rank computed stays None, so no optimiser touches it)."""
+        import torch.distributed as dist
+
+        self._reduce_queued = False
+        params = [p for _, p in self.bypassed() if p.requires_grad]
+        if not params:
             return
-        if memory == "recompute" and not rule.direct:
-            raise NeurosalError("memory='recompute' applies to the direct rules (dfa, drtp, sal)")
-        if isinstance(rule, LayerwiseFeedback) and not rule.direct:
-            self._install_layerwise(gen)
-        elif not isinstance(rule, DirectFeedback):
-            raise NeurosalError(f"rule {rule.name!r} offers neither layerwise nor direct feedback")
+        was_none = [p.grad is None for p in params]
+        flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p, none in zip(params, was_none):
+            g = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            p.grad = None if none and not bool(g.any()) else g.clone()
+
+    def _watch_backward(self, out) -> None:
+        """Under torch.distributed with more than one rank: average the bypassed gradients when this
+        forward's backward has finished."""
+        import torch.distributed as dist
+
+        if not (self.reduce_bypassed and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return
+        t = out if torch.is_tensor(out) else select_output(out, self.output)[0]
+        if t.requires_grad:
+            t.register_hook(self._queue_reduce)
 
     # -- chains
     def _setup_chain(self, input_shape) -> None:
@@ -788,9 +849,13 @@ class Wrapped(nn.Module):
             if not self._chain_ready:
                 self._setup_chain(tuple(args[0].shape[1:]))
             anchor = next(p for p in self.model.parameters() if p.requires_grad)
-            return ChainStep.apply(self, args[0], anchor)
+            out = ChainStep.apply(self, args[0], anchor)
+            self._watch_backward(out)
+            return out
         if not self.rule.direct:
-            return self.model(*args, **kwargs)
+            out = self.model(*args, **kwargs)
+            self._watch_backward(out)
+            return out
         if not self._hooks and self.point_names != []:
             self._plan(args, kwargs)
         self._collect, self._joined = [], False
@@ -798,12 +863,12 @@ class Wrapped(nn.Module):
             out = self.model(*args, **kwargs)
         finally:
             points, self._collect = self._collect, None
-        if self._joined:
-            return out
-        sel, put = select_output(out, self.output)
-        if not points or not sel.requires_grad:
-            return out
-        return put(_Hub.apply(self, sel, *points))
+        if not self._joined:
+            sel, put = select_output(out, self.output)
+            if points and sel.requires_grad:
+                out = put(_Hub.apply(self, sel, *points))
+        self._watch_backward(out)
+        return out
 
     def unwrap(self) -> nn.Module:
         """The plain model (hooks and patched forwards removed); the wrapper is unusable afterwards."""
