@@ -134,7 +134,11 @@ class AnalogTiles:
                     raise NeurosalError("pulses=coincidence needs the layer's inputs and teaching signal, and "
                                         "this step's update reached the layer without them")
                 x, d = self.pending[k]
-                w = arr.apply_trains(*arr.coincidence_pulses(x, d, self._sgd_rate(request, p.grad)))
+                # the rate is fitted against the trains' own update d^T x, not against .grad: whatever
+                # scaled the gradient since (a GradScaler's unscale, gradient clipping) is absorbed
+                dt = request.dtype
+                outer = d.reshape(-1, d.shape[-1]).t().to(dt) @ x.reshape(-1, x.shape[-1]).to(dt)
+                w = arr.apply_trains(*arr.coincidence_pulses(x, d, self._sgd_rate(request, outer)))
             else:
                 w = arr.step_to(p, held)
             p.copy_(w)
@@ -143,7 +147,8 @@ class AnalogTiles:
 
     @staticmethod
     def _sgd_rate(request: torch.Tensor, grad: torch.Tensor | None) -> float:
-        """The learning rate of a plain SGD step ``request = -lr * grad`` (coincidence needs it). Reads
+        """The rate of a plain SGD step ``request = -lr * grad`` (coincidence: ``grad`` the trains' own
+        update ``d^T x``, so ``lr`` also absorbs a loss scale or a clipping factor). Reads
         three numbers on the host in one transfer -- the rate and the check that the step was plain SGD --
         so a CUDA step syncs once per array here (documented exception to the no-sync rule)."""
         if grad is None:
@@ -156,9 +161,10 @@ class AnalogTiles:
         if gg == 0:
             return 0.0
         if lr < 0 or resid > 1e-3:
-            raise NeurosalError("pulses=coincidence realises -lr * delta^T x by pulse trains and needs plain "
-                                "SGD (no momentum, weight decay or adaptive steps); use --optimizer SGD "
-                                "--momentum 0, or pulses=stochastic")
+            raise NeurosalError("pulses=coincidence realises -lr * delta^T x by pulse trains from the layer's "
+                                "own input and signal, and needs plain SGD on one backward pass per step (no "
+                                "momentum, weight decay, adaptive steps, gradient accumulation or data-parallel "
+                                "averaging); use --optimizer SGD --momentum 0, or pulses=stochastic")
         return lr
 
     @torch.no_grad()

@@ -542,13 +542,14 @@ class Wrapped(nn.Module):
             elif not isinstance(rule, DirectFeedback):
                 raise NeurosalError(f"rule {rule.name!r} offers neither layerwise nor direct feedback")
         #: under torch.distributed (a user's DDP loop), average the gradients DDP cannot see after each
-        #: backward (:meth:`bypassed`); a trainer that reduces them itself sets this False
+        #: backward (:meth:`bypassed`); a trainer that reduces them itself sets this False. DDP neither
+        #: broadcasts the rule's buffers nor the projection: the same seed makes them on every rank
         self.reduce_bypassed = True
         self._reduce_queued = False
         from torch.nn.parallel import DistributedDataParallel
 
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            self, [n for n, _ in self.bypassed()] + [f"rule.{n}" for n, _ in rule.named_buffers()])
+            self, [n for n, _ in self.bypassed()] + [f"rule.{n}" for n, _ in rule.named_buffers()] + ["projection"])
 
     # -- gradients outside autograd, and DDP
     def bypassed(self) -> list[tuple[str, nn.Parameter]]:

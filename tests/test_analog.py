@@ -237,6 +237,47 @@ def test_coincidence_rate_of_a_vanishing_gradient_is_no_update():
         AnalogTiles._sgd_rate(-0.1 * g + 0.05 * torch.randn(4, 4), g)
 
 
+@pytest.mark.parametrize("how", ["grad_scaler", "clip"])
+def test_coincidence_trains_realise_the_step_the_optimiser_took(how):
+    """Pulse trains are built from the layer's own input and signal; a GradScaler (signal 1024x larger,
+    .grad unscaled again) or gradient clipping (.grad shrunk after the backward) must not change how far
+    the devices move: the rate is fitted against the trains' own update d^T x. Before, a scaled signal
+    asked 1024x the pulses (cut at the train length) and a clipped step was realised unclipped."""
+    import copy
+
+    import neurosal
+    from hw_models.analog import attach, convert
+
+    torch.manual_seed(0)
+    base = convert(torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)),
+                   DeviceConfig(levels=4096, pulses="coincidence"))
+    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+
+    def moved(scaled):
+        net = copy.deepcopy(base)
+        w = neurosal.wrap(net, "bp")
+        opt = torch.optim.SGD(w.parameters(), lr=0.5)
+        attach(opt, w)
+        before = net[0].weight.detach().clone()
+        loss = torch.nn.functional.cross_entropy(w(x), y)
+        if how == "grad_scaler":
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=scaled)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+        else:
+            loss.backward()
+            if scaled:
+                torch.nn.utils.clip_grad_norm_(w.parameters(), 0.01)
+            opt.step()
+        return (net[0].weight.detach() - before).abs().sum()
+
+    plain, other = moved(False), moved(True)
+    if how == "grad_scaler":  # the same step: the same expected pulses (the trains' draws differ slightly)
+        assert float(other / plain) == pytest.approx(1.0, rel=0.1)
+    else:  # the clipped step is smaller, and realised so
+        assert float(other) < 0.5 * float(plain)
+
+
 def test_forward_reads_the_array_once_and_differentiates_as_float():
     """One matmul per forward: with exact reads (no converters, no read noise) the array's output is the
     float layer's; with converters the output is the quantised read under grad too, and no float forward
