@@ -943,14 +943,16 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
 
 
 def sal_layers(model: nn.Module) -> list[str]:
-    """SAL's default area layers: every ``nn.Linear`` but the output head (the last one registered) and
-    the projections inside attention modules -- MLP hidden layers and transformer FFN layers."""
+    """SAL's default area layers: every ``nn.Linear`` but the output head (the last one registered), the
+    projections inside attention modules and frozen layers (``requires_grad=False``: a fine-tuned model's
+    backbone stays as it is) -- MLP hidden layers and transformer FFN layers."""
     names = {m: n for n, m in model.named_modules()}
     attention = [n for m, n in names.items() if isinstance(m, nn.MultiheadAttention)
                  or "attention" in type(m).__name__.lower()]
     linears = [n for m, n in names.items() if type(m) is nn.Linear]
     linears = [n for n in linears if not any(n.startswith(a + ".") for a in attention if a)]
-    return linears[:-1]
+    modules = dict(model.named_modules())
+    return [n for n in linears[:-1] if modules[n].weight.requires_grad]
 
 
 def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
@@ -964,6 +966,8 @@ def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
             raise NeurosalError(f"sal: {name!r} is not an nn.Linear of this model")
         if lin.bias is None:
             raise NeurosalError(f"sal: {name!r} has no bias; area layers keep one per area")
+        if not lin.weight.requires_grad:
+            raise NeurosalError(f"sal: {name!r} is frozen (requires_grad=False); its areas could not learn")
         area = rule.area_layer(lin.in_features, lin.out_features, tokens=True)
         if rule.config.area_init == "shared":
             with torch.no_grad():

@@ -442,6 +442,19 @@ def test_loss_scale_refuses_what_is_not_a_positive_number():
             neurosal.wrap(_mlp3(), "dfa", loss_scale=bad)(x)
 
 
+def test_sal_leaves_frozen_layers_frozen():
+    """Fine-tuning: a frozen backbone Linear is not turned into (trainable) area layers by default, and
+    naming it is refused; the trainable hidden layer becomes the area layer."""
+    model = _mlp3()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    w = neurosal.wrap(model, "sal", warmup=0)
+    assert type(w.model[0]) is nn.Linear and not w.model[0].weight.requires_grad
+    assert isinstance(w.model[2], AreaLinear)
+    with pytest.raises(NeurosalError, match="frozen"):
+        neurosal.wrap(_mlp3().requires_grad_(False), "sal", areas_on=["0"])
+
+
 def test_drtp_asks_for_the_target():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     w = neurosal.wrap(model, "drtp")
