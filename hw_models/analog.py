@@ -466,6 +466,10 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
             new = AnalogLinear.from_float(op, cfg, seed * 1000 + i)
         else:
             raise NeurosalError(f"{name}: no analog version of {type(op).__name__}")
+        frozen = {n for n, q in op.named_parameters() if not q.requires_grad}
+        for n, q in new.named_parameters():  # a frozen layer stays frozen on devices (fine-tuning)
+            if n in frozen:
+                q.requires_grad_(False)
         replace_module(target, name, keep_own_forward(new))
     return net
 

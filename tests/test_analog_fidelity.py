@@ -377,3 +377,13 @@ def test_conv1d_models_train_on_devices_and_export():
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     with pytest.raises(Exception, match="pad with zeros"):
         convert(nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular"), "linear-256")
+
+
+def test_frozen_layers_stay_frozen_on_devices():
+    from hw_models.analog import convert
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    net[0].requires_grad_(False)
+    net[2].bias.requires_grad_(False)
+    convert(net, "linear-256")
+    assert [p.requires_grad for p in net.parameters()] == [False, False, True, False]
