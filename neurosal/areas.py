@@ -201,17 +201,25 @@ class AreaLinear(nn.Module):
         lead = x.shape[:-1]
         if self.tokens:
             x = x.reshape(-1, self.in_features)
-        learning = self.training and torch.is_grad_enabled()
+        # a backward may follow whenever autograd records, also in eval mode (frozen BatchNorm statistics
+        # while fine-tuning): the module's training flag governs running statistics only
+        learning = torch.is_grad_enabled()
         if learning and self.joint:
             route = self.route(x)
             out = _JointAreas.apply(x, self, route, *self.area_weight, *self.area_bias)
         else:
             out, route = self.forward_ctx(x)
         if learning and out.requires_grad:
-            self.steps += 1
-            if self.areas > 1:
-                out.register_hook(lambda g: self._learn_router(route.x, route))
+            out.register_hook(lambda g: self._backward_step(route))
         return out.reshape(*lead, self.out_features) if self.tokens else out
+
+    def _backward_step(self, route: Route) -> None:
+        """When a backward pass reaches this layer: one training step more on the warm-up clock (it
+        counts updates, not forward passes: an evaluation forward under autograd moves nothing), and
+        the router learns from its local objective."""
+        self.steps += 1
+        if self.areas > 1:
+            self._learn_router(route.x, route)
 
     def feedback_input(self, delta: torch.Tensor, weight: torch.Tensor, route: Route) -> torch.Tensor:
         """Signal on the input through per-area matrices ``weight`` (K, n_out, n_in)."""

@@ -837,7 +837,9 @@ class Wrapped(nn.Module):
         return self
 
     def forward(self, *args, **kwargs):
-        if not self.training or not torch.is_grad_enabled():
+        # a backward may follow whenever autograd records -- in eval mode too (frozen BatchNorm statistics
+        # while training): the rule's signals must reach it then as well, or it would be backprop's
+        if not torch.is_grad_enabled():
             return self.model(*args, **kwargs)
         self.rule.after_step(self.model)  # per-batch bookkeeping (brsf's draw counter)
         scale = self.current_loss_scale()

@@ -455,6 +455,42 @@ def test_sal_leaves_frozen_layers_frozen():
         neurosal.wrap(_mlp3().requires_grad_(False), "sal", areas_on=["0"])
 
 
+@pytest.mark.parametrize("rule", ["dfa", "fa", "sal"])
+def test_training_in_eval_mode_still_uses_the_rule(rule):
+    """model.eval() while training (frozen BatchNorm statistics, a common fine-tuning practice): the
+    rule's signals still arrive -- direct rules used to fall back silently to backprop in eval mode."""
+    options = {"warmup": 0} if rule == "sal" else {}
+    x, y = torch.randn(12, 8, dtype=torch.float64), torch.randint(0, 3, (12,))
+    ref = _mlp3()
+    F.cross_entropy(ref(x), y).backward()
+    grads = []
+    for mode in ("train", "eval"):
+        w = neurosal.wrap(_mlp3(), rule, **options)
+        w.train(mode == "train")
+        F.cross_entropy(w(x), y).backward()
+        grads.append(_grads(w.model))
+    if rule == "sal":  # the router learns in eval mode too; the routing centre is a running statistic
+        assert "0.router" in grads[1]  # (set by train-mode batches, like BatchNorm's): routes may differ
+        return
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert_close(grads[1][k], grads[0][k], msg=k)
+    assert not torch.allclose(grads[1]["0.weight"], ref[0].weight.grad)
+
+
+def test_sals_warm_up_clock_counts_backward_passes_not_forwards():
+    w = neurosal.wrap(_mlp3(), "sal", warmup=0.5, run_steps=10)
+    area = w.model[0]
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+    w.eval()
+    w(x)  # an evaluation forward under autograd: no update, no tick
+    with torch.no_grad():
+        w(x)
+    assert area.steps == 0
+    F.cross_entropy(w(x), y).backward()
+    assert area.steps == 1
+
+
 def test_drtp_asks_for_the_target():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     w = neurosal.wrap(model, "drtp")
