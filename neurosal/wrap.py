@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterable
@@ -653,6 +654,9 @@ class Wrapped(nn.Module):
         if self.rule.autograd:
             return  # bp: plain autograd
         sites = layer_sites(self.model)
+        if not sites and any(p.requires_grad for p in self.model.parameters()):
+            warnings.warn(f"{self.rule.name}: this model has no nn.Linear/Conv1d/Conv2d/MultiheadAttention "
+                          "layer, so its parameters learn by backprop", stacklevel=4)
         if sites:  # the last layer registered is taken as the output layer
             last = sites[-1][1]
             self.rule.begin(last.out_proj.out_features if isinstance(last, nn.MultiheadAttention)
@@ -679,6 +683,8 @@ class Wrapped(nn.Module):
         sel, _ = select_output(out, self.output)
         if self.point_names is None:
             self.point_names = find_points(self.model, calls, sel)
+            if not self.point_names:
+                self._warn_no_points(calls, sel)
         modules = dict(self.model.named_modules())
         unknown = [n for n in self.point_names if n not in modules]
         if unknown:
@@ -701,6 +707,20 @@ class Wrapped(nn.Module):
             for m in blocks:
                 m.forward = _Recomputed(m.forward)
                 self._restore.append(m)
+
+    def _warn_no_points(self, calls: list, sel: torch.Tensor) -> None:
+        """No feedback point was found: every parameter learns through the true chain rule from the output
+        (backprop, whatever the rule's name). Said once, naming what learns that way, unless only the
+        output layer has parameters (nothing to teach)."""
+        layers = [c for c in calls if isinstance(c[1], PARAM_LAYERS + (AreaLinear,))]
+        head = next((c[0] for c in layers if c[3] is sel), layers[-1][0] if layers else None)
+        others = [n for n, p in self.model.named_parameters()
+                  if p.requires_grad and not (head is not None and (n.startswith(head + ".") or head == ""))]
+        if others:
+            warnings.warn(f"{self.rule.name}: no feedback points in this model (no nn.Linear/Conv before the "
+                          f"output layer, no repeated blocks, no neurosal.Point markers), so {others[:3]}"
+                          f"{' and more' if len(others) > 3 else ''} learn by backprop; mark points with "
+                          "neurosal.Point() or points=[...]", stacklevel=4)
 
     def _at_point(self, module, inputs, output):
         if self._collect is None and self._watch is not None and torch.is_tensor(output) and output.requires_grad:

@@ -491,6 +491,30 @@ def test_sals_warm_up_clock_counts_backward_passes_not_forwards():
     assert area.steps == 1
 
 
+def test_a_direct_rule_without_feedback_points_says_it_is_backprop():
+    """Hidden layers written as functional ops on raw parameters give no feedback point: the whole model
+    would learn by backprop under the name dfa. Said once, naming the parameters; a lone output layer
+    (nothing to teach) is quiet."""
+    import warnings
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(16, 8) * 0.3)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(F.linear(x, self.w1)))
+
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match=r"no feedback points .*'w1'.* learn by backprop"):
+        neurosal.wrap(Functional(), "dfa")(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        neurosal.wrap(nn.Linear(8, 3), "dfa")(x)
+        neurosal.wrap(_mlp3().float(), "dfa")(x.repeat(1, 2)[:, :8])
+
+
 def test_drtp_asks_for_the_target():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     w = neurosal.wrap(model, "drtp")
