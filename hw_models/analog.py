@@ -18,6 +18,7 @@ analog one, the gradient that of the float layer.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -108,6 +109,22 @@ class AnalogTiles:
                 p.copy_(arr.weights())
         self.held = [p.detach().clone() for p in params]
         self.pending: dict[int, tuple] = {}  # coincidence mode: this step's (x, delta) per parameter
+        self.mark_synced()
+
+    def mark_synced(self) -> None:
+        """Note the parameters' version counters: the devices hold what the parameters hold now."""
+        self._versions = [p._version for p in self.params]
+
+    def check_synced(self) -> None:
+        """Warn (once per place) when a parameter changed in place since the devices were last programmed
+        -- an optimiser step without :func:`attach` / ``neurosal.finish_step``: the layer would then read
+        float weights the devices never held (their levels, nonlinearity and noise skipped). Reads
+        version counters only: no pass over the weights, no device sync."""
+        if any(p._version != v for p, v in zip(self.params, self._versions)):
+            warnings.warn("an analog layer's weights changed since its devices were last programmed (an "
+                          "optimiser step without hw_models.attach(opt, model) or neurosal.finish_step(model) "
+                          "after it?): the devices do not hold them", stacklevel=4)
+            self.mark_synced()
 
     @property
     def exact_read(self) -> bool:
@@ -144,6 +161,7 @@ class AnalogTiles:
             p.copy_(w)
             self.held[k] = w  # the read-back is a fresh tensor: kept as the next step's reference, no copy
         self.pending.clear()
+        self.mark_synced()
 
     @staticmethod
     def _sgd_rate(request: torch.Tensor, grad: torch.Tensor | None) -> float:
@@ -173,6 +191,7 @@ class AnalogTiles:
             arr.drift(t)
             p.copy_(arr.weights())
             held.copy_(p)
+        self.mark_synced()
 
     def state(self) -> dict:
         return {"arrays": [a.state() for a in self.arrays], "held": self.held}
@@ -182,6 +201,7 @@ class AnalogTiles:
             a.load(s)
         for h, s in zip(self.held, st["held"]):
             h.copy_(s)
+        self.mark_synced()  # (a state dict loads the parameters first, then this extra state)
 
     @property
     def resets(self) -> int:
@@ -230,6 +250,7 @@ class _AnalogMixin:
         array reads exactly -- no converters, no read noise -- its output *is* the float layer's (the
         parameters hold the arrays' weights after every sync), so one matmul serves both. A Linear layer's
         derivative is written out (:class:`_ReadWithFloatGradient`), so its float forward is not run."""
+        self.tiles.check_synced()
         learning = torch.is_grad_enabled() and self.weight.requires_grad
         if self.tiles.exact_read:
             y = float_fn(x)
@@ -366,6 +387,7 @@ class AnalogMultiheadAttention(_AnalogMixin, nn.MultiheadAttention):
         """``x @ in_proj_weight^T + in_proj_bias`` as the array reads it (digital bias), with the float
         projection's derivative (straight-through, as :class:`AnalogLinear`)."""
         w, b = self.in_proj_weight, self.in_proj_bias
+        self.tiles.check_synced()
 
         def hw(v):
             y = self.tiles.read(0, v, F.linear)
@@ -412,6 +434,8 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
 
     def area_forward(self, k: int, rows: torch.Tensor) -> torch.Tensor:
         t = self.tiles
+        if k == 0:
+            t.check_synced()
         return t.read(k, rows, F.linear) + self.area_bias[k]
 
 

@@ -387,3 +387,35 @@ def test_frozen_layers_stay_frozen_on_devices():
     net[2].bias.requires_grad_(False)
     convert(net, "linear-256")
     assert [p.requires_grad for p in net.parameters()] == [False, False, True, False]
+
+
+def test_an_optimiser_step_the_devices_never_saw_is_reported():
+    """Forgetting hw_models.attach: the optimiser moves the float parameters, the devices are never
+    programmed and every read uses weights they never held. Said (once per place); with attach, a
+    state-dict round trip and drift, nothing is said."""
+    import warnings
+
+    import neurosal
+    from hw_models.analog import attach, convert, drift
+
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+
+    def steps(attached):
+        torch.manual_seed(0)
+        w = neurosal.wrap(convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), "rram-like"), "fa")
+        opt = torch.optim.Adam(w.parameters(), 1e-2)
+        if attached:
+            attach(opt, w)
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(w(x), y).backward()
+            opt.step()
+        w.load_state_dict(w.state_dict())
+        drift(w, 10.0)
+        w(x)
+
+    with pytest.warns(UserWarning, match="devices were last programmed"):
+        steps(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps(True)

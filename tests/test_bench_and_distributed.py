@@ -223,68 +223,73 @@ def test_a_failed_bench_job_reports_the_line_naming_its_exception():
 
 
 USER_LOOP = '''
-import sys, torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist, neurosal
+import os, sys, torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist, neurosal
 from torch.nn.parallel import DistributedDataParallel as DDP
-rule, out = sys.argv[1], sys.argv[2]
+rules, out = sys.argv[1].split(","), sys.argv[2]
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-if rule == "dfa-chain":
-    model = neurosal.make_rule("dfa").build("mlp:16x16:tanh", (8,), 3).double()
-if rule == "fa-analog":
-    import hw_models
-    hw_models.convert(model, "linear-256")
-w = neurosal.wrap(model, rule.split("-")[0], **({"balance": 0, "warmup": 0} if rule == "sal" else {}))
-# the user's own loop: no find_unused_parameters, nothing neurosal-specific but wrap. When every
-# update is made outside autograd (a spec chain's engine, analog layers under a layerwise rule), DDP has
-# no parameter left and refuses; the wrapper averages on its own under torch.distributed
-ddp = DDP(w) if any(p.requires_grad for p in w.parameters() if all(p is not q for _, q in w.bypassed())) else w
-opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-if rule == "fa-analog":
-    hw_models.attach(opt, w)
-gen = torch.Generator().manual_seed(1)
-for step in range(3):
-    x, y = torch.randn(16, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
-    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-    opt.zero_grad()
-    if rule == "drtp":
-        w.set_target(ys)
-    F.cross_entropy(ddp(xs), ys).backward()
-    opt.step()
-flat = torch.cat([p.detach().reshape(-1) for p in w.parameters()])
-every = [torch.empty_like(flat) for _ in range(world)]
-dist.all_gather(every, flat)
-assert all(torch.equal(every[0], f) for f in every), "the ranks' parameters differ"
+saved = {}
+for rule in rules:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    if rule == "dfa-chain":
+        model = neurosal.make_rule("dfa").build("mlp:16x16:tanh", (8,), 3).double()
+    if rule == "fa-analog":
+        import hw_models
+        hw_models.convert(model, "linear-256")
+    w = neurosal.wrap(model, rule.split("-")[0], **({"balance": 0, "warmup": 0} if rule == "sal" else {}))
+    # the user's own loop: no find_unused_parameters, nothing neurosal-specific but wrap. When every
+    # update is made outside autograd (a spec chain's engine, analog layers under a layerwise rule), DDP
+    # has no parameter left and refuses; the wrapper averages on its own under torch.distributed
+    ddp = DDP(w) if any(p.requires_grad for p in w.parameters() if all(p is not q for _, q in w.bypassed())) else w
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    if rule == "fa-analog":
+        hw_models.attach(opt, w)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x, y = torch.randn(16, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        if rule == "drtp":
+            w.set_target(ys)
+        F.cross_entropy(ddp(xs), ys).backward()
+        opt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in w.parameters()])
+    every = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(every, flat)
+    assert all(torch.equal(every[0], f) for f in every), f"{rule}: the ranks' parameters differ"
+    saved[rule] = {k: v.detach().clone() for k, v in w.state_dict().items() if torch.is_tensor(v)}
 if rank == 0:
-    torch.save({k: v.detach().clone() for k, v in w.state_dict().items() if torch.is_tensor(v)}, out)
+    torch.save(saved, out)
 dist.destroy_process_group()
-import os
 sys.stdout.flush()
 os._exit(0)  # gloo may abort a finished rank at interpreter exit (see neurosal.cli.entry)
 '''
 
+USER_RULES = ["kp", "ldef", "sal", "dfa-chain", "fa-analog", "drtp"]
 
-@pytest.mark.parametrize("rule", ["kp", "ldef", "sal", "dfa-chain", "fa-analog", "drtp"])
-def test_a_users_own_ddp_loop_equals_one_process(tmp_path, rule):
+
+def test_a_users_own_ddp_loop_equals_one_process(tmp_path):
     """``DDP(neurosal.wrap(model, rule))`` in a user's loop: gradients written outside autograd (learned
     feedback, SAL's areas and router, a spec chain's engine, analog layers' own updates) are skipped by
     DDP (it crashed on the first of them) and averaged by the wrapper after each backward (SAL's router
     was left per rank: the ranks' weights drifted apart). Two gloo ranks agree bitwise with each other
-    and, but for SAL, with one process on the same global batches."""
+    (checked in the script) and, but for SAL, with one process on the same global batches."""
     script = tmp_path / "loop.py"
     script.write_text(USER_LOOP)
     outs = {}
     for n in (1, 2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script),
-               rule, str(tmp_path / f"w{n}.pt")]
+               ",".join(USER_RULES), str(tmp_path / f"w{n}.pt")]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "TMPDIR": str(tmp_path)})
         assert r.returncode == 0, r.stderr[-2000:]
         outs[n] = torch.load(tmp_path / f"w{n}.pt", weights_only=True)
-    assert outs[1].keys() == outs[2].keys()
-    if rule == "sal":  # the ranks agree (checked in the script), but each routes with its own half batch's
-        return  # centre (like BatchNorm without SyncBN): not the one process's weights (test above)
-    for k, v in outs[1].items():  # the same sums in another order
-        if v.is_floating_point():
-            assert torch.allclose(outs[2][k], v, rtol=0, atol=1e-9), (k, float((outs[2][k] - v).abs().max()))
+    for rule in USER_RULES:
+        one, two = outs[1][rule], outs[2][rule]
+        assert one.keys() == two.keys()
+        if rule == "sal":  # each rank routes with its own half batch's centre (like BatchNorm without
+            continue  # SyncBN): not the one process's weights (the trainer's test above bounds that)
+        for k, v in one.items():  # the same sums in another order
+            if v.is_floating_point():
+                assert torch.allclose(two[k], v, rtol=0, atol=1e-9), (rule, k, float((two[k] - v).abs().max()))
