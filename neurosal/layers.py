@@ -105,8 +105,10 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def accumulate_grad(p: torch.Tensor | None, g: torch.Tensor | None) -> None:
-    """Add ``g`` to ``p.grad`` (creating it), in the parameter's dtype (autocast may compute in bf16)."""
-    if p is None or g is None:
+    """Add ``g`` to ``p.grad`` (creating it), in the parameter's dtype (autocast may compute in bf16). A
+    frozen parameter (``requires_grad=False``) gets none, as autograd would give it none: an optimiser
+    handed every parameter skips it only while its ``.grad`` stays None."""
+    if p is None or g is None or not p.requires_grad:
         return
     g = g.to(p.dtype)
     if p.grad is None:

@@ -986,8 +986,6 @@ def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
         lin = modules.get(name)
         if type(lin) is not nn.Linear:
             raise NeurosalError(f"sal: {name!r} is not an nn.Linear of this model")
-        if lin.bias is None:
-            raise NeurosalError(f"sal: {name!r} has no bias; area layers keep one per area")
         if not lin.weight.requires_grad:
             raise NeurosalError(f"sal: {name!r} is frozen (requires_grad=False); its areas could not learn")
         area = rule.area_layer(lin.in_features, lin.out_features, tokens=True)
@@ -995,7 +993,12 @@ def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
             with torch.no_grad():
                 for w, b in zip(area.area_weight, area.area_bias):
                     w.copy_(lin.weight)
-                    b.copy_(lin.bias)
+                    if lin.bias is not None:
+                        b.copy_(lin.bias)
+        if lin.bias is None:  # a bias-free layer (LLaMA-style FFNs): its areas' biases are frozen zeros
+            with torch.no_grad():
+                for b in area.area_bias:
+                    b.zero_().requires_grad_(False)
         area.to(lin.weight.device, lin.weight.dtype)
         replace_module(model, name, keep_own_forward(area))
 

@@ -387,6 +387,21 @@ def test_frozen_layers_stay_frozen_on_devices():
     net[2].bias.requires_grad_(False)
     convert(net, "linear-256")
     assert [p.requires_grad for p in net.parameters()] == [False, False, True, False]
+    # and they stay put under a layerwise rule, whose analog layers write their own update into .grad
+    # (an optimiser handed every parameter skips a frozen one only while its .grad is None)
+    import neurosal
+    from hw_models.analog import attach
+
+    before = [p.detach().clone() for p in net.parameters()]
+    w = neurosal.wrap(net, "fa")
+    opt = torch.optim.SGD(w.parameters(), lr=0.5)
+    attach(opt, w)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(w(torch.randn(6, 4)), torch.tensor([0, 1, 0, 1, 0, 1])).backward()
+        opt.step()
+    moved = [not torch.equal(a, p) for a, p in zip(before, net.parameters())]
+    assert moved == [False, False, True, False]
 
 
 def test_an_optimiser_step_the_devices_never_saw_is_reported():

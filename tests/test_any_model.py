@@ -515,6 +515,27 @@ def test_a_direct_rule_without_feedback_points_says_it_is_backprop():
         neurosal.wrap(_mlp3().float(), "dfa")(x.repeat(1, 2)[:, :8])
 
 
+@pytest.mark.parametrize("grouped", ["on", "off"])
+def test_sal_areas_of_bias_free_layers_keep_no_bias(grouped):
+    """Bias-free FFN layers (LLaMA-style) become area layers whose biases are frozen zeros: trained with
+    AdamW over every parameter, they stay zero (warm-up and routed phases), and the layer still learns."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32, bias=False), nn.GELU(), nn.Linear(32, 8, bias=False), nn.GELU(),
+                          nn.Linear(8, 3))
+    w = neurosal.wrap(model, "sal", warmup=0.5, run_steps=6, grouped=grouped)
+    area = w.model[0]
+    assert isinstance(area, AreaLinear) and not any(b.requires_grad for b in area.area_bias)
+    before = area.area_weight[0].detach().clone()
+    opt = torch.optim.AdamW(w.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for _ in range(6):
+        opt.zero_grad()
+        F.cross_entropy(w(x), y).backward()
+        opt.step()
+    assert all(float(b.abs().max()) == 0.0 and b.grad is None for b in area.area_bias)
+    assert not torch.equal(area.area_weight[0], before)
+
+
 def test_drtp_asks_for_the_target():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     w = neurosal.wrap(model, "drtp")
