@@ -142,11 +142,12 @@ SAL_VIT = ("--rule-options", "balance=0,warmup=0.5", *SGD)
 
 @pytest.mark.parametrize("rule,extra,model", [("bp", (), "mlp:32x16"), ("dfa", (), "mlp:32x16"),
                                               ("bp", ("--fsdp",), "mlp:32x16"), ("dfa", SGD, VIT), ("kp", SGD, VIT),
-                                              ("sal", SAL_VIT, VIT)])
+                                              ("sal", SAL_VIT, VIT), ("fa", (*SGD, "--device", "linear-256"), VIT)])
 def test_two_process_gloo_run_equals_one_process_on_the_same_global_batch(tmp_path, rule, extra, model):
     """DDP (bp; any model through the general engine, learned feedback reduced beside it), per-layer
-    async all-reduce (chains), FSDP2 (bp), and SAL on the general engine (its unchosen areas and its
-    router's local objective bypass DDP: every gradient averaged after the backward pass) against one
+    async all-reduce (chains), FSDP2 (bp), SAL on the general engine (its unchosen areas and its
+    router's local objective bypass DDP: every gradient averaged after the backward pass), and analog
+    layers writing their own update under fa (bypassing DDP, averaged by the wrapper) against one
     process."""
     one = launch(tmp_path, "one", rule, 1, *[a for a in extra if a != "--fsdp"], model=model)
     two = launch(tmp_path, "two", rule, 2, *extra, model=model)
