@@ -694,7 +694,15 @@ def test_cli_trains_zoo_and_user_models_and_exports_them(tmp_path, capsys, model
     assert len(m["alignment_deg"]) >= 2 and len(m["point_alignment_deg"]) >= 1
     assert bool(m.get("area_usage")) == (rule == "sal")
     assert main(["train", *common, "--epochs", "2", "--out", str(run), "--resume"]) == 0, capsys.readouterr().err
-    assert [e["epoch"] for e in json.loads((run / "metrics.json").read_text())["epochs"]] == [1, 2]
+    history = json.loads((run / "metrics.json").read_text())["epochs"]
+    assert [e["epoch"] for e in history] == [1, 2]
+    # the trained model in Python: the run's last test accuracy, recomputed from its checkpoint
+    from neurosal.data import load_dataset
+    from neurosal.train import evaluate
+
+    net, _, cfg, _ = neurosal.load_run(run)
+    ds = load_dataset(cfg.data, cfg.data_root, cfg.limit)
+    assert evaluate(net, ds.x_test, ds.y_test)[1] == pytest.approx(history[-1]["test_acc"], abs=1e-9)
     capsys.readouterr()
     assert main(["export", str(run), "--onnx", str(tmp_path / "m.onnx"), "--samples", "64"]) == 0
     assert "argmax agreement 100.0%" in capsys.readouterr().out
