@@ -552,6 +552,18 @@ class Wrapped(nn.Module):
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             self, [n for n, _ in self.bypassed()] + [f"rule.{n}" for n, _ in rule.named_buffers()] + ["projection"])
 
+    def extra_repr(self) -> str:
+        parts = [f"rule={self.rule.name}", f"memory={self.memory}"]
+        if self.rule.direct and not self.chain:
+            parts.append("points=" + ("(found at the first step)" if self.point_names is None else repr(self.point_names)))
+            if self.readout_name:
+                parts.append(f"readout_norm={self.readout_name!r}")
+            if self.output_name:
+                parts.append(f"output_at={self.output_name!r}")
+        if self.loss_scale is not None:
+            parts.append(f"loss_scale={self.loss_scale!r}")
+        return ", ".join(parts)
+
     # -- gradients outside autograd, and DDP
     def bypassed(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters whose gradients are written outside autograd, which DDP's reducer never sees

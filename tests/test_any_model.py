@@ -536,6 +536,13 @@ def test_sal_areas_of_bias_free_layers_keep_no_bias(grouped):
     assert not torch.equal(area.area_weight[0], before)
 
 
+def test_printing_a_wrapped_model_says_its_rule_options_and_points():
+    w = neurosal.wrap(_mlp3(), "dfa", feedback_norm="width")
+    assert "rule=dfa" in repr(w) and "DFA(feedback_norm='width')" in repr(w)
+    w(torch.randn(2, 8, dtype=torch.float64))
+    assert "points=['1', '3']" in repr(w)
+
+
 def test_drtp_asks_for_the_target():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     w = neurosal.wrap(model, "drtp")

@@ -61,6 +61,13 @@ class Rule(nn.Module):
         super().__init__()
         self.config = config if config is not None else self.Config()
 
+    def extra_repr(self) -> str:
+        """The options that differ from the rule's defaults (``print(wrapped)`` shows them)."""
+        default = self.Config()
+        changed = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
+                   if getattr(self.config, f.name) != getattr(default, f.name)}
+        return ", ".join(f"{k}={v!r}" for k, v in changed.items())
+
     def hidden_layer(self, n_in: int, n_out: int) -> nn.Module:
         """The layer used for hidden fully connected blocks (SAL overrides: area-partitioned)."""
         return nn.Linear(n_in, n_out)
