@@ -310,32 +310,14 @@ class AnalogLinear(_AnalogMixin, nn.Linear):
         return self._straight_through(x, hw, lambda v: F.linear(v, self.weight, self.bias))
 
 
-class AnalogConv2d(_AnalogMixin, nn.Conv2d):
-    @classmethod
-    def from_float(cls, layer: nn.Conv2d, cfg: DeviceConfig, seed: int) -> "AnalogConv2d":
-        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                  layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
-                  device=layer.weight.device, dtype=layer.weight.dtype)
-        new.load_state_dict(layer.state_dict(), strict=False)
-        fan_in = layer.weight[0].numel()
-        new.tiles = AnalogTiles(cfg, [new.weight], fan_in, seed)
-        return new
+class _AnalogConv(_AnalogMixin):
+    """The analog convolutions: one array of out x (in/groups * kernel) conductances, read at every output
+    position (the read noise by each position's patch norm, :func:`patch_sumsq`), bias digital."""
 
-    def forward(self, x):
-        conv = lambda v, w: F.conv2d(v, w, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
-
-        def hw(v):
-            y = self.tiles.read(0, v, conv, patch_sumsq(self))
-            return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
-        return self._straight_through(x, hw, lambda v: self._conv_forward(v, self.weight, self.bias))
-
-
-class AnalogConv1d(_AnalogMixin, nn.Conv1d):
-    """A 1-d convolution on devices (sequences, audio, time series): one array of out x (in/groups * k)
-    conductances, read per output position as :class:`AnalogConv2d` reads per pixel."""
+    _conv = staticmethod(F.conv2d)
 
     @classmethod
-    def from_float(cls, layer: nn.Conv1d, cfg: DeviceConfig, seed: int) -> "AnalogConv1d":
+    def from_float(cls, layer, cfg: DeviceConfig, seed: int):
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
                   device=layer.weight.device, dtype=layer.weight.dtype)
@@ -344,12 +326,22 @@ class AnalogConv1d(_AnalogMixin, nn.Conv1d):
         return new
 
     def forward(self, x):
-        conv = lambda v, w: F.conv1d(v, w, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
+        conv = lambda v, w: self._conv(v, w, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
 
         def hw(v):
             y = self.tiles.read(0, v, conv, patch_sumsq(self))
-            return y + self.bias.view(1, -1, 1) if self.bias is not None else y
+            return y if self.bias is None else y + self.bias.view(1, -1, *([1] * (y.dim() - 2)))
         return self._straight_through(x, hw, lambda v: self._conv_forward(v, self.weight, self.bias))
+
+
+class AnalogConv2d(_AnalogConv, nn.Conv2d):
+    _conv = staticmethod(F.conv2d)
+
+
+class AnalogConv1d(_AnalogConv, nn.Conv1d):
+    """Sequences, audio, time series: read per output position as :class:`AnalogConv2d` reads per pixel."""
+
+    _conv = staticmethod(F.conv1d)
 
 
 class AnalogMultiheadAttention(_AnalogMixin, nn.MultiheadAttention):
