@@ -69,6 +69,8 @@ ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.
 #: the signal arrives where the next parametrised layer reads, as in a spec chain's block tail
 PASS_THROUGH = ACTIVATIONS + (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                               nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+#: parametrised layers the layerwise rules have no feedback matrix for (their true derivative is kept)
+UNTREATED = (nn.RNNBase, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
 #: torch's own composite layers that count as blocks
 TORCH_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -669,6 +671,12 @@ class Wrapped(nn.Module):
         if not sites and any(p.requires_grad for p in self.model.parameters()):
             warnings.warn(f"{self.rule.name}: this model has no nn.Linear/Conv1d/Conv2d/MultiheadAttention "
                           "layer, so its parameters learn by backprop", stacklevel=4)
+        untreated = [n for n, m in self.model.named_modules() if isinstance(m, UNTREATED)]
+        if untreated:
+            warnings.warn(f"{self.rule.name}: {untreated[:3]}{' and more' if len(untreated) > 3 else ''} pass the "
+                          "signal down through their own weights (the layerwise rules give feedback matrices to "
+                          "Linear, Conv1d/2d and attention projections only): weight transport there",
+                          stacklevel=4)
         if sites:  # the last layer registered is taken as the output layer
             last = sites[-1][1]
             self.rule.begin(last.out_proj.out_features if isinstance(last, nn.MultiheadAttention)

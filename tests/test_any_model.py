@@ -543,6 +543,20 @@ def test_printing_a_wrapped_model_says_its_rule_options_and_points():
     assert "points=['1', '3']" in repr(w)
 
 
+def test_layerwise_rules_say_which_layers_keep_their_true_weights_in_the_backward():
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(4, 8, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0][:, -1])
+
+    with pytest.warns(UserWarning, match=r"\['gru'\] pass the signal down through their own weights"):
+        neurosal.wrap(Recurrent(), "fa")
+
+
 def test_drtp_asks_for_the_target():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     w = neurosal.wrap(model, "drtp")
