@@ -411,6 +411,26 @@ def select_output(out, key=None):
                         f"dataclass holding one, got {type(out).__name__}")
 
 
+#: layers that work channels-first on (B, C, L) inputs: a 3-d point after one of them is a feature map
+CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm, nn.MaxPool1d,
+                  nn.AvgPool1d)
+
+
+def channels_first(modules: dict, points: list[str], finished: list[str]) -> list[bool]:
+    """Per point output, in the order the points finish: whether a 3-d output is channels-first
+    (B, C, L) -- the last parametrised or pooling layer to run before it is a Conv1d, BatchNorm1d, ... --
+    rather than tokens (B, T, D) (after a Linear, a LayerNorm, attention)."""
+    wanted, out = set(points), []
+    for i, name in enumerate(finished):
+        if name not in wanted:
+            continue
+        last = next((modules[n] for n in reversed(finished[:i + 1])
+                     if isinstance(modules[n], CHANNELS_FIRST) or any(True for _ in modules[n].parameters(recurse=False))),
+                    None)
+        out.append(isinstance(last, CHANNELS_FIRST))
+    return out
+
+
 def output_module(modules: dict, sel: torch.Tensor, points: list[str], finished: list[str],
                   outputs: list) -> str | None:
     """The module whose output is ``sel`` (the innermost, called once per forward, after every feedback
@@ -528,6 +548,7 @@ class Wrapped(nn.Module):
         self.readout_name: str | None = None
         self._readout: list[nn.Module] = []  # that module (a list: not registered as a submodule)
         self.widths: list[int] = []
+        self._channels_first: list[bool] = []  # per point, in the order their outputs arrive
         self._columns: list[tuple[int, int]] = []  # each point's columns of the projection
         self.register_buffer("projection", None, persistent=False)
         gen = torch.Generator().manual_seed(seed + 7919)
@@ -711,6 +732,7 @@ class Wrapped(nn.Module):
             raise NeurosalError(f"feedback point(s) {unknown} are not modules of this model")
         for name in self.point_names:
             self._hooks.append(modules[name].register_forward_hook(self._at_point))
+        self._channels_first = channels_first(modules, self.point_names, finished)
         if not torch.is_tensor(out):  # a tuple/dict: join at the module that made the output, if one did
             self.output_name = output_module(modules, sel, self.point_names, finished, outputs)
             if self.output_name is not None:
@@ -762,8 +784,8 @@ class Wrapped(nn.Module):
         self._joined = True
         return _Hub.apply(self, output, *self._collect)
 
-    def _layout(self, e_shape, shapes) -> list[tuple[int, int, int]]:
-        """Per point: (batch axis, projected width, positions sharing it).
+    def _layout(self, e_shape, shapes) -> list[tuple[int, int, int, bool]]:
+        """Per point: (batch axis, projected width, positions sharing it, channels first).
 
         A per-position output (B, T.., V) feeds points (B, T.., ...) position by position. A per-sample
         output (B, V) feeds a point with more axes -- (B, C, H, W) feature maps, (B, T, D) or
@@ -775,7 +797,7 @@ class Wrapped(nn.Module):
         lead = len(e_shape) - 1
         mode = self.rule.config.positions
         out = []
-        for s in map(tuple, shapes):
+        for i, s in enumerate(map(tuple, shapes)):
             if s[:lead] == tuple(e_shape[:lead]):
                 axis = 0
             elif lead == 1 and len(s) > 2 and s[1] == e_shape[0]:
@@ -785,14 +807,17 @@ class Wrapped(nn.Module):
                                     f"{tuple(e_shape)}: its batch (and position) dims must match")
             units = math.prod(s) // math.prod(e_shape[:lead])  # per sample (or per position)
             if lead == 1 and len(s) > 2 and mode != "flatten":
-                feat = s[1] if (len(s) == 4 and axis == 0) else s[-1]
-                out.append((axis, feat, units // feat))
+                # channels first: feature maps and volumes (B, C, H, W[, D]); a 3-d point when a layer
+                # working channels-first made it (Conv1d: (B, C, L)), else tokens (B, T, D)
+                first = axis == 0 and (len(s) >= 4 or (i < len(self._channels_first) and self._channels_first[i]))
+                feat = s[1] if first else s[-1]
+                out.append((axis, feat, units // feat, first))
             else:
-                out.append((axis, units, 1))
+                out.append((axis, units, 1, False))
         return out
 
     def _materialise(self, e_shape, shapes) -> None:
-        widths = [w for _, w, _ in self._layout(e_shape, shapes)]
+        widths = [w for _, w, _, _ in self._layout(e_shape, shapes)]
         ref = next(self.model.parameters())
         self.widths = widths
         # one column block of B per point -- or, for the blocks of a stream the head reads through a
@@ -812,7 +837,7 @@ class Wrapped(nn.Module):
         if self.projection is None:
             self._materialise(tuple(e.shape), shapes)
         layout = self._layout(tuple(e.shape), shapes)
-        widths = [w for _, w, _ in layout]
+        widths = [w for _, w, _, _ in layout]
         if widths != self.widths:
             raise NeurosalError(f"the feedback points changed shape ({widths} vs {self.widths} at the first "
                                 "step): mark fixed points with neurosal.Point")
@@ -823,12 +848,12 @@ class Wrapped(nn.Module):
         parts = [g[..., a:b] for a, b in self._columns]
         norm = self._readout[0] if values is not None else None
         first = {c: i for i, c in reversed(list(enumerate(self._columns)))}  # columns -> first point using them
-        for i, (part, s, dt, (axis, _, positions)) in enumerate(zip(parts, shapes, dtypes, layout)):
+        for i, (part, s, dt, (axis, _, positions, chan_first)) in enumerate(zip(parts, shapes, dtypes, layout)):
             s = tuple(s)
             if positions > 1:  # one signal per channel/feature, shared by every position
                 part = part / positions
-                if len(s) == 4 and axis == 0:
-                    part = part[:, :, None, None].expand(s)
+                if chan_first:
+                    part = part.reshape(s[0], s[1], *([1] * (len(s) - 2))).expand(s)
                 elif axis == 0:
                     part = part.reshape(s[0], *([1] * (len(s) - 2)), s[-1]).expand(s)
                 else:

@@ -216,6 +216,32 @@ def test_shared_positions_broadcast_one_signal_per_channel():
     assert_close(g, want[:, :, None, None].expand(5, 4, 6, 6))
 
 
+def test_conv1d_feature_maps_are_channels_first_tokens_are_not():
+    """A 3-d point is a (B, C, L) feature map after a Conv1d (one signal per channel, shared by the L
+    positions: it used to be read as L tokens of C features), a (B, T, D) token sequence after a Linear."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv1d(2, 6, 5, padding=2), nn.ReLU(), nn.Conv1d(6, 4, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 30, 3))
+    x, e = torch.randn(5, 2, 30), torch.randn(5, 3)
+    w = neurosal.wrap(conv, "dfa").materialise(x)
+    assert w.point_names == ["1", "4"] and w.widths == [6, 120]
+    g, _ = w._signals(e, [(5, 6, 30), (5, 120)], [torch.float32] * 2)
+    assert_close(g, ((e @ w.projection[:, :6]) / 30)[:, :, None].expand(5, 6, 30))
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 6), nn.Linear(6, 3)
+
+        def forward(self, t):  # (B, T, 2) -> per-sample output
+            return self.b(torch.relu(self.a(t)).mean(1))
+
+    w = neurosal.wrap(Tokens(), "dfa").materialise(torch.randn(5, 30, 2))
+    assert w.widths == [6]  # D = 6 features, shared by the 30 tokens
+    F.cross_entropy(w(torch.randn(5, 30, 2)), torch.randint(0, 3, (5,))).backward()
+    assert w.model.a.weight.grad is not None
+
+
 def test_per_position_projection_for_sequences():
     """Output (B, T, V): a point (B, T, D) gets at position t the projection of the error at t alone."""
     torch.manual_seed(0)
