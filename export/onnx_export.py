@@ -75,7 +75,7 @@ class Conv2dTwin(nn.Module):
         self.weight = nn.Parameter(op.weight.detach().clone(), requires_grad=False)
         self.bias = None if op.bias is None else nn.Parameter(op.bias.detach().clone(), requires_grad=False)
         self.kw = dict(stride=op.stride, padding=op.padding, dilation=op.dilation, groups=op.groups)
-        self.conv = F.conv1d if isinstance(op, nn.Conv1d) else F.conv2d
+        self.conv = F.conv1d if isinstance(op, nn.Conv1d) else F.conv3d if isinstance(op, nn.Conv3d) else F.conv2d
         self.analog = _analog_of(op)
 
     def forward(self, x):
@@ -218,7 +218,7 @@ class ModuleTwin(nn.Module):
                 new = TokenSALTwin(m, sal_mode) if m.tokens else SALTwin(m, sal_mode)
             elif _analog_of(m) is not None and isinstance(m, nn.MultiheadAttention):
                 new = MHATwin(m)  # before its out_proj, which the loop reaches next (now the twin's)
-            elif _analog_of(m) is not None and isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            elif _analog_of(m) is not None and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 new = Conv2dTwin(m)
             elif _analog_of(m) is not None and isinstance(m, nn.Linear):
                 new = LinearTwin(m)

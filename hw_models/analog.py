@@ -82,7 +82,7 @@ def row_sumsq(x: torch.Tensor) -> torch.Tensor:
 def patch_sumsq(conv: nn.Conv1d | nn.Conv2d):
     """What each output of ``conv`` reads: the squared norm of its input patch (per group), shaped to
     broadcast over the output channels."""
-    fn = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+    fn = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv3d if isinstance(conv, nn.Conv3d) else F.conv2d
 
     def sumsq(x: torch.Tensor) -> torch.Tensor:
         g = conv.groups
@@ -344,6 +344,12 @@ class AnalogConv1d(_AnalogConv, nn.Conv1d):
     _conv = staticmethod(F.conv1d)
 
 
+class AnalogConv3d(_AnalogConv, nn.Conv3d):
+    """Volumes and video: read per output voxel."""
+
+    _conv = staticmethod(F.conv3d)
+
+
 class AnalogMultiheadAttention(_AnalogMixin, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` on devices: the packed q/k/v projection (3E x E) on one array, the
     out-projection an :class:`AnalogLinear`; the attention itself (scores, softmax, the weighted sum of
@@ -433,7 +439,7 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
 
 def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_output: bool = True,
             **options) -> nn.Module:
-    """Put every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/area layer and ``nn.MultiheadAttention``'s two projections
+    """Put every ``nn.Linear``/``nn.Conv1d/2d/3d``/area layer and ``nn.MultiheadAttention``'s two projections
     (:class:`AnalogMultiheadAttention`) of ``net`` -- any module, anywhere in it -- on analog arrays (in
     place; returns ``net``). ``device`` is a :class:`DeviceConfig` or a preset name or file (``options``
     override its fields: ``convert(model, device="rram-like", levels=64)``). The output
@@ -459,7 +465,7 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
                                 "(wrapping patches the layers it finds)")
         target = net.model
     named = [(n, m) for n, m in target.named_modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d, AreaLinear, nn.MultiheadAttention))
+             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, AreaLinear, nn.MultiheadAttention))
              and not isinstance(m, _AnalogMixin)]
     if not named:
         raise NeurosalError("convert: the model has no Linear/Conv2d layer to put on devices")
@@ -473,10 +479,11 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
                 raise NeurosalError(f"{name}: {exc}") from None
         elif isinstance(op, AreaLinear):
             new = AnalogAreaLinear.from_float(op, cfg, seed * 1000 + i)
-        elif isinstance(op, (nn.Conv1d, nn.Conv2d)):
+        elif isinstance(op, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if op.padding_mode != "zeros":  # the arrays' reads pad with zeros
                 raise NeurosalError(f"{name}: analog convolutions pad with zeros, not {op.padding_mode!r}")
-            kind = AnalogConv2d if isinstance(op, nn.Conv2d) else AnalogConv1d
+            kind = next(a for f, a in ((nn.Conv1d, AnalogConv1d), (nn.Conv2d, AnalogConv2d),
+                                       (nn.Conv3d, AnalogConv3d)) if isinstance(op, f))
             new = kind.from_float(op, cfg, seed * 1000 + i)
         elif isinstance(op, nn.Linear):
             new = AnalogLinear.from_float(op, cfg, seed * 1000 + i)

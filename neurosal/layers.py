@@ -1,4 +1,4 @@
-"""Per-layer local computations for the float substrate (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``).
+"""Per-layer local computations for the float substrate (``nn.Linear``, ``nn.Conv1d/2d/3d``).
 
 Two operations are all a learning rule needs from a parametrised layer:
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .errors import NeurosalError
 from .protocols import LocalDerivative, LocalUpdate, RoutedFeedback, implements
 
-PARAM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+PARAM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _conv_args(op: nn.Module):
@@ -58,6 +58,10 @@ def weight_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor):
         dw = torch.nn.grad.conv1d_weight(x, op.weight.shape, delta, **_conv_args(op))
         db = delta.sum((0, 2)) if op.bias is not None else None
         return dw, db
+    if isinstance(op, nn.Conv3d):
+        dw = torch.nn.grad.conv3d_weight(x, op.weight.shape, delta, **_conv_args(op))
+        db = delta.sum((0, 2, 3, 4)) if op.bias is not None else None
+        return dw, db
     raise NeurosalError(f"no local update defined for layer type {type(op).__name__}")
 
 
@@ -75,6 +79,8 @@ def feedback(op: nn.Module, delta: torch.Tensor, weight: torch.Tensor, input_sha
         return torch.nn.grad.conv2d_input(tuple(input_shape), weight, delta, **_conv_args(op))
     if isinstance(op, nn.Conv1d):
         return torch.nn.grad.conv1d_input(tuple(input_shape), weight, delta, **_conv_args(op))
+    if isinstance(op, nn.Conv3d):
+        return torch.nn.grad.conv3d_input(tuple(input_shape), weight, delta, **_conv_args(op))
     raise NeurosalError(f"no feedback pathway defined for layer type {type(op).__name__}")
 
 

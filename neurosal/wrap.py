@@ -67,10 +67,12 @@ ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.
                nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.PReLU, nn.SELU, nn.CELU)
 #: parameter-free modules a plain stack's feedback point moves through (activation, pooling, reshapes):
 #: the signal arrives where the next parametrised layer reads, as in a spec chain's block tail
-PASS_THROUGH = ACTIVATIONS + (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                              nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+PASS_THROUGH = ACTIVATIONS + (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten,
+                              nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 #: parametrised layers the layerwise rules have no feedback matrix for (their true derivative is kept)
-UNTREATED = (nn.RNNBase, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+UNTREATED = (nn.RNNBase, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
 #: torch's own composite layers that count as blocks
 TORCH_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -413,7 +415,7 @@ def select_output(out, key=None):
 
 #: layers that work channels-first on (B, C, L) inputs: a 3-d point after one of them is a feature map
 CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm, nn.MaxPool1d,
-                  nn.AvgPool1d)
+                  nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 
 
 def channels_first(modules: dict, points: list[str], finished: list[str]) -> list[bool]:
@@ -696,7 +698,7 @@ class Wrapped(nn.Module):
         if untreated:
             warnings.warn(f"{self.rule.name}: {untreated[:3]}{' and more' if len(untreated) > 3 else ''} pass the "
                           "signal down through their own weights (the layerwise rules give feedback matrices to "
-                          "Linear, Conv1d/2d and attention projections only): weight transport there",
+                          "Linear, Conv1d/2d/3d and attention projections only): weight transport there",
                           stacklevel=4)
         if sites:  # the last layer registered is taken as the output layer
             last = sites[-1][1]
@@ -709,7 +711,7 @@ class Wrapped(nn.Module):
                 proj.forward = _LayerForward(Site(slot, proj, self.rule), proj.forward, self._bypass)
                 m.forward = MHAForward(m, proj)
             else:
-                if isinstance(m, (nn.Conv2d, nn.Conv1d)):
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                     try:
                         _conv_args(m)
                     except NeurosalError as exc:

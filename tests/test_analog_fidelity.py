@@ -206,7 +206,7 @@ def test_every_preset_states_its_source():
 
 
 # ----------------------------------------------------------------------------- read noise, per read
-@pytest.mark.parametrize("kind", ["linear", "conv", "conv_groups", "conv1d"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_groups", "conv1d", "conv3d"])
 def test_read_noise_is_fresh_for_every_read(kind):
     """Every matrix-vector product (each sample; each output position of a convolution) meets its own
     draw of the conductances: the output noise has std read_noise*sqrt(2)*w_max*|input it reads| and is
@@ -222,6 +222,12 @@ def test_read_noise_is_fresh_for_every_read(kind):
         layer = convert(nn.Sequential(nn.Linear(48, 64, bias=False)), cfg, seed=1)[0]
         x = torch.randn(1, 48).repeat(400, 1)  # one input read 400 times
         sumsq, exact = row_sumsq, lambda v: F.linear(v, layer.weight)
+    elif kind == "conv3d":
+        layer = convert(nn.Sequential(nn.Conv3d(2, 6, 3, padding=1, bias=False)), cfg, seed=1)[0]
+        x = torch.randn(1, 2, 5, 5, 5).repeat(50, 1, 1, 1, 1)
+        x[:, :, 0] = 0  # a zero slice: patches of unequal norms
+        sumsq = patch_sumsq(layer)
+        exact = lambda v: F.conv3d(v, layer.weight, None, layer.stride, layer.padding)  # noqa: E731
     elif kind == "conv1d":
         layer = convert(nn.Sequential(nn.Conv1d(4, 6, 5, padding=2, dilation=1, bias=False)), cfg, seed=1)[0]
         x = torch.randn(1, 4, 40).repeat(100, 1, 1)

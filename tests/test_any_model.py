@@ -112,6 +112,27 @@ def test_fa_with_true_feedback_equals_autograd(case):
         assert_close(got[k], want[k], msg=k)
 
 
+def test_conv3d_gets_feedback_matrices_and_volume_points():
+    """Volumes (video, medical images): Conv3d is a layerwise site (B = W gives autograd's gradients
+    exactly, strided and with 'same' padding) and a (B, C, D, H, W) point gets one signal per channel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv3d(4, 4, 3, padding="same"),
+                          nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(3, 2, 7, 6, 5, dtype=torch.float64), torch.randint(0, 3, (3,))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    w = neurosal.wrap(copy.deepcopy(model), "fa")
+    for slot, (_, m) in enumerate(layer_sites(w.model)):
+        w.rule.set_feedback(slot, m.weight.detach())
+    F.cross_entropy(w(x), y).backward()
+    for (k, a), b in zip(_grads(w.model).items(), _grads(ref).values()):
+        assert_close(a, b, msg=k)
+    d = neurosal.wrap(copy.deepcopy(model), "dfa").materialise(x)
+    assert d.point_names == ["1", "5"] and d.widths == [4, 4]  # the volume's 4 channels; the pooled 4
+    F.cross_entropy(d(x), y).backward()
+    assert d.model[0].weight.grad is not None
+
+
 def test_fa_random_feedback_differs_from_autograd():
     """The identity above is not vacuous: with its own random B the same model gets other gradients."""
     model, x, n = _case("resnet")
