@@ -239,6 +239,14 @@ class _AnalogMixin:
         """Per-epoch figures for metrics.json: coincidence clipping (None outside coincidence mode)."""
         return {"coincidence_clipped": self.tiles.take_clip_fraction()}
 
+    def rng_state(self):
+        """The arrays' generator states (read noise, pulse draws): what a recompute replays."""
+        return [a.gen.get_state() for a in self.tiles.arrays]
+
+    def set_rng_state(self, state) -> None:
+        for a, st in zip(self.tiles.arrays, state):
+            a.gen.set_state(st)
+
     def get_extra_state(self):
         return self.tiles.state()
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import NeurosalError
-from .layers import apply_local_update, output_error, post_forward, post_vjp
+from .layers import apply_local_update, output_error, own_random_layers, post_forward, post_vjp, replayed_draws
 from .models import Net
 from .protocols import ReportsContext, implements
 
@@ -97,8 +97,9 @@ def chain_forward(net: Net, rule, x: torch.Tensor, memory: str = "cache"):
     if memory not in MEMORY_MODES:
         raise NeurosalError(f"unknown memory mode {memory!r}; use one of {MEMORY_MODES}")
     if memory == "recompute" and rule.direct:
+        draws = _draw_states(net, x)  # the recompute replays this forward's random draws
         with torch.no_grad():
-            return net(x), ("recompute", x)
+            return net(x), ("recompute", (x, draws))
     logits, cache = forward_cached(net, x)
     return logits, ("cache", cache)
 
@@ -109,7 +110,15 @@ def chain_backward(net: Net, rule, state, e: torch.Tensor, target: torch.Tensor 
     at once (``on_layer(op)`` is called as soon as a layer's update is in its ``.grad``)."""
     mode, payload = state
     if mode == "recompute":
-        _direct_recompute(net, rule, payload, e, target, on_layer)
+        x, (default, layers, states) = payload
+        # the forward's draws again (spike encoders on torch's generators, analog read noise on the
+        # arrays' own), so that the updates use the activations that made the error; afterwards every
+        # stream is where it was
+        with torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []), replayed_draws(layers, states):
+            torch.set_rng_state(default[0])
+            if x.is_cuda:
+                torch.cuda.set_rng_state(default[1], x.device)
+            _direct_recompute(net, rule, x, e, target, on_layer)
         return
     cache = payload
     for l, delta in rule.teach(net, cache, e, target):
@@ -138,6 +147,14 @@ def train_step(net: Net, rule, x: torch.Tensor, y: torch.Tensor, n_classes: int,
         loss, e = output_error(logits, y)
         chain_backward(net, rule, state, e, _onehot(y, n_classes, e.dtype), on_layer)
     return loss, logits
+
+
+def _draw_states(net: Net, x: torch.Tensor) -> tuple:
+    """What a forward pass of ``net`` on ``x`` draws from: torch's default generators (CPU, and the
+    input's CUDA device) and the layers with generators of their own, with their states now."""
+    default = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+    layers = own_random_layers(net)
+    return default, layers, [m.rng_state() for m in layers]
 
 
 @torch.no_grad()

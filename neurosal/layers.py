@@ -16,12 +16,14 @@ overrides that: :func:`apply_local_update` dispatches to it, and no rule needs t
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import NeurosalError
-from .protocols import LocalDerivative, LocalUpdate, RoutedFeedback, implements
+from .protocols import LocalDerivative, LocalUpdate, OwnRandomState, RoutedFeedback, implements
 
 PARAM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -287,3 +289,22 @@ def output_error(logits: torch.Tensor, target: torch.Tensor):
     e = logp.exp()
     e[torch.arange(len(target), device=target.device), target] -= 1.0
     return loss, e / len(target)
+
+
+def own_random_layers(module: nn.Module) -> list:
+    """The layers of ``module`` that draw from generators of their own (:class:`OwnRandomState`)."""
+    return [m for m in module.modules() if implements(m, OwnRandomState)]
+
+
+@contextmanager
+def replayed_draws(layers: list, states: list):
+    """Inside: ``layers`` draw again what they drew from ``states`` (saved by ``rng_state()`` before a
+    forward pass); afterwards their streams are where they were before (a recompute adds no draws)."""
+    now = [m.rng_state() for m in layers]
+    for m, st in zip(layers, states):
+        m.set_rng_state(st)
+    try:
+        yield
+    finally:
+        for m, st in zip(layers, now):
+            m.set_rng_state(st)

@@ -88,6 +88,17 @@ class InProjection(Protocol):
 
 
 @runtime_checkable
+class OwnRandomState(Protocol):
+    """A layer drawing from generators of its own (analog read noise): recomputing a forward pass
+    (``memory="recompute"``) replays its draws from the state saved at the forward, as torch's own
+    checkpointing does for the default generators."""
+
+    def rng_state(self) -> Any: ...
+
+    def set_rng_state(self, state: Any) -> None: ...
+
+
+@runtime_checkable
 class ReportsContext(Protocol):
     """A layer whose forward makes per-sample decisions its update needs later (SAL's routing)."""
 

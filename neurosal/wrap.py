@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from .areas import AreaLinear
 from .engine import MEMORY_MODES, ChainStep, block_output_shapes
 from .errors import NeurosalError
-from .layers import (NORMS, PARAM_LAYERS, _conv_args, feedback, keep_own_forward, norm_vjp, replace_module,
-                     weight_update)
+from .layers import (NORMS, PARAM_LAYERS, _conv_args, feedback, keep_own_forward, norm_vjp, own_random_layers,
+                     replace_module, replayed_draws, weight_update)
 from .models import Net
 from .protocols import DirectFeedback, InProjection, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
 from .rules import make_rule
@@ -174,15 +174,26 @@ class _Recomputed:
     just its input and recomputes the rest when the projected signal arrives, one block at a time.
     Caveat (torch's): BatchNorm's running statistics move twice per step (forward and recompute)."""
 
-    def __init__(self, original):
-        self.original = original
+    def __init__(self, original, block: nn.Module):
+        self.original, self.block = original, block
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return self.original(*args, **kwargs)
         from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(self.original, *args, use_reentrant=False, **kwargs)
+        layers = own_random_layers(self.block)
+        if not layers:  # torch's checkpoint replays the default generators itself
+            return checkpoint(self.original, *args, use_reentrant=False, **kwargs)
+        saved: list = []
+
+        def run(*a, **k):  # the forward, then (in the backward) its recompute with the same draws
+            if not saved:
+                saved.append([m.rng_state() for m in layers])
+                return self.original(*a, **k)
+            with replayed_draws(layers, saved[0]):
+                return self.original(*a, **k)
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 class _InProjection(nn.Linear):
@@ -749,7 +760,7 @@ class Wrapped(nn.Module):
                                     "this model's points are not blocks with parameters (mark blocks with "
                                     "points=[...] or use the default cache mode)")
             for m in blocks:
-                m.forward = _Recomputed(m.forward)
+                m.forward = _Recomputed(m.forward, m)
                 self._restore.append(m)
 
     def _warn_no_points(self, calls: list, sel: torch.Tensor) -> None:

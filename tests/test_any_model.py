@@ -604,6 +604,53 @@ def test_layerwise_rules_say_which_layers_keep_their_true_weights_in_the_backwar
         neurosal.wrap(Recurrent(), "fa")
 
 
+@pytest.mark.parametrize("case", ["snn-chain", "analog-chain", "analog-blocks"])
+def test_recompute_mode_replays_the_forwards_random_draws(case):
+    """memory="recompute" runs a forward pass again in the backward: spike encoders (torch's generator)
+    and analog read noise (the arrays' own generators) must draw what the forward drew, or the updates
+    use activations that did not make the error (they differed by up to 0.18 from cache mode)."""
+    from hw_models.analog import convert
+    from hw_models.devices import DeviceConfig
+
+    noisy = DeviceConfig(levels=1000, read_noise=0.05)
+
+    def build():
+        torch.manual_seed(0)
+        if case == "snn-chain":
+            return make_rule("dfa").build("snn:16:T=4", (8,), 3)
+        if case == "analog-chain":
+            return convert(make_rule("dfa").build("mlp:16x16", (8,), 3), noisy)
+
+        class Blocks(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inp = nn.Linear(8, 16)
+                self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU())
+                                            for _ in range(2))
+                self.head = nn.Linear(16, 3)
+
+            def forward(self, x):
+                h = self.inp(x)
+                for b in self.blocks:
+                    h = h + b(h)
+                return self.head(h)
+        return convert(Blocks(), noisy)
+
+    grads, draws = {}, {}
+    for memory in ("cache", "recompute"):
+        net = build()
+        w = neurosal.wrap(net, "dfa", memory=memory)
+        torch.manual_seed(5)
+        x, y = torch.rand(6, 8), torch.randint(0, 3, (6,))
+        F.cross_entropy(w(x), y).backward()
+        grads[memory] = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+        draws[memory] = torch.rand(3)  # and the default stream continues where the cache run's does
+    assert grads["cache"].keys() == grads["recompute"].keys()
+    for k in grads["cache"]:
+        torch.testing.assert_close(grads["recompute"][k], grads["cache"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert torch.equal(draws["cache"], draws["recompute"])
+
+
 def test_drtp_asks_for_the_target():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     w = neurosal.wrap(model, "drtp")
