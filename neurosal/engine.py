@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import NeurosalError
-from .layers import apply_local_update, output_error, own_random_layers, post_forward, post_vjp, replayed_draws
+from .layers import (apply_local_update, output_error, own_random_layers, post_forward, post_vjp,
+                     preserved_draws, replayed_draws)
 from .models import Net
 from .protocols import ReportsContext, implements
 
@@ -205,7 +206,8 @@ def alignment(net: Net, rule, reference, x: torch.Tensor, y: torch.Tensor, n_cla
     """
     was_training = net.training
     net.eval()  # no running statistics (routing centres) move during a read-only probe
-    with torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []):  # nor the RNG (encoders draw)
+    # nor the random streams (encoders draw; analog reads draw on the arrays' own generators)
+    with torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []), preserved_draws(net):
         logits, cache = forward_cached(net, x)
     net.train(was_training)
     _, e = output_error(logits, y)

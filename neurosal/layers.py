@@ -308,3 +308,12 @@ def replayed_draws(layers: list, states: list):
     finally:
         for m, st in zip(layers, now):
             m.set_rng_state(st)
+
+
+@contextmanager
+def preserved_draws(module: nn.Module):
+    """A read-only pass (a probe, an alignment measurement): the layers of ``module`` with generators of
+    their own are back where they were afterwards, as ``torch.random.fork_rng`` does for torch's."""
+    layers = own_random_layers(module)
+    with replayed_draws(layers, [m.rng_state() for m in layers]):
+        yield

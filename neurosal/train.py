@@ -22,6 +22,7 @@ from .data import Dataset, load_dataset
 from .distributed import DistContext, LayerwiseAllReduce, average_buffers, reduce_learned_feedback
 from .engine import MEMORY_MODES, alignment
 from .errors import NeurosalError, first_line
+from .layers import preserved_draws
 from .models import Net
 from .options import typed_fields
 from .protocols import ReportsContext, implements
@@ -507,7 +508,8 @@ def check_model_io(net: torch.nn.Module, spec: str, example: torch.Tensor, n_cla
     was = net.training
     net.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[example.device.index] if example.is_cuda else []):
+        with torch.no_grad(), torch.random.fork_rng(devices=[example.device.index] if example.is_cuda else []), \
+                preserved_draws(net):
             out = net(example)
     except NeurosalError:
         raise

@@ -55,7 +55,7 @@ from .areas import AreaLinear
 from .engine import MEMORY_MODES, ChainStep, block_output_shapes
 from .errors import NeurosalError
 from .layers import (NORMS, PARAM_LAYERS, _conv_args, feedback, keep_own_forward, norm_vjp, own_random_layers,
-                     replace_module, replayed_draws, weight_update)
+                     preserved_draws, replace_module, replayed_draws, weight_update)
 from .models import Net
 from .protocols import DirectFeedback, InProjection, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
 from .rules import make_rule
@@ -363,7 +363,7 @@ def probe(model: nn.Module, args, kwargs) -> tuple[list, object, list[str], list
     was = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), preserved_draws(model):
             out = model(*args, **kwargs)
     finally:
         model.train(was)
@@ -905,7 +905,7 @@ class Wrapped(nn.Module):
             self.eval()  # no running statistics move
             self._collect, self._joined = [], True  # nothing joined: no backward follows
             try:
-                with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+                with torch.enable_grad(), torch.random.fork_rng(devices=[]), preserved_draws(self.model):
                     out = self.model(*args, **kwargs)
             finally:
                 points, self._collect = self._collect, None
@@ -993,7 +993,8 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
     def grads(run) -> list[torch.Tensor]:
         for p in params:
             p.grad = None
-        with torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []):
+        # both passes draw the same (torch's and the layers' own generators), and neither moves them
+        with torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []), preserved_draws(model):
             out, _ = select_output(run(x), wrapped.output)
             if wrapped.rule.needs_target:
                 wrapped.set_target(y)

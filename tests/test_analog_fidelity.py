@@ -440,3 +440,23 @@ def test_an_optimiser_step_the_devices_never_saw_is_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         steps(True)
+
+
+def test_read_only_passes_leave_the_arrays_random_streams_alone():
+    """Planning probes, materialise and alignment measurements read through noisy arrays; like
+    torch's generators under fork_rng, the arrays' own streams must be where they were afterwards (a
+    measurement must not change what the training run draws next)."""
+    import neurosal
+    from hw_models.analog import convert
+    from neurosal.wrap import alignment_report
+
+    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    for rule in ("fa", "dfa"):
+        torch.manual_seed(0)
+        net = convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),
+                      DeviceConfig(levels=1000, read_noise=0.05))
+        gens = [a.gen for m in net for a in getattr(getattr(m, "tiles", None), "arrays", [])]
+        before = [g.get_state() for g in gens]
+        w = neurosal.wrap(net, rule).materialise(x)
+        alignment_report(w, x, y)
+        assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, before)), rule
