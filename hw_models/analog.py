@@ -445,6 +445,10 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
         return t.read(k, rows, F.linear) + self.area_bias[k]
 
 
+#: parametrised layers convert leaves digital (said once, naming them)
+NO_ANALOG_VERSION = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.Bilinear)
+
+
 def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_output: bool = True,
             **options) -> nn.Module:
     """Put every ``nn.Linear``/``nn.Conv1d/2d/3d``/area layer and ``nn.MultiheadAttention``'s two projections
@@ -477,6 +481,10 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
              and not isinstance(m, _AnalogMixin)]
     if not named:
         raise NeurosalError("convert: the model has no Linear/Conv2d layer to put on devices")
+    digital = [n for n, m in target.named_modules() if isinstance(m, NO_ANALOG_VERSION)]
+    if digital:
+        warnings.warn(f"convert: {digital[:3]}{' and more' if len(digital) > 3 else ''} have no analog version "
+                      "(transposed convolutions, recurrent and bilinear layers) and stay digital", stacklevel=2)
     for i, (name, op) in enumerate(named):
         if not include_output and i == len(named) - 1:
             continue

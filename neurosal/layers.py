@@ -1,4 +1,5 @@
-"""Per-layer local computations for the float substrate (``nn.Linear``, ``nn.Conv1d/2d/3d``).
+"""Per-layer local computations for the float substrate (``nn.Linear``, ``nn.Conv1d/2d/3d`` and their
+transposes).
 
 Two operations are all a learning rule needs from a parametrised layer:
 
@@ -25,7 +26,11 @@ import torch.nn.functional as F
 from .errors import NeurosalError
 from .protocols import LocalDerivative, LocalUpdate, OwnRandomState, RoutedFeedback, implements
 
-PARAM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PARAM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: the transposed convolutions, by dimension: the adjoints of the convolutions with the same weight layout
+_TRANSPOSED = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
 def _conv_args(op: nn.Module):
@@ -64,7 +69,17 @@ def weight_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor):
         dw = torch.nn.grad.conv3d_weight(x, op.weight.shape, delta, **_conv_args(op))
         db = delta.sum((0, 2, 3, 4)) if op.bias is not None else None
         return dw, db
+    n = _transposed_dims(op)
+    if n:  # y = C^T x with C the convolution of the same weight: dW is C's weight gradient with the
+        # roles of input and output signal swapped
+        dw = _CONV_WEIGHT[n](delta, op.weight.shape, x, **_conv_args(op))
+        db = delta.sum((0, *range(2, delta.dim()))) if op.bias is not None else None
+        return dw, db
     raise NeurosalError(f"no local update defined for layer type {type(op).__name__}")
+
+
+def _transposed_dims(op: nn.Module) -> int:
+    return next((n for cls, n in _TRANSPOSED.items() if isinstance(op, cls)), 0)
 
 
 def feedback(op: nn.Module, delta: torch.Tensor, weight: torch.Tensor, input_shape, ctx=None) -> torch.Tensor:
@@ -83,6 +98,9 @@ def feedback(op: nn.Module, delta: torch.Tensor, weight: torch.Tensor, input_sha
         return torch.nn.grad.conv1d_input(tuple(input_shape), weight, delta, **_conv_args(op))
     if isinstance(op, nn.Conv3d):
         return torch.nn.grad.conv3d_input(tuple(input_shape), weight, delta, **_conv_args(op))
+    n = _transposed_dims(op)
+    if n:  # the adjoint of a transposed convolution is the convolution (it gives back the input's size)
+        return _CONV_FN[n](delta, weight, None, **_conv_args(op))
     raise NeurosalError(f"no feedback pathway defined for layer type {type(op).__name__}")
 
 

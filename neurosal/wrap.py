@@ -72,7 +72,7 @@ PASS_THROUGH = ACTIVATIONS + (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPo
                               nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten,
                               nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 #: parametrised layers the layerwise rules have no feedback matrix for (their true derivative is kept)
-UNTREATED = (nn.RNNBase, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+UNTREATED = (nn.RNNBase, nn.Bilinear)
 #: torch's own composite layers that count as blocks
 TORCH_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -709,7 +709,7 @@ class Wrapped(nn.Module):
         if untreated:
             warnings.warn(f"{self.rule.name}: {untreated[:3]}{' and more' if len(untreated) > 3 else ''} pass the "
                           "signal down through their own weights (the layerwise rules give feedback matrices to "
-                          "Linear, Conv1d/2d/3d and attention projections only): weight transport there",
+                          "Linear, (transposed) Conv1d/2d/3d and attention projections only): weight transport there",
                           stacklevel=4)
         if sites:  # the last layer registered is taken as the output layer
             last = sites[-1][1]
@@ -722,7 +722,7 @@ class Wrapped(nn.Module):
                 proj.forward = _LayerForward(Site(slot, proj, self.rule), proj.forward, self._bypass)
                 m.forward = MHAForward(m, proj)
             else:
-                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                if not isinstance(m, nn.Linear):  # a convolution or a transposed one
                     try:
                         _conv_args(m)
                     except NeurosalError as exc:

@@ -460,3 +460,12 @@ def test_read_only_passes_leave_the_arrays_random_streams_alone():
         w = neurosal.wrap(net, rule).materialise(x)
         alignment_report(w, x, y)
         assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, before)), rule
+
+
+def test_convert_says_which_layers_stay_digital():
+    from hw_models.analog import convert
+
+    net = nn.Sequential(nn.ConvTranspose2d(2, 2, 3), nn.Flatten(), nn.LazyLinear(3))
+    net(torch.randn(1, 2, 4, 4))
+    with pytest.warns(UserWarning, match=r"\['0'\] have no analog version .* stay digital"):
+        convert(net, "linear-256")

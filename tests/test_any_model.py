@@ -133,6 +133,45 @@ def test_conv3d_gets_feedback_matrices_and_volume_points():
     assert d.model[0].weight.grad is not None
 
 
+def test_transposed_convolutions_get_feedback_matrices():
+    """Decoders, U-Nets, generators: ConvTranspose1d/2d/3d are layerwise sites -- the signal goes down
+    through the convolution with B (the transposed convolution's adjoint), dW swaps the roles of input
+    and signal -- so B = W gives autograd's gradients exactly (stride, output_padding, groups, dilation)."""
+    torch.manual_seed(0)
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up1 = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+            self.up2 = nn.ConvTranspose2d(6, 3, 3, stride=2, padding=2, dilation=2, output_padding=1)
+            self.t1 = nn.ConvTranspose1d(3, 2, 4, stride=3)
+            self.t3 = nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False)
+            self.head = nn.Linear(2, 3)
+
+        def forward(self, z):
+            h = torch.relu(self.up1(z))
+            h = torch.relu(self.up2(h)).flatten(2)  # (B, 3, H*W)
+            h = torch.tanh(self.t1(h[..., :5]))  # (B, 2, L)
+            v = self.t3(h[..., :8].reshape(len(z), 2, 2, 2, 2))
+            return self.head(v.mean((2, 3, 4)))
+
+    model = Decoder().double()
+    x, y = torch.randn(3, 4, 3, 5, dtype=torch.float64), torch.randint(0, 3, (3,))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    w = neurosal.wrap(copy.deepcopy(model), "fa")
+    for slot, (_, m) in enumerate(layer_sites(w.model)):
+        w.rule.set_feedback(slot, m.weight.detach())
+    F.cross_entropy(w(x), y).backward()
+    got, want = _grads(w.model), _grads(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert_close(got[k], want[k], msg=k)
+    w = neurosal.wrap(copy.deepcopy(model), "fa")  # its own B: another update below the head
+    F.cross_entropy(w(x), y).backward()
+    assert not torch.allclose(w.model.up1.weight.grad, want["up1.weight"])
+
+
 def test_fa_random_feedback_differs_from_autograd():
     """The identity above is not vacuous: with its own random B the same model gets other gradients."""
     model, x, n = _case("resnet")
