@@ -35,7 +35,7 @@ from neurosal.errors import NeurosalError
 from neurosal.layers import keep_own_forward, replace_module
 from neurosal.models import Block, Net
 from neurosal.protocols import LocalDerivative
-from neurosal.wrap import MHAForward
+from neurosal.wrap import MHAForward, select_output
 
 OPSET = 18
 
@@ -231,7 +231,7 @@ class ModuleTwin(nn.Module):
         return ["logits"]
 
     def forward(self, x):
-        return self.model(x)
+        return select_output(self.model(x))[0]  # a dict/tuple output: its logits
 
 
 class InferenceTwin(nn.Module):
@@ -354,7 +354,7 @@ def reference_outputs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
             for blk in net.blocks:
                 h = blk(h)
             return h
-        return net(x)
+        return select_output(net(x))[0]
 
 
 def run_onnxruntime(path, x):

@@ -31,7 +31,7 @@ from .rules.base import Rule
 from .substrates import apply_device, finish_step
 from .substrates import epoch_stats as substrate_epoch_stats
 from .text import bits
-from .wrap import Wrapped, alignment_report, sal_layers, to_areas
+from .wrap import Wrapped, alignment_report, sal_layers, select_output, to_areas
 
 CLIP_WARNING = 0.1  # warn when analog pulse trains cut more than this share of an epoch's updates
 
@@ -153,7 +153,7 @@ def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int 
     total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     for i in range(0, len(x), batch):
-        loss, hits = loss_and_hits(net(x[i:i + batch]).float(), y[i:i + batch], "sum")
+        loss, hits = loss_and_hits(select_output(net(x[i:i + batch]))[0].float(), y[i:i + batch], "sum")
         total_loss += loss.double()
         correct += hits
     net.train(was)
@@ -309,7 +309,7 @@ class Trainer:
     def train_batch(self, xb: torch.Tensor, yb: torch.Tensor):
         """One batch through the wrapped model with a plain ``loss.backward()`` (grads only)."""
         self.opt.zero_grad(set_to_none=True)
-        logits = self.model(xb)
+        logits, _ = select_output(self.model(xb))  # a user's model may return a dict or a tuple
         if self.rule.needs_target:
             self.wrapped.set_target(yb)
         loss, hits = loss_and_hits(logits, yb)
@@ -519,8 +519,12 @@ def check_model_io(net: torch.nn.Module, spec: str, example: torch.Tensor, n_cla
     finally:
         net.train(was)
     want = (len(example), example.shape[1], n_classes) if sequence else (len(example), n_classes)
-    if not torch.is_tensor(out) or tuple(out.shape) != want:
-        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+    try:
+        out, _ = select_output(out)  # a dict/tuple output: its logits
+    except NeurosalError as exc:
+        raise NeurosalError(f"model {spec!r}: {exc}") from None
+    if tuple(out.shape) != want:
+        got = tuple(out.shape)
         raise NeurosalError(f"model {spec!r} returns {got} for a batch of shape {tuple(example.shape)}; the "
                             f"trainer needs {want} ({'a score per class at every position' if sequence else 'a score per class'})")
 

@@ -823,7 +823,7 @@ def test_examples_own_model_reaches_ninety_percent():
 
 
 @pytest.mark.parametrize("model,rule", [("resnet:8", "dfa"), ("vit:patch=4,dim=16,depth=1,heads=2", "sal"),
-                                        ("{tmp}/mine.py:Mine:width=16", "sal")])
+                                        ("{tmp}/mine.py:Mine:width=16", "sal"), ("{tmp}/mine.py:MineDict", "dfa")])
 def test_cli_trains_zoo_and_user_models_and_exports_them(tmp_path, capsys, model, rule):
     """Through the CLI's own ``main`` (in this process: the real entry point's one-line errors and exit
     codes are tested in test_trust; here the zoo, a user's file, resume and export)."""
@@ -839,7 +839,10 @@ def test_cli_trains_zoo_and_user_models_and_exports_them(tmp_path, capsys, model
         "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.GELU(), nn.LayerNorm(width))\n"
         "        self.head = nn.Linear(width, n_classes)\n"
         "    def forward(self, x):\n"
-        "        return self.head(self.body(x))\n")
+        "        return self.head(self.body(x))\n"
+        "class MineDict(Mine):  # HF-style: a dict output\n"
+        "    def forward(self, x):\n"
+        "        return {'logits': self.head(self.body(x)), 'features': self.body(x)}\n")
     spec = model.replace("{tmp}", str(tmp_path))
     run = tmp_path / "run"
     common = ["--rule", rule, "--model", spec, "--data", "digits", "--limit", "300", "--no-progress"]

@@ -110,7 +110,8 @@ def files(tmp: Path) -> dict[str, Path]:
                        ("model_out.py", "        self.f = nn.Sequential(nn.Flatten(), nn.LazyLinear(7))\n"
                                          "    def forward(self, x):\n        return self.f(x)\n"),
                        ("model_dict.py", "        self.f = nn.Sequential(nn.Flatten(), nn.LazyLinear(n_classes))\n"
-                                          "    def forward(self, x):\n        return {'logits': self.f(x)}\n")):
+                                          "    def forward(self, x):\n        h = self.f(x)\n"
+                                          "        return {'scores': h, 'also': h + 1}\n")):
         csv(name, head + body)
     out["wrong.txt"] = tmp / "wrong.txt"
     out["wrong.txt"].write_text("1 2 3\n")
@@ -256,7 +257,7 @@ CASES = [
     ("train-model-file-missing", T + ["--model", "{tmp}/nowhere.py:Net"], "no such file", None),
     ("train-model-wrong-input", T + ["--model", "{f:model_in.py}:M"], "cannot take this data's inputs", None),
     ("train-model-wrong-output", T + ["--model", "{f:model_out.py}:M"], "returns (2, 7)", None),
-    ("train-model-dict-output", T + ["--model", "{f:model_dict.py}:M"], "returns dict", None),
+    ("train-model-ambiguous-output", T + ["--model", "{f:model_dict.py}:M"], "name it with output=", None),
     ("train-sal-without-linear", T + ["--rule", "sal", "--model", "resnet:8"], "no hidden nn.Linear", None),
     ("train-bad-model-spec", T + ["--model", "mlp:abc"], "cannot parse model spec", None),
     ("train-unknown-dataset", T + ["--data", "imagenet"], "unknown dataset 'imagenet'", None),
