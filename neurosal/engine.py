@@ -119,6 +119,8 @@ def chain_backward(net: Net, rule, state, e: torch.Tensor, target: torch.Tensor 
             torch.set_rng_state(default[0])
             if x.is_cuda:
                 torch.cuda.set_rng_state(default[1], x.device)
+            for b, v in zip(net.buffers(), default[2]):  # moved once per step (the recompute's), not twice
+                b.copy_(v)
             _direct_recompute(net, rule, x, e, target, on_layer)
         return
     cache = payload
@@ -151,9 +153,11 @@ def train_step(net: Net, rule, x: torch.Tensor, y: torch.Tensor, n_classes: int,
 
 
 def _draw_states(net: Net, x: torch.Tensor) -> tuple:
-    """What a forward pass of ``net`` on ``x`` draws from: torch's default generators (CPU, and the
-    input's CUDA device) and the layers with generators of their own, with their states now."""
-    default = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+    """What a forward pass of ``net`` on ``x`` depends on besides its weights: torch's default generators
+    (CPU, and the input's CUDA device), the layers with generators of their own, and the buffers (running
+    statistics: SAL's routing centres and usage), with their states now."""
+    default = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None,
+               [b.clone() for b in net.buffers()])
     layers = own_random_layers(net)
     return default, layers, [m.rng_state() for m in layers]
 

@@ -171,8 +171,10 @@ class _Recomputed:
     """A feedback block's forward under activation checkpointing (direct rules, ``memory="recompute"``).
 
     The graph is cut at every point, so each block's backward needs only that block: autograd keeps
-    just its input and recomputes the rest when the projected signal arrives, one block at a time.
-    Caveat (torch's): BatchNorm's running statistics move twice per step (forward and recompute)."""
+    just its input and recomputes the rest when the projected signal arrives, one block at a time. The
+    recompute is the forward again exactly: the same random draws (torch's generators, layers' own) and
+    the block's buffers as the forward found them (running statistics move once per step, not twice;
+    SAL routes as in the forward)."""
 
     def __init__(self, original, block: nn.Module):
         self.original, self.block = original, block
@@ -183,15 +185,18 @@ class _Recomputed:
         from torch.utils.checkpoint import checkpoint
 
         layers = own_random_layers(self.block)
-        if not layers:  # torch's checkpoint replays the default generators itself
-            return checkpoint(self.original, *args, use_reentrant=False, **kwargs)
+        buffers = [b for b in self.block.buffers() if b is not None]
         saved: list = []
 
-        def run(*a, **k):  # the forward, then (in the backward) its recompute with the same draws
+        def run(*a, **k):  # the forward, then (in the backward) its recompute, the same in every respect
             if not saved:
-                saved.append([m.rng_state() for m in layers])
+                saved.append(([m.rng_state() for m in layers], [b.clone() for b in buffers]))
                 return self.original(*a, **k)
-            with replayed_draws(layers, saved[0]):
+            draws, before = saved[0]
+            with torch.no_grad():  # the running statistics as the forward found them (BatchNorm's,
+                for b, v in zip(buffers, before):  # SAL's routing centre): the recompute moves them as the
+                    b.copy_(v)  # forward did, instead of twice, and routes every token as the forward did
+            with replayed_draws(layers, draws):  # torch's checkpoint replays the default generators
                 return self.original(*a, **k)
         return checkpoint(run, *args, use_reentrant=False, **kwargs)
 

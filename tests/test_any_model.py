@@ -690,6 +690,37 @@ def test_recompute_mode_replays_the_forwards_random_draws(case):
     assert torch.equal(draws["cache"], draws["recompute"])
 
 
+@pytest.mark.parametrize("model,rule", [("vit:patch=4,dim=16,depth=2,heads=2", "sal"), ("resnet:8", "dfa"),
+                                        ("mlp:16x16", "sal")])
+def test_recompute_mode_moves_running_statistics_once(model, rule):
+    """The recompute runs each block's forward again: BatchNorm's running statistics and SAL's routing
+    centres and usage counts moved twice per step (usage counted double: the dead-area figures were
+    wrong), and SAL could route a token otherwise in the recompute than in the forward. Restored to
+    what the forward found, they move once: three SGD steps equal cache mode, buffers included."""
+    torch.manual_seed(0)
+    base = make_rule(rule, warmup=0).build(model, (1, 8, 8), 10) if model.startswith("mlp") else \
+        build_zoo(model, (1, 8, 8), 10)  # a spec chain: the chain engine's block-by-block recompute
+    state = {}
+    for memory in ("cache", "recompute"):
+        torch.manual_seed(1)
+        chain = model.startswith("mlp")
+        w = neurosal.wrap(copy.deepcopy(base), make_rule(rule, warmup=0) if chain else rule, memory=memory,
+                          **({"warmup": 0} if rule == "sal" and not chain else {}))
+        opt = torch.optim.SGD(w.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            x, y = torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(w(x), y).backward()
+            opt.step()
+        state[memory] = {k: v.clone() for k, v in w.model.state_dict().items() if torch.is_tensor(v)}
+    for k, v in state["cache"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(state["recompute"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(state["recompute"][k], v), k
+
+
 def test_drtp_asks_for_the_target():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     w = neurosal.wrap(model, "drtp")
