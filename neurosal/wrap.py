@@ -989,7 +989,8 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
     area_layers = [m for m in model.modules() if isinstance(m, AreaLinear)]
     params = list(wrapped.parameters())
     saved = [p.grad for p in params]
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    # running statistics, and the rule's own counters (brsf's redraw step advances per forward)
+    buffers = {k: v.clone() for k, v in wrapped.named_buffers()}
     area_steps = [m.steps for m in area_layers]  # a probe is not a training step (SAL's warm-up clock)
 
     def update(w: torch.Tensor) -> torch.Tensor:
@@ -1020,7 +1021,7 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
         for m, n in zip(area_layers, area_steps):
             m.steps = n
         with torch.no_grad():
-            for k, v in model.named_buffers():
+            for k, v in wrapped.named_buffers():
                 if k in buffers:
                     v.copy_(buffers[k])
     points = [_angle(a, b) if b is not None else float("nan")

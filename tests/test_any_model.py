@@ -721,6 +721,27 @@ def test_recompute_mode_moves_running_statistics_once(model, rule):
             assert torch.equal(state["recompute"][k], v), k
 
 
+@pytest.mark.parametrize("rule", ["brsf", "sal", "kp"])
+def test_measuring_alignment_does_not_change_what_training_does_next(rule):
+    """alignment_report runs the model twice: brsf's redraw counter (a rule buffer) advanced with it,
+    so measuring changed the feedback of every later step. Training with a measurement in between
+    equals training without."""
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
+    finals = []
+    for measure in (False, True):
+        w = neurosal.wrap(_mlp3(), rule, **({"warmup": 0} if rule == "sal" else {}))
+        opt = torch.optim.SGD(w.parameters(), lr=0.1)
+        for step in range(3):
+            if measure and step == 1:
+                alignment_report(w, x, y)
+            opt.zero_grad()
+            F.cross_entropy(w(x), y).backward()
+            opt.step()
+        finals.append({k: v.clone() for k, v in w.state_dict().items() if torch.is_tensor(v)})
+    for k, v in finals[0].items():
+        assert torch.equal(finals[1][k], v), k
+
+
 def test_drtp_asks_for_the_target():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     w = neurosal.wrap(model, "drtp")
