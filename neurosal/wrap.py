@@ -640,11 +640,13 @@ class Wrapped(nn.Module):
         flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        offset = 0
-        for p, none in zip(params, was_none):
-            g = flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-            p.grad = None if none and not bool(g.any()) else g.clone()
+        grads = flat.split([p.numel() for p in params])
+        # which of the gradients no rank computed stay untouched: one host read for all of them
+        idle = [i for i, none in enumerate(was_none) if none]
+        used = torch.stack([grads[i].any() for i in idle]).tolist() if idle else []
+        keep = dict(zip(idle, used))
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = g.view_as(p).clone() if keep.get(i, True) else None
 
     def _watch_backward(self, out) -> None:
         """Under torch.distributed with more than one rank: average the bypassed gradients when this
