@@ -439,10 +439,22 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
             self.tiles.load(state)
 
     def area_forward(self, k: int, rows: torch.Tensor) -> torch.Tensor:
+        """Area k's array read for its rows, with the float area's derivative under autograd (the
+        general engine: straight-through, as :class:`AnalogLinear`); the spec chains' engine reads
+        without autograd and updates locally."""
         t = self.tiles
         if k == 0:
             t.check_synced()
-        return t.read(k, rows, F.linear) + self.area_bias[k]
+        w, b = self.area_weight[k], self.area_bias[k]
+        if t.exact_read:
+            return F.linear(rows, w, b)
+
+        def hw(v):
+            return t.read(k, v, F.linear) + b
+        if torch.is_grad_enabled() and w.requires_grad:
+            return _ReadWithFloatGradient.apply(rows, w, b, hw)
+        with torch.no_grad():
+            return hw(rows)
 
 
 #: parametrised layers convert leaves digital (said once, naming them)
