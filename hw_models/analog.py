@@ -155,7 +155,7 @@ class AnalogTiles:
                 # scaled the gradient since (a GradScaler's unscale, gradient clipping) is absorbed
                 dt = request.dtype
                 outer = d.reshape(-1, d.shape[-1]).t().to(dt) @ x.reshape(-1, x.shape[-1]).to(dt)
-                w = arr.apply_trains(*arr.coincidence_pulses(x, d, self._sgd_rate(request, outer)))
+                w = arr.apply_trains(*arr.coincidence_pulses(x, d, self._sgd_rate(request, outer, held)))
             else:
                 w = arr.step_to(p, held)
             p.copy_(w)
@@ -164,25 +164,33 @@ class AnalogTiles:
         self.mark_synced()
 
     @staticmethod
-    def _sgd_rate(request: torch.Tensor, grad: torch.Tensor | None) -> float:
+    def _sgd_rate(request: torch.Tensor, grad: torch.Tensor | None, weights: torch.Tensor | None = None) -> float:
         """The rate of a plain SGD step ``request = -lr * grad`` (coincidence: ``grad`` the trains' own
-        update ``d^T x``, so ``lr`` also absorbs a loss scale or a clipping factor). Reads
-        three numbers on the host in one transfer -- the rate and the check that the step was plain SGD --
-        so a CUDA step syncs once per array here (documented exception to the no-sync rule)."""
+        update ``d^T x``, so ``lr`` also absorbs a loss scale or a clipping factor). ``weights``: those the
+        request was taken from (``request = new - weights``): its rounding, a few ulps of the weights,
+        is allowed beside the 1e-3 relative misfit, so small steps on large weights are not mistaken for
+        momentum or decay. Reads four numbers on the host in one transfer -- the rate and the check that
+        the step was plain SGD -- so a CUDA step syncs once per array here (documented exception to the
+        no-sync rule)."""
         if grad is None:
             return 0.0
         g, r = grad.reshape(-1), request.reshape(-1)
         gg = g @ g
         lr_t = -(r @ g) / gg.clamp_min(torch.finfo(g.dtype).tiny)
-        resid_t = (r + lr_t * g).norm() / r.norm().clamp_min(1e-30)
-        gg, lr, resid = torch.stack([gg, lr_t, resid_t]).tolist()
+        r_norm = r.norm().clamp_min(1e-30)
+        resid_t = (r + lr_t * g).norm() / r_norm
+        rounding_t = (16 * torch.finfo(r.dtype).eps * weights.norm() / r_norm) if weights is not None \
+            else torch.zeros((), dtype=r.dtype, device=r.device)
+        gg, lr, resid, rounding = torch.stack([gg, lr_t, resid_t, rounding_t.to(r.dtype)]).tolist()
         if gg == 0:
             return 0.0
-        if lr < 0 or resid > 1e-3:
+        if lr < 0 or resid > 1e-3 + rounding:
             raise NeurosalError("pulses=coincidence realises -lr * delta^T x by pulse trains from the layer's "
-                                "own input and signal, and needs plain SGD on one backward pass per step (no "
-                                "momentum, weight decay, adaptive steps, gradient accumulation or data-parallel "
-                                "averaging); use --optimizer SGD --momentum 0, or pulses=stochastic")
+                                "own input and signal, so the step must be exactly that: plain SGD on one "
+                                "backward pass per step (no momentum, weight decay, adaptive steps, gradient "
+                                "accumulation or data-parallel averaging) of a rule whose update is delta^T x "
+                                "(not spiking layers' eligibility traces); use --optimizer SGD --momentum 0, or "
+                                "pulses=stochastic")
         return lr
 
     @torch.no_grad()
@@ -494,9 +502,15 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
     if not named:
         raise NeurosalError("convert: the model has no Linear/Conv2d layer to put on devices")
     digital = [n for n, m in target.named_modules() if isinstance(m, NO_ANALOG_VERSION)]
+    if cfg.pulses == "coincidence":  # pulse trains are built per Linear layer from its own input and
+        # signal: convolutions, SAL's areas and attention stay digital rather than refusing the model
+        other = [n for n, m in named if not isinstance(m, nn.Linear)]
+        named = [(n, m) for n, m in named if not any(n == a or n.startswith(a + ".") for a in other)]
+        digital += other
     if digital:
         warnings.warn(f"convert: {digital[:3]}{' and more' if len(digital) > 3 else ''} have no analog version "
-                      "(transposed convolutions, recurrent and bilinear layers) and stay digital", stacklevel=2)
+                      "here (transposed convolutions, recurrent and bilinear layers; under pulses=coincidence "
+                      "everything but nn.Linear) and stay digital", stacklevel=2)
     for i, (name, op) in enumerate(named):
         if not include_output and i == len(named) - 1:
             continue

@@ -333,11 +333,15 @@ def test_attention_on_devices_trains_with_fa_and_dfa_and_exports():
 
 
 def test_attention_refuses_coincidence_and_unpacked_projections():
-    from hw_models.analog import convert
+    from hw_models.analog import AnalogLinear, AnalogMultiheadAttention, convert
     from neurosal.errors import NeurosalError
 
-    with pytest.raises(NeurosalError, match="self_attn: pulses=coincidence"):
-        convert(_encoder(), DeviceConfig(levels=256, pulses="coincidence"))
+    with pytest.raises(NeurosalError, match="pulses=coincidence is defined for Linear layers"):
+        AnalogMultiheadAttention.from_float(_encoder().self_attn, DeviceConfig(levels=256, pulses="coincidence"), 0)
+    with pytest.warns(UserWarning, match=r"\['self_attn'\] have no analog version here .* stay digital"):
+        layer = convert(_encoder(), DeviceConfig(levels=256, pulses="coincidence"))  # the rest on devices
+    assert type(layer.self_attn) is nn.MultiheadAttention and type(layer.self_attn.out_proj) is not AnalogLinear
+    assert isinstance(layer.linear1, AnalogLinear)
     torch.manual_seed(0)
     with pytest.raises(NeurosalError, match="packed default"):
         convert(nn.MultiheadAttention(16, 2, kdim=8, vdim=8), "linear-256")
