@@ -188,9 +188,8 @@ class AnalogTiles:
             raise NeurosalError("pulses=coincidence realises -lr * delta^T x by pulse trains from the layer's "
                                 "own input and signal, so the step must be exactly that: plain SGD on one "
                                 "backward pass per step (no momentum, weight decay, adaptive steps, gradient "
-                                "accumulation or data-parallel averaging) of a rule whose update is delta^T x "
-                                "(not spiking layers' eligibility traces); use --optimizer SGD --momentum 0, or "
-                                "pulses=stochastic")
+                                "accumulation or data-parallel averaging) of a rule whose update is delta^T x; "
+                                "use --optimizer SGD --momentum 0, or pulses=stochastic")
         return lr
 
     @torch.no_grad()
