@@ -482,6 +482,16 @@ def test_coincidence_training_needs_plain_sgd_and_learns(rule):
         Trainer(bad, None, dataset=ds).fit()
 
 
+@pytest.mark.parametrize("model", ["snn:16:T=4", "cnn"])
+def test_coincidence_accepts_small_plain_sgd_steps(model):
+    """A plain SGD step far below the weights' size (lr 1e-3): the request's float32 rounding alone gave a
+    1e-3 misfit, which was refused as momentum (spiking chains and the cnn failed on their first step)."""
+    ds = load_dataset("digits", limit=96)
+    cfg = TrainConfig(rule="fa", model=model, epochs=1, batch_size=96, optimizer="SGD", momentum=0.0, lr=1e-3,
+                      device="linear-256", device_options={"pulses": "coincidence"}, progress=False)
+    assert Trainer(cfg, None, dataset=ds).fit()["epochs"][-1]["train_loss"] > 0
+
+
 def test_analog_area_layer_keeps_sals_warm_up_clock():
     """An area layer moved onto arrays keeps its warm-up clock, and the clock travels with the tiles'
     state through a state dict (a checkpoint)."""
