@@ -32,7 +32,7 @@ from hw_models.analog import analog_mvm
 from hw_models.snn import delay, lif_membrane
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import keep_own_forward, replace_module
+from neurosal.layers import conv_function, keep_own_forward, replace_module
 from neurosal.models import Block, Net
 from neurosal.protocols import LocalDerivative
 from neurosal.wrap import MHAForward, select_output
@@ -75,7 +75,7 @@ class Conv2dTwin(nn.Module):
         self.weight = nn.Parameter(op.weight.detach().clone(), requires_grad=False)
         self.bias = None if op.bias is None else nn.Parameter(op.bias.detach().clone(), requires_grad=False)
         self.kw = dict(stride=op.stride, padding=op.padding, dilation=op.dilation, groups=op.groups)
-        self.conv = F.conv1d if isinstance(op, nn.Conv1d) else F.conv3d if isinstance(op, nn.Conv3d) else F.conv2d
+        self.conv = conv_function(op)
         self.analog = _analog_of(op)
 
     def forward(self, x):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import float_update, keep_own_forward, replace_module
+from neurosal.layers import conv_function, float_update, keep_own_forward, replace_module
 
 from .array import DifferentialArray, check_request, clip_fraction
 from .devices import DeviceConfig
@@ -79,10 +79,10 @@ def row_sumsq(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).sum(-1, keepdim=True)
 
 
-def patch_sumsq(conv: nn.Conv1d | nn.Conv2d):
+def patch_sumsq(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d):
     """What each output of ``conv`` reads: the squared norm of its input patch (per group), shaped to
     broadcast over the output channels."""
-    fn = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv3d if isinstance(conv, nn.Conv3d) else F.conv2d
+    fn = conv_function(conv)
 
     def sumsq(x: torch.Tensor) -> torch.Tensor:
         g = conv.groups
@@ -309,6 +309,24 @@ class _ReadWithFloatGradient(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _linear_read(tiles: "AnalogTiles", i: int, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """``x @ w^T + b`` as array ``i`` of ``tiles`` reads it (digital bias), with the float map's derivative
+    under autograd (straight-through; :class:`_ReadWithFloatGradient`); an exactly reading array is the
+    plain matmul. For linear maps held outside an ``nn.Linear`` (attention's packed projection, SAL's
+    areas); :class:`AnalogLinear` reads through :meth:`_AnalogMixin._straight_through`, which also serves
+    coincidence trains."""
+    if tiles.exact_read:
+        return F.linear(x, w, b)
+
+    def hw(v):
+        y = tiles.read(i, v, F.linear)
+        return y if b is None else y + b
+    if torch.is_grad_enabled() and w.requires_grad:
+        return _ReadWithFloatGradient.apply(x, w, b, hw)
+    with torch.no_grad():
+        return hw(x)
+
+
 class AnalogLinear(_AnalogMixin, nn.Linear):
     @classmethod
     def from_float(cls, layer: nn.Linear, cfg: DeviceConfig, seed: int) -> "AnalogLinear":
@@ -329,8 +347,6 @@ class _AnalogConv(_AnalogMixin):
     """The analog convolutions: one array of out x (in/groups * kernel) conductances, read at every output
     position (the read noise by each position's patch norm, :func:`patch_sumsq`), bias digital."""
 
-    _conv = staticmethod(F.conv2d)
-
     @classmethod
     def from_float(cls, layer, cfg: DeviceConfig, seed: int):
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
@@ -341,7 +357,8 @@ class _AnalogConv(_AnalogMixin):
         return new
 
     def forward(self, x):
-        conv = lambda v, w: self._conv(v, w, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
+        fn = conv_function(self)
+        conv = lambda v, w: fn(v, w, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
 
         def hw(v):
             y = self.tiles.read(0, v, conv, patch_sumsq(self))
@@ -350,19 +367,15 @@ class _AnalogConv(_AnalogMixin):
 
 
 class AnalogConv2d(_AnalogConv, nn.Conv2d):
-    _conv = staticmethod(F.conv2d)
+    pass
 
 
 class AnalogConv1d(_AnalogConv, nn.Conv1d):
     """Sequences, audio, time series: read per output position as :class:`AnalogConv2d` reads per pixel."""
 
-    _conv = staticmethod(F.conv1d)
-
 
 class AnalogConv3d(_AnalogConv, nn.Conv3d):
     """Volumes and video: read per output voxel."""
-
-    _conv = staticmethod(F.conv3d)
 
 
 class AnalogMultiheadAttention(_AnalogMixin, nn.MultiheadAttention):
@@ -399,18 +412,8 @@ class AnalogMultiheadAttention(_AnalogMixin, nn.MultiheadAttention):
     def in_projection(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ in_proj_weight^T + in_proj_bias`` as the array reads it (digital bias), with the float
         projection's derivative (straight-through, as :class:`AnalogLinear`)."""
-        w, b = self.in_proj_weight, self.in_proj_bias
         self.tiles.check_synced()
-
-        def hw(v):
-            y = self.tiles.read(0, v, F.linear)
-            return y if b is None else y + b
-        if self.tiles.exact_read:
-            return F.linear(x, w, b)
-        if torch.is_grad_enabled() and w.requires_grad:
-            return _ReadWithFloatGradient.apply(x, w, b, hw)
-        with torch.no_grad():
-            return hw(x)
+        return _linear_read(self.tiles, 0, x, self.in_proj_weight, self.in_proj_bias)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -449,19 +452,9 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
         """Area k's array read for its rows, with the float area's derivative under autograd (the
         general engine: straight-through, as :class:`AnalogLinear`); the spec chains' engine reads
         without autograd and updates locally."""
-        t = self.tiles
         if k == 0:
-            t.check_synced()
-        w, b = self.area_weight[k], self.area_bias[k]
-        if t.exact_read:
-            return F.linear(rows, w, b)
-
-        def hw(v):
-            return t.read(k, v, F.linear) + b
-        if torch.is_grad_enabled() and w.requires_grad:
-            return _ReadWithFloatGradient.apply(rows, w, b, hw)
-        with torch.no_grad():
-            return hw(rows)
+            self.tiles.check_synced()
+        return _linear_read(self.tiles, k, rows, self.area_weight[k], self.area_bias[k])
 
 
 #: parametrised layers convert leaves digital (said once, naming them)

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import NeurosalError
-from .layers import (apply_local_update, output_error, own_random_layers, post_forward, post_vjp,
-                     preserved_draws, replayed_draws)
+from .layers import (apply_local_update, forward_state, output_error, post_forward, post_vjp, preserved_draws,
+                     replayed_forward)
 from .models import Net
 from .protocols import ReportsContext, implements
 
@@ -111,16 +111,14 @@ def chain_backward(net: Net, rule, state, e: torch.Tensor, target: torch.Tensor 
     at once (``on_layer(op)`` is called as soon as a layer's update is in its ``.grad``)."""
     mode, payload = state
     if mode == "recompute":
-        x, (default, layers, states) = payload
-        # the forward's draws again (spike encoders on torch's generators, analog read noise on the
-        # arrays' own), so that the updates use the activations that made the error; afterwards every
-        # stream is where it was
-        with torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []), replayed_draws(layers, states):
+        x, (default, state) = payload
+        # the forward again (spike encoders draw on torch's generators, analog reads on the arrays' own;
+        # the buffers as the forward found them), so that the updates use the activations that made the
+        # error; afterwards every stream is where it was
+        with torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []), replayed_forward(net, state):
             torch.set_rng_state(default[0])
             if x.is_cuda:
                 torch.cuda.set_rng_state(default[1], x.device)
-            for b, v in zip(net.buffers(), default[2]):  # moved once per step (the recompute's), not twice
-                b.copy_(v)
             _direct_recompute(net, rule, x, e, target, on_layer)
         return
     cache = payload
@@ -153,13 +151,10 @@ def train_step(net: Net, rule, x: torch.Tensor, y: torch.Tensor, n_classes: int,
 
 
 def _draw_states(net: Net, x: torch.Tensor) -> tuple:
-    """What a forward pass of ``net`` on ``x`` depends on besides its weights: torch's default generators
-    (CPU, and the input's CUDA device), the layers with generators of their own, and the buffers (running
-    statistics: SAL's routing centres and usage), with their states now."""
-    default = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None,
-               [b.clone() for b in net.buffers()])
-    layers = own_random_layers(net)
-    return default, layers, [m.rng_state() for m in layers]
+    """What a forward pass of ``net`` on ``x`` depends on besides its weights, now: torch's default
+    generators (CPU, and the input's CUDA device) and :func:`~neurosal.layers.forward_state`."""
+    default = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+    return default, forward_state(net)
 
 
 @torch.no_grad()

@@ -78,6 +78,11 @@ def weight_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor):
     raise NeurosalError(f"no local update defined for layer type {type(op).__name__}")
 
 
+def conv_function(op: nn.Module):
+    """``F.conv1d``/``conv2d``/``conv3d`` for a convolution of that many spatial dimensions."""
+    return _CONV_FN[op.weight.dim() - 2]
+
+
 def _transposed_dims(op: nn.Module) -> int:
     return next((n for cls, n in _TRANSPOSED.items() if isinstance(op, cls)), 0)
 
@@ -326,6 +331,28 @@ def replayed_draws(layers: list, states: list):
     finally:
         for m, st in zip(layers, now):
             m.set_rng_state(st)
+
+
+def forward_state(module: nn.Module) -> tuple:
+    """What a forward pass of ``module`` depends on besides its parameters, its input and torch's own
+    generators, as it is now: the generators of its layers that have their own (analog read noise) and
+    its buffers (running statistics: BatchNorm's, SAL's routing centres and usage)."""
+    layers = own_random_layers(module)
+    return layers, [m.rng_state() for m in layers], [b.clone() for b in module.buffers()]
+
+
+@contextmanager
+def replayed_forward(module: nn.Module, state: tuple):
+    """Inside: a forward pass of ``module`` finds what it found when ``state`` was taken
+    (:func:`forward_state`) -- its layers draw again what they drew and its buffers hold what they held,
+    so a recompute is the forward again and moves running statistics once per step, not twice;
+    afterwards those generators are where they were."""
+    layers, draws, buffers = state
+    with torch.no_grad():
+        for b, v in zip(module.buffers(), buffers):
+            b.copy_(v)
+    with replayed_draws(layers, draws):
+        yield
 
 
 @contextmanager

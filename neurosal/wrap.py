@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from .areas import AreaLinear
 from .engine import MEMORY_MODES, ChainStep, block_output_shapes
 from .errors import NeurosalError
-from .layers import (NORMS, PARAM_LAYERS, _conv_args, feedback, keep_own_forward, norm_vjp, own_random_layers,
-                     preserved_draws, replace_module, replayed_draws, weight_update)
+from .layers import (NORMS, PARAM_LAYERS, _conv_args, feedback, forward_state, keep_own_forward, norm_vjp,
+                     preserved_draws, replace_module, replayed_forward, weight_update)
 from .models import Net
 from .protocols import DirectFeedback, InProjection, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
 from .rules import make_rule
@@ -184,19 +184,13 @@ class _Recomputed:
             return self.original(*args, **kwargs)
         from torch.utils.checkpoint import checkpoint
 
-        layers = own_random_layers(self.block)
-        buffers = [b for b in self.block.buffers() if b is not None]
         saved: list = []
 
         def run(*a, **k):  # the forward, then (in the backward) its recompute, the same in every respect
-            if not saved:
-                saved.append(([m.rng_state() for m in layers], [b.clone() for b in buffers]))
+            if not saved:  # (torch's checkpoint replays the default generators itself)
+                saved.append(forward_state(self.block))
                 return self.original(*a, **k)
-            draws, before = saved[0]
-            with torch.no_grad():  # the running statistics as the forward found them (BatchNorm's,
-                for b, v in zip(buffers, before):  # SAL's routing centre): the recompute moves them as the
-                    b.copy_(v)  # forward did, instead of twice, and routes every token as the forward did
-            with replayed_draws(layers, draws):  # torch's checkpoint replays the default generators
+            with replayed_forward(self.block, saved[0]):
                 return self.original(*a, **k)
         return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
