@@ -540,7 +540,6 @@ class Wrapped(nn.Module):
         #: what the loss is multiplied by before ``backward()``: None (1), a number, a callable returning
         #: one, or a ``torch.amp.GradScaler`` (its current scale) -- see :meth:`current_loss_scale`
         self.loss_scale = loss_scale
-        self._area_layers = [m for m in model.modules() if isinstance(m, AreaLinear)]
         self.model = model
         self.rule = rule
         self.seed = seed
@@ -922,9 +921,11 @@ class Wrapped(nn.Module):
             return self.model(*args, **kwargs)
         self.rule.after_step(self.model)  # per-batch bookkeeping (brsf's draw counter)
         scale = self.current_loss_scale()
-        self.rule.loss_scale = scale
-        for m in self._area_layers:
-            m.loss_scale = scale
+        if scale != 1.0 or self.rule.loss_scale != 1.0:  # the area layers looked up now: convert may have
+            self.rule.loss_scale = scale  # replaced them since wrap (analog areas)
+            for m in self.model.modules():
+                if isinstance(m, AreaLinear):
+                    m.loss_scale = scale
         if self.chain and not self.rule.autograd:
             if len(args) != 1 or kwargs:
                 raise NeurosalError("a spec chain takes one input tensor")

@@ -470,17 +470,23 @@ def _mlp3():
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).double()
 
 
-@pytest.mark.parametrize("rule", ["drtp", "sal", "kp", "ldef", "dfa"])
+@pytest.mark.parametrize("rule", ["drtp", "sal", "kp", "ldef", "dfa", "sal-analog"])
 def test_a_grad_scaler_leaves_every_update_as_it_was(rule):
     """fp16 AMP's GradScaler multiplies the loss and divides every .grad again. What a rule adds that is
     not derived from the error (drtp's target signal, sal's routing objective, kp/ldef's decay) must
     carry the same factor, or the scaler divides it away: with ``loss_scale=scaler`` every gradient
     after ``unscale_`` is the unscaled run's; without it those terms come out 1/scale as large."""
     x, y = torch.randn(12, 8, dtype=torch.float64), torch.randint(0, 3, (12,))
+    analog, rule = rule.endswith("-analog"), rule.removesuffix("-analog")
     options = {"warmup": 0} if rule == "sal" else {}
 
     def grads(scaler, pass_it=True):
         w = neurosal.wrap(_mlp3(), rule, loss_scale=scaler if pass_it else None, **options)
+        if analog:  # areas put on devices after wrapping (direct rules allow it): the new layers scale too
+            from hw_models.analog import convert
+            from hw_models.devices import DeviceConfig
+
+            convert(w, DeviceConfig(levels=1_000_000))
         opt = torch.optim.SGD(w.parameters(), lr=0.1)
         if rule == "drtp":
             w.set_target(y)
