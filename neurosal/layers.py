@@ -17,6 +17,7 @@ overrides that: :func:`apply_local_update` dispatches to it, and no rule needs t
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -362,3 +363,102 @@ def preserved_draws(module: nn.Module):
     layers = own_random_layers(module)
     with replayed_draws(layers, [m.rng_state() for m in layers]):
         yield
+
+
+def in_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread (a checkpoint recomputes)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _module_state(m: nn.Module) -> tuple:
+    rng = m.rng_state() if implements(m, OwnRandomState) else None
+    return rng, {n: b.clone() for n, b in m._buffers.items() if b is not None}
+
+
+def _swap_module_state(m: nn.Module, state: tuple) -> tuple:
+    """Put ``state`` in place and return what was there. Buffers are rebound, not written: the tensors
+    a recompute's backward saved (BatchNorm saves its running statistics) are never modified, and the
+    module's own tensors come back unchanged."""
+    rng, buffers = state
+    was = (m.rng_state() if rng is not None else None), {n: m._buffers[n] for n in buffers}
+    if rng is not None:
+        m.set_rng_state(rng)
+    m._buffers.update(buffers)
+    return was
+
+
+class ReplayLedger:
+    """Activation checkpointing inside a model -- the user's ``torch.utils.checkpoint`` (either kind;
+    Hugging Face's gradient checkpointing), or the direct rules' ``memory="recompute"`` -- runs parts of
+    the forward pass again in the backward. Torch replays its own generators there, not a layer's own
+    (analog read noise), and the recompute moves running statistics (BatchNorm's, SAL's routing centres
+    and usage) a second time, from values the forward never saw, so it is not the forward again.
+
+    The ledger makes it so: every module with buffers or its own generators gets a pre- and post-hook.
+    A call inside a checkpointed region (saved-tensor hooks active, or autograd off inside a recording
+    forward: the reentrant kind) records the module's state as it found it; the same module's recompute
+    (in the backward) starts from the latest record -- recomputes run in reverse order -- and
+    afterwards the module is put back as it was, so the recompute moves nothing. :meth:`clear` drops
+    what no recompute used (called at the end of each backward)."""
+
+    #: records kept per module (forwards under autograd never followed by a backward stop growing here)
+    LIMIT = 64
+
+    def __init__(self):
+        self.records: dict[nn.Module, list] = {}
+        self._after: dict[nn.Module, list] = {}
+        self._seen: dict[int, weakref.ref] = {}  # every module looked at (cheaper than a WeakSet)
+        #: set by the owner while its forward records under autograd (the reentrant kind runs with
+        #: autograd off inside such a forward)
+        self.recording = False
+
+    def __getstate__(self):  # pickling a wrapped model: the hooks go with the modules, the rest is per step
+        return {"records": {}, "_after": {}, "_seen": {}, "recording": False}
+
+    @staticmethod
+    def stateful(m: nn.Module) -> bool:
+        return any(b is not None for b in m._buffers.values()) or implements(m, OwnRandomState)
+
+    def _hooks_of(self, m: nn.Module) -> list:
+        # the hooks are found on the module (not kept here), so a deep copy's or an unpickled model's
+        # modules are known as hooked by the copy's ledger, which their hooks are bound to
+        return [(d, k) for d in (m._forward_pre_hooks, m._forward_hooks) for k, h in list(d.items())
+                if getattr(h, "__self__", None) is self]
+
+    def watch(self, model: nn.Module) -> None:
+        """Hook every stateful module of ``model`` not hooked yet (layers replaced since are found)."""
+        seen = self._seen
+        for m in model.modules():
+            r = seen.get(id(m))
+            if r is None or r() is not m:  # (an id may be reused once its module is gone)
+                seen[id(m)] = weakref.ref(m)
+                if self.stateful(m) and not self._hooks_of(m):
+                    m.register_forward_pre_hook(self._pre)
+                    m.register_forward_hook(self._post)
+
+    def remove(self, model: nn.Module) -> None:
+        for m in model.modules():
+            for d, k in self._hooks_of(m):
+                del d[k]
+        self._seen = {}
+        self.clear()
+
+    def clear(self) -> None:
+        self.records.clear()
+        self._after.clear()
+
+    def _pre(self, m, args):
+        if in_backward():
+            found = self.records.get(m)
+            if found:
+                self._after.setdefault(m, []).append(_swap_module_state(m, found.pop()))
+        elif torch._C._autograd._top_saved_tensors_default_hooks(False) is not None or (
+                self.recording and not torch.is_grad_enabled()):
+            kept = self.records.setdefault(m, [])
+            kept.append(_module_state(m))
+            del kept[:-self.LIMIT]
+
+    def _post(self, m, args, out):
+        after = self._after.get(m)
+        if after and in_backward():
+            _swap_module_state(m, after.pop())

@@ -33,6 +33,10 @@
   update needs, and the backward is :func:`neurosal.engine.chain_backward` -- the same rule methods
   (``feedback_weight``, ``source``), one matmul for all direct projections, and the low-memory
   ``memory="recompute"`` mode. ``benchmarks/general_bench.py`` measures it against the general path.
+* **activation checkpointing inside the model** (``torch.utils.checkpoint``, either kind; Hugging Face's
+  gradient checkpointing): a recompute is the forward again -- the layers' own draws and the buffers as
+  the forward found them (:class:`~neurosal.layers.ReplayLedger`); points met with autograd off (the
+  reentrant kind) get their signals when their region is recomputed.
 * **sal**: the chosen ``nn.Linear`` layers (default: every Linear but the output head and attention
   projections -- MLP hidden layers and transformer FFNs) become :class:`~neurosal.areas.AreaLinear`
   layers routing every sample (every token, for sequences) to one of K areas; the rest is dfa.
@@ -54,8 +58,8 @@ import torch.nn.functional as F
 from .areas import AreaLinear
 from .engine import MEMORY_MODES, ChainStep, block_output_shapes
 from .errors import NeurosalError
-from .layers import (NORMS, PARAM_LAYERS, _conv_args, feedback, forward_state, keep_own_forward, norm_vjp,
-                     preserved_draws, replace_module, replayed_forward, weight_update)
+from .layers import (NORMS, PARAM_LAYERS, ReplayLedger, _conv_args, feedback, in_backward, keep_own_forward,
+                     norm_vjp, preserved_draws, replace_module, weight_update)
 from .models import Net
 from .protocols import DirectFeedback, InProjection, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
 from .rules import make_rule
@@ -112,7 +116,8 @@ class _FeedbackLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
+        (x,) = ctx.saved_tensors  # once: a checkpoint lets saved tensors be unpacked only once
+        x_dtype = x.dtype
         site = ctx.site
         op, rule = site.op, site.rule
         if x.dtype != g.dtype:  # autocast: the layer computed in g's dtype
@@ -137,7 +142,7 @@ class _FeedbackLayer(torch.autograd.Function):
         gx = None
         if need_x:
             b = rule.feedback_weight(site.slot, op.weight).to(g.dtype)
-            gx = feedback(op, g, b, x.shape).to(ctx.saved_tensors[0].dtype)
+            gx = feedback(op, g, b, x.shape).to(x_dtype)
         if site.local:  # the layer's substrate turns the signal into its change itself
             if site.learns:
                 rule.learn_feedback(site.slot, op, x, g)
@@ -172,27 +177,46 @@ class _Recomputed:
 
     The graph is cut at every point, so each block's backward needs only that block: autograd keeps
     just its input and recomputes the rest when the projected signal arrives, one block at a time. The
-    recompute is the forward again exactly: the same random draws (torch's generators, layers' own) and
-    the block's buffers as the forward found them (running statistics move once per step, not twice;
-    SAL routes as in the forward)."""
+    recompute is the forward again exactly: torch's checkpoint replays its generators, the wrapper's
+    :class:`~neurosal.layers.ReplayLedger` the layers' own draws and the buffers as the forward found
+    them (running statistics move once per step, not twice; SAL routes as in the forward)."""
 
-    def __init__(self, original, block: nn.Module):
-        self.original, self.block = original, block
+    def __init__(self, original):
+        self.original = original
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return self.original(*args, **kwargs)
         from torch.utils.checkpoint import checkpoint
 
-        saved: list = []
+        return checkpoint(self.original, *args, use_reentrant=False, **kwargs)
 
-        def run(*a, **k):  # the forward, then (in the backward) its recompute, the same in every respect
-            if not saved:  # (torch's checkpoint replays the default generators itself)
-                saved.append(forward_state(self.block))
-                return self.original(*a, **k)
-            with replayed_forward(self.block, saved[0]):
-                return self.original(*a, **k)
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+@dataclass(eq=False)
+class _Deferred:
+    """A feedback point met with autograd off inside a training forward: a reentrant checkpoint (torch's
+    ``use_reentrant=True``, Hugging Face's default for gradient checkpointing) runs its region so and
+    again, recording, in the backward. Its signal is computed with the others' and waits for that
+    recompute (:class:`_Inject`)."""
+    module: nn.Module
+    shape: torch.Size
+    dtype: torch.dtype
+    value: torch.Tensor | None  # kept only when a readout norm's derivative needs it
+
+
+class _Inject(torch.autograd.Function):
+    """A recomputed point's output: its backward gives the point's signal, whatever arrives from above
+    (the graph is cut there, as at every point)."""
+
+    @staticmethod
+    def forward(ctx, out, signal):
+        ctx.signal = signal
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        signal, ctx.signal = ctx.signal, None
+        return signal.to(g.dtype), None
 
 
 class _InProjection(nn.Linear):
@@ -305,19 +329,31 @@ class _Hub(torch.autograd.Function):
     """Joins the output and the feedback points; its backward turns dL/doutput into every point's signal."""
 
     @staticmethod
-    def forward(ctx, wrapped, out, *points):
+    def forward(ctx, wrapped, out, entries, *points):
+        """``entries``: this forward's points in order, tensors (``points``) or :class:`_Deferred`."""
         ctx.wrapped = wrapped
-        ctx.shapes = [p.shape for p in points]
-        ctx.dtypes = [p.dtype for p in points]
+        ctx.deferred = [p if isinstance(p, _Deferred) else None for p in entries]
+        ctx.shapes = [p.shape for p in entries]
+        ctx.dtypes = [p.dtype for p in entries]
         if wrapped._readout:  # the readout norm's derivative is taken at the points' values
             ctx.save_for_backward(*points)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, e):
-        values = ctx.saved_tensors if ctx.wrapped._readout else None
-        signals = ctx.wrapped._signals(e, ctx.shapes, ctx.dtypes, values)
-        return (None, e, *signals)
+        wrapped = ctx.wrapped
+        values = None
+        if wrapped._readout:
+            live = iter(ctx.saved_tensors)
+            values = [next(live) if d is None else d.value for d in ctx.deferred]
+        signals = wrapped._signals(e, ctx.shapes, ctx.dtypes, values)
+        out = []
+        for d, s in zip(ctx.deferred, signals):
+            if d is None:
+                out.append(s)
+            else:  # for the recompute of its region, which comes later in this backward
+                wrapped._pending.setdefault(d.module, []).append(s)
+        return (None, e, None, *out)
 
 
 def _is_block(m: nn.Module) -> bool:
@@ -362,7 +398,9 @@ def probe(model: nn.Module, args, kwargs) -> tuple[list, object, list[str], list
     was = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[]), preserved_draws(model):
+        with torch.random.fork_rng(devices=[]), preserved_draws(model), warnings.catch_warnings():
+            # a reentrant torch.utils.checkpoint in the model warns that nothing here requires grad
+            warnings.filterwarnings("ignore", "None of the inputs have requires_grad", UserWarning)
             out = model(*args, **kwargs)
     finally:
         model.train(was)
@@ -554,6 +592,12 @@ class Wrapped(nn.Module):
         self._collect: list | None = None
         self._watch: dict | None = None  # alignment probes: the points' signals / true gradients
         self._target: torch.Tensor | None = None
+        #: checkpointed regions inside the model (the user's torch.utils.checkpoint, memory="recompute"):
+        #: their recompute replays the forward's state (ReplayLedger), and points met with autograd off
+        #: (reentrant kind) get their signals when recomputed (_Deferred)
+        self._ledger = ReplayLedger()
+        self._pending: dict[nn.Module, list] = {}
+        self._cleanup_queued = False
         self.point_names: list[str] | None = list(points) if points is not None else None
         #: the LayerNorm/RMSNorm the head reads the points' stream through (direct rules), see readout_norm
         self.readout_name: str | None = None
@@ -760,8 +804,11 @@ class Wrapped(nn.Module):
                                     "this model's points are not blocks with parameters (mark blocks with "
                                     "points=[...] or use the default cache mode)")
             for m in blocks:
-                m.forward = _Recomputed(m.forward, m)
+                m.forward = _Recomputed(m.forward)
                 self._restore.append(m)
+
+    def _join(self, out: torch.Tensor, entries: list) -> torch.Tensor:
+        return _Hub.apply(self, out, entries, *[p for p in entries if not isinstance(p, _Deferred)])
 
     def _warn_no_points(self, calls: list, sel: torch.Tensor) -> None:
         """No feedback point was found: every parameter learns through the true chain rule from the output
@@ -778,13 +825,24 @@ class Wrapped(nn.Module):
                           "neurosal.Point() or points=[...]", stacklevel=4)
 
     def _at_point(self, module, inputs, output):
-        if self._collect is None and self._watch is not None and torch.is_tensor(output) and output.requires_grad:
+        if not torch.is_tensor(output):
+            return None
+        if self._collect is None and output.requires_grad and module in self._pending and in_backward():
+            waiting = self._pending[module]  # a reentrant checkpoint's recompute: the signal is waiting
+            if waiting:
+                return _Inject.apply(output, waiting.pop())
+        if self._collect is not None and not output.requires_grad and not torch.is_grad_enabled() \
+                and any(p.requires_grad for p in module.parameters()):
+            self._collect.append(_Deferred(module, output.shape, output.dtype,
+                                           output.detach() if self._readout else None))
+            return None
+        if self._collect is None and self._watch is not None and output.requires_grad:
             grads = self._watch.setdefault("true", [])  # the BP reference pass: backprop's signal here
             grads.append(None)
             i = len(grads) - 1
             output.register_hook(lambda g: grads.__setitem__(i, g.detach()))
             return None
-        if self._collect is None or not torch.is_tensor(output) or not output.requires_grad:
+        if self._collect is None or not output.requires_grad:
             return None
         self._collect.append(output)
         return output.detach()
@@ -795,7 +853,7 @@ class Wrapped(nn.Module):
                 or not output.requires_grad:
             return None
         self._joined = True
-        return _Hub.apply(self, output, *self._collect)
+        return self._join(output, self._collect)
 
     def _layout(self, e_shape, shapes) -> list[tuple[int, int, int, bool]]:
         """Per point: (batch axis, projected width, positions sharing it, channels first).
@@ -935,26 +993,52 @@ class Wrapped(nn.Module):
             out = ChainStep.apply(self, args[0], anchor)
             self._watch_backward(out)
             return out
+        self._ledger.watch(self.model)
         if not self.rule.direct:
-            out = self.model(*args, **kwargs)
+            out = self._recorded(args, kwargs)
             self._watch_backward(out)
             return out
         if not self._hooks and self.point_names != []:
             self._plan(args, kwargs)
         self._collect, self._joined = [], False
         try:
-            out = self.model(*args, **kwargs)
+            out = self._recorded(args, kwargs)
         finally:
             points, self._collect = self._collect, None
         if not self._joined:
             sel, put = select_output(out, self.output)
             if points and sel.requires_grad:
-                out = put(_Hub.apply(self, sel, *points))
+                out = put(self._join(sel, points))
         self._watch_backward(out)
         return out
 
+    def _recorded(self, args, kwargs):
+        """The model's training forward (autograd recording), its checkpointed regions watched."""
+        self._ledger.recording = True
+        try:
+            out = self.model(*args, **kwargs)
+        finally:
+            self._ledger.recording = False
+        if self._ledger.records or self._pending or any(isinstance(p, _Deferred) for p in self._collect or ()):
+            t = out if torch.is_tensor(out) else select_output(out, self.output)[0]
+            if t.requires_grad:  # what no recompute used is dropped when the backward has finished
+                t.register_hook(self._queue_cleanup)
+        return out
+
+    def _queue_cleanup(self, grad):
+        if not self._cleanup_queued:
+            self._cleanup_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._cleanup)
+        return None
+
+    def _cleanup(self) -> None:
+        self._cleanup_queued = False
+        self._ledger.clear()
+        self._pending.clear()
+
     def unwrap(self) -> nn.Module:
         """The plain model (hooks and patched forwards removed); the wrapper is unusable afterwards."""
+        self._ledger.remove(self.model)
         for m in self._restore:
             m.__dict__.pop("forward", None)
         for h in self._hooks:

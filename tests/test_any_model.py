@@ -1145,3 +1145,113 @@ def test_points_sharing_columns_get_tensors_of_their_own():
     assert sig[0].untyped_storage().data_ptr() != sig[1].untyped_storage().data_ptr()
     sig[1].add_(1.0)  # an in-place accumulation into one leaves the other alone
     assert not torch.equal(sig[0], sig[1])
+
+
+class _CheckpointedBlocks(nn.Module):
+    """Residual blocks with BatchNorm and dropout, run under the user's own activation checkpointing:
+    block by block, or two blocks in one checkpointed region (``kind``: None, "reentrant", "plain")."""
+
+    def __init__(self, kind=None, group=False):
+        super().__init__()
+        self.kind, self.group = kind, group
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 24), nn.ReLU(), nn.Dropout(0.2),
+                                                  nn.Linear(24, 16)) for _ in range(3))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        def run(f, h):
+            return f(h) if self.kind is None else checkpoint(f, h, use_reentrant=self.kind == "reentrant")
+        h = self.inp(x)
+        if self.group:
+            def two(h):
+                h = h + self.blocks[0](h)
+                return h + self.blocks[1](h)
+            h = run(two, h)
+            return self.head(h + self.blocks[2](h))
+        for b in self.blocks:
+            h = h + run(b, h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("rule,analog", [("fa", False), ("kp", False), ("dfa", False), ("drtp", False),
+                                         ("sal", False), ("fa", True), ("dfa", True), ("sal", True)])
+def test_a_users_activation_checkpointing_trains_as_without_it(rule, analog):
+    """torch.utils.checkpoint inside the user's model (Hugging Face's gradient checkpointing; its default
+    is the reentrant kind) recomputes regions in the backward. Reentrant: the direct rules' points ran
+    with autograd off, got no signal, and the blocks learned by backprop (or it crashed); both kinds:
+    BatchNorm's statistics and SAL's centres moved twice per step, analog read noise was drawn anew,
+    and an analog layer under fa failed to unpack its input. Now three steps equal the plain model's,
+    parameters and buffers, for either kind and a region spanning two blocks."""
+    from hw_models.analog import attach, convert
+    from hw_models.devices import DeviceConfig
+
+    def train(kind, group=False):
+        torch.manual_seed(0)
+        net = _CheckpointedBlocks(kind, group)
+        if analog and rule != "sal":
+            net = convert(net, DeviceConfig(levels=1000, read_noise=0.05))
+        w = neurosal.wrap(net, rule, **({"warmup": 0} if rule == "sal" else {}))
+        if analog and rule == "sal":  # areas onto arrays after wrapping (allowed for the direct rules)
+            convert(w.model, DeviceConfig(levels=1000, read_noise=0.05))
+        opt = torch.optim.SGD(w.parameters(), lr=0.1)
+        if analog:
+            attach(opt, w.model)
+        gen = torch.Generator().manual_seed(1)
+        torch.manual_seed(5)
+        for _ in range(3):
+            x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+            w.set_target(y)
+            opt.zero_grad()
+            F.cross_entropy(w(x), y).backward()
+            opt.step()
+        assert not w._pending and not w._ledger.records  # nothing waits after the backward
+        return {k: v.clone() for k, v in w.state_dict().items() if torch.is_tensor(v)} | {"rng": torch.rand(2)}
+
+    ref = train(None)
+    for kind, group in [("plain", False), ("reentrant", False), ("plain", True), ("reentrant", True)]:
+        got = train(kind, group)
+        assert got.keys() == ref.keys()
+        for k, v in ref.items():
+            if v.is_floating_point():
+                torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=f"{kind} {group} {k}")
+            else:
+                assert torch.equal(got[k], v), (kind, group, k)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_of_a_checkpointed_wrapped_model_replay_their_own_modules(how):
+    """A deep copy (EMA/teacher) or a pickled whole model keeps one replay hook per stateful module,
+    bound to its own wrapper: the copy trains as the original does, and unwrap removes every hook."""
+    import io
+
+    torch.manual_seed(0)
+    w = neurosal.wrap(_CheckpointedBlocks("reentrant"), "dfa")
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(3)]
+    F.cross_entropy(w(batches[0][0]), batches[0][1]).backward()  # hooked and planned before the copy
+    w.zero_grad(set_to_none=True)
+    if how == "deepcopy":
+        twin = copy.deepcopy(w)
+    else:
+        buf = io.BytesIO()
+        torch.save(w, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)  # our own object, not a user's file
+    states = []
+    for model in (w, twin):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(5)
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        states.append(model.state_dict())
+    for k, v in states[0].items():
+        assert torch.equal(v, states[1][k]), k  # same code path, same inputs: the same bits
+    bn = twin.model.blocks[0][0]
+    assert len(bn._forward_pre_hooks) == len(bn._forward_hooks) == 1
+    plain = twin.unwrap()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in plain.modules())
