@@ -1189,6 +1189,11 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
     if r.name == "sal" and not chain and (areas_on is not None or not has_areas):
         names = list(areas_on) if areas_on is not None else sal_layers(model)
         if not names:
+            others = sorted({type(m).__name__ for m in model.modules()
+                             if isinstance(m, nn.Linear) and type(m) is not nn.Linear})
+            if others:  # e.g. put on an analog device before wrapping
+                raise NeurosalError(f"sal splits plain nn.Linear layers into areas; this model's are {others}: "
+                                    "wrap with sal first, then convert (the areas go onto the device)")
             raise NeurosalError("sal: this model has no hidden nn.Linear to split into areas; name them "
                                 "with areas_on=[...]")
         to_areas(model, names, r)

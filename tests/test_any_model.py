@@ -760,6 +760,9 @@ def test_wrap_refuses_bad_input():
         neurosal.wrap(nn.Linear(2, 2), "nope")
     with pytest.raises(NeurosalError, match="no hidden nn.Linear"):
         neurosal.wrap(nn.Linear(2, 2), "sal")
+    from hw_models.analog import convert
+    with pytest.raises(NeurosalError, match="AnalogLinear.*wrap with sal first, then convert"):
+        neurosal.wrap(convert(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)), "ideal"), "sal")
     with pytest.raises(NeurosalError, match="wrapped already"):
         neurosal.wrap(neurosal.wrap(nn.Linear(2, 2), "fa"), "fa")
     with pytest.raises(NeurosalError, match="areas_on"):
