@@ -52,6 +52,9 @@ class Route:
     z: torch.Tensor | None = None  # (B, route_dim) projection into the routing space
     cos: torch.Tensor | None = None  # (B, K) cosine to each prototype
     x: torch.Tensor | None = None  # (B, n_in) what was routed (time-averaged for spike trains)
+    #: the routing centre z was taken from (the buffer moves on: another forward before this one's
+    #: backward -- two inputs, one loss -- must not change this forward's router gradient)
+    center: torch.Tensor | None = None
 
 
 class AreaLinear(nn.Module):
@@ -158,7 +161,8 @@ class AreaLinear(nn.Module):
         if self.training:
             self.usage += counts
         # counts.tolist() is this layer's one host sync per step: the grouping's split sizes
-        return Route(area, torch.argsort(area, stable=True), counts.tolist(), counts, z, cos, x)
+        return Route(area, torch.argsort(area, stable=True), counts.tolist(), counts, z, cos, x,
+                     self.center.clone())
 
     # ------------------------------------------------------------------ grouped compute
     def _grouped(self, rows: torch.Tensor, route: Route, fn, width: int) -> torch.Tensor:
@@ -273,7 +277,8 @@ class AreaLinear(nn.Module):
         u = z / norm
         g_u = g_cos @ self.prototypes
         g_z = (g_u - u * (u * g_u).sum(1, keepdim=True)) / norm
-        return g_z.t() @ x - torch.outer(g_z.sum(0), self.center)
+        center = self.center if route.center is None else route.center
+        return g_z.t() @ x - torch.outer(g_z.sum(0), center.to(dt))
 
     def _learn_router(self, x: torch.Tensor, route: Route) -> None:
         with torch.no_grad():

@@ -178,13 +178,13 @@ class ChainStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, owner, x, anchor):
         logits, state = chain_forward(owner.model, owner.rule, x, owner.memory)
-        ctx.owner, ctx.state = owner, state
+        ctx.owner, ctx.state, ctx.target = owner, state, owner.claim_target()
         return logits
 
     @staticmethod
     def backward(ctx, e):
         owner = ctx.owner
-        chain_backward(owner.model, owner.rule, ctx.state, e, owner.take_target(e), owner.on_layer)
+        chain_backward(owner.model, owner.rule, ctx.state, e, owner.take_target(e, ctx.target), owner.on_layer)
         ctx.state = None
         return None, None, None
 

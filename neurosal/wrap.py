@@ -332,6 +332,7 @@ class _Hub(torch.autograd.Function):
     def forward(ctx, wrapped, out, entries, *points):
         """``entries``: this forward's points in order, tensors (``points``) or :class:`_Deferred`."""
         ctx.wrapped = wrapped
+        ctx.target = wrapped.claim_target()
         ctx.deferred = [p if isinstance(p, _Deferred) else None for p in entries]
         ctx.shapes = [p.shape for p in entries]
         ctx.dtypes = [p.dtype for p in entries]
@@ -346,7 +347,7 @@ class _Hub(torch.autograd.Function):
         if wrapped._readout:
             live = iter(ctx.saved_tensors)
             values = [next(live) if d is None else d.value for d in ctx.deferred]
-        signals = wrapped._signals(e, ctx.shapes, ctx.dtypes, values)
+        signals = wrapped._signals(e, ctx.shapes, ctx.dtypes, values, ctx.target)
         out = []
         for d, s in zip(ctx.deferred, signals):
             if d is None:
@@ -705,15 +706,32 @@ class Wrapped(nn.Module):
         self.rule.to(next(net.parameters()).device)
         self._chain_ready = True
 
-    def take_target(self, e: torch.Tensor) -> torch.Tensor | None:
-        """This batch's one-hot target for rules that need it (then forgotten), else None; times the
-        loss scale (:meth:`current_loss_scale`), which the error ``e`` carries too."""
+    def claim_target(self) -> torch.Tensor | None:
+        """At a training forward: the target set for it (then forgotten), so that each forward keeps its
+        own when several run before one backward (two inputs, one loss); None if none is set yet."""
         if not self.rule.needs_target:
             return None
-        if self._target is None:
+        y, self._target = self._target, None
+        return y
+
+    def take_target(self, e: torch.Tensor, claimed: torch.Tensor | None = None) -> torch.Tensor | None:
+        """This batch's one-hot target for rules that need it, else None: the one ``claimed`` by its
+        forward, or else the one set since (then forgotten); times the loss scale
+        (:meth:`current_loss_scale`), which the error ``e`` carries too."""
+        if not self.rule.needs_target:
+            return None
+        if claimed is None:
+            claimed, self._target = self._target, None
+        if claimed is None:
             raise NeurosalError(f"{self.rule.name} teaches from the target: call model.set_target(y) "
                                 "before backward()")
-        target, self._target = F.one_hot(self._target, e.shape[-1]).to(e.dtype), None
+        if claimed.dtype.is_floating_point or claimed.dtype == torch.bool:
+            raise NeurosalError(f"set_target takes integer class indices, got {claimed.dtype}")
+        if claimed.shape != e.shape[:-1]:
+            raise NeurosalError(f"the target set by set_target has shape {tuple(claimed.shape)}; this output "
+                                f"needs one class index per {'sample' if e.dim() == 2 else 'position'}: "
+                                f"{tuple(e.shape[:-1])}")
+        target = F.one_hot(claimed, e.shape[-1]).to(e.dtype)
         return target if self.rule.loss_scale == 1.0 else target * self.rule.loss_scale
 
     def current_loss_scale(self) -> float:
@@ -904,7 +922,7 @@ class Wrapped(nn.Module):
             self._columns.append((start, start + w))
         self.projection = self.rule.make_projection(e_shape[-1], blocks, self._gen).to(ref.device, ref.dtype)
 
-    def _signals(self, e: torch.Tensor, shapes, dtypes, values=None) -> list[torch.Tensor]:
+    def _signals(self, e: torch.Tensor, shapes, dtypes, values=None, target=None) -> list[torch.Tensor]:
         if self.projection is None:
             self._materialise(tuple(e.shape), shapes)
         layout = self._layout(tuple(e.shape), shapes)
@@ -913,7 +931,7 @@ class Wrapped(nn.Module):
             raise NeurosalError(f"the feedback points changed shape ({widths} vs {self.widths} at the first "
                                 "step): mark fixed points with neurosal.Point")
         b = self.projection
-        target = self.take_target(e)
+        target = self.take_target(e, target)
         g = self.rule.project(self.rule.source(e, target).to(b.dtype), b).to(e.dtype)
         out = []
         parts = [g[..., a:b] for a, b in self._columns]
@@ -947,7 +965,8 @@ class Wrapped(nn.Module):
         return out
 
     def set_target(self, y: torch.Tensor) -> None:
-        """The integer targets of this batch (drtp teaches from them), read by the next backward."""
+        """The integer targets of this batch (drtp teaches from them): taken by the next training
+        forward, or -- set after it -- by its backward."""
         self._target = y
 
     def materialise(self, *args, **kwargs) -> "Wrapped":

@@ -753,6 +753,16 @@ def test_drtp_asks_for_the_target():
     w = neurosal.wrap(model, "drtp")
     with pytest.raises(NeurosalError, match="set_target"):
         F.cross_entropy(w(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
+    w.set_target(torch.tensor([0, 1, 2]))  # one index too many: was a broadcasting error (or silence)
+    with pytest.raises(NeurosalError, match=r"shape \(3,\).*one class index per sample: \(2,\)"):
+        F.cross_entropy(w(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
+    w.set_target(torch.tensor([0.0, 1.0]))
+    with pytest.raises(NeurosalError, match="integer class indices"):
+        F.cross_entropy(w(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
+    out = w(torch.randn(2, 4))
+    w.set_target(torch.tensor([0, 1]))  # set after the forward: its backward takes it
+    F.cross_entropy(out, torch.tensor([0, 1])).backward()
+    assert w._target is None
 
 
 def test_wrap_refuses_bad_input():
@@ -1258,3 +1268,35 @@ def test_copies_of_a_checkpointed_wrapped_model_replay_their_own_modules(how):
     assert len(bn._forward_pre_hooks) == len(bn._forward_hooks) == 1
     plain = twin.unwrap()
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in plain.modules())
+
+
+@pytest.mark.parametrize("rule,chain", [("dfa", False), ("drtp", False), ("sal", False), ("drtp", True),
+                                        ("sal", True)])
+def test_two_forwards_before_one_backward_teach_as_two_steps_do(rule, chain):
+    """Two inputs, one loss (siamese nets, consistency terms): each forward keeps what it needs until
+    the backward. drtp's target was read at the backward (the second set_target replaced the first;
+    without it, the first backward failed) and SAL's router gradient took the routing centre as it was
+    at the backward (moved by the second forward) instead of the one its cosines were computed from."""
+    torch.manual_seed(0)
+    if chain:
+        base = make_rule(rule, **({"warmup": 0} if rule == "sal" else {})).build("mlp:16x16", (1, 8, 8), 10)
+    else:
+        base = build_zoo("vit:patch=4,dim=16,depth=2,heads=2", (1, 8, 8), 10)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(2)]
+    grads = []
+    for together in (True, False):
+        torch.manual_seed(2)  # sal draws its routers and prototypes
+        w = neurosal.wrap(copy.deepcopy(base), rule, **({"warmup": 0} if rule == "sal" and not chain else {}))
+        outs = []
+        for x, y in batches:
+            w.set_target(y)
+            outs.append(F.cross_entropy(w(x), y))
+            if not together:
+                outs.pop().backward()
+        if together:
+            sum(outs).backward()
+        grads.append({n: p.grad.clone() for n, p in w.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k, g in grads[1].items():
+        assert_close(grads[0][k], g, msg=k)
