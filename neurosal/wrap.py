@@ -1210,9 +1210,11 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
         if not names:
             others = sorted({type(m).__name__ for m in model.modules()
                              if isinstance(m, nn.Linear) and type(m) is not nn.Linear})
-            if others:  # e.g. put on an analog device before wrapping
-                raise NeurosalError(f"sal splits plain nn.Linear layers into areas; this model's are {others}: "
-                                    "wrap with sal first, then convert (the areas go onto the device)")
+            if others:  # put on an analog device before wrapping, parametrised (weight_norm), ...
+                hint = ("wrap with sal first, then convert (the areas go onto the device)"
+                        if any(o.startswith("Analog") for o in others) else
+                        "name plain nn.Linear layers with areas_on=[...]")
+                raise NeurosalError(f"sal splits plain nn.Linear layers into areas; this model's are {others}: {hint}")
             raise NeurosalError("sal: this model has no hidden nn.Linear to split into areas; name them "
                                 "with areas_on=[...]")
         to_areas(model, names, r)
