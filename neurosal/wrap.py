@@ -520,8 +520,11 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
         return [b for b in blocks if outputs.get(b) is not out]
     layers = [(i, c) for i, c in enumerate(calls) if isinstance(c[1], PARAM_LAYERS + (AreaLinear,))]
     head = next((k for k, (_, c) in enumerate(layers) if c[3] is out), len(layers) - 1)
+    head_module = layers[head][1][1] if layers else None
     points: list[str] = []
-    for i, (name, _, _, o) in layers[:head] + layers[head + 1:]:
+    # every call of the head is left out: a layer applied at every time step (a recurrent or spiking
+    # loop) is called many times, and its earlier calls are the head as much as its last
+    for i, (name, _, _, o) in [(i, c) for i, c in layers if c[1] is not head_module]:
         point, j = name, i
         while True:  # follow the output through activation, pooling and reshapes
             nxt = next(((k, c) for k, c in enumerate(calls[j + 1:], j + 1) if c[2] is o), None)
