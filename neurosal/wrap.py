@@ -329,9 +329,12 @@ class _Hub(torch.autograd.Function):
     """Joins the output and the feedback points; its backward turns dL/doutput into every point's signal."""
 
     @staticmethod
-    def forward(ctx, wrapped, out, entries, *points):
-        """``entries``: this forward's points in order, tensors (``points``) or :class:`_Deferred`."""
+    def forward(ctx, wrapped, out, entries, keys, *points):
+        """``entries``: this forward's points in order, tensors (``points``) or :class:`_Deferred`;
+        ``keys``: which of ``wrapped.point_names`` made each (a module called at every time step of a
+        loop makes several)."""
         ctx.wrapped = wrapped
+        ctx.keys = keys
         ctx.target = wrapped.claim_target()
         ctx.deferred = [p if isinstance(p, _Deferred) else None for p in entries]
         ctx.shapes = [p.shape for p in entries]
@@ -347,14 +350,14 @@ class _Hub(torch.autograd.Function):
         if wrapped._readout:
             live = iter(ctx.saved_tensors)
             values = [next(live) if d is None else d.value for d in ctx.deferred]
-        signals = wrapped._signals(e, ctx.shapes, ctx.dtypes, values, ctx.target)
+        signals = wrapped._signals(e, ctx.shapes, ctx.dtypes, values, ctx.target, ctx.keys)
         out = []
         for d, s in zip(ctx.deferred, signals):
             if d is None:
                 out.append(s)
             else:  # for the recompute of its region, which comes later in this backward
                 wrapped._pending.setdefault(d.module, []).append(s)
-        return (None, e, None, *out)
+        return (None, e, None, None, *out)
 
 
 def _is_block(m: nn.Module) -> bool:
@@ -468,18 +471,18 @@ CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm
 
 
 def channels_first(modules: dict, points: list[str], finished: list[str]) -> list[bool]:
-    """Per point output, in the order the points finish: whether a 3-d output is channels-first
+    """Per point (in the order of ``points``; at its first call): whether a 3-d output is channels-first
     (B, C, L) -- the last parametrised or pooling layer to run before it is a Conv1d, BatchNorm1d, ... --
     rather than tokens (B, T, D) (after a Linear, a LayerNorm, attention)."""
-    wanted, out = set(points), []
+    found: dict[str, bool] = {}
     for i, name in enumerate(finished):
-        if name not in wanted:
+        if name not in points or name in found:
             continue
         last = next((modules[n] for n in reversed(finished[:i + 1])
                      if isinstance(modules[n], CHANNELS_FIRST) or any(True for _ in modules[n].parameters(recurse=False))),
                     None)
-        out.append(isinstance(last, CHANNELS_FIRST))
-    return out
+        found[name] = isinstance(last, CHANNELS_FIRST)
+    return [found.get(name, False) for name in points]
 
 
 def output_module(modules: dict, sel: torch.Tensor, points: list[str], finished: list[str],
@@ -607,8 +610,14 @@ class Wrapped(nn.Module):
         self.readout_name: str | None = None
         self._readout: list[nn.Module] = []  # that module (a list: not registered as a submodule)
         self.widths: list[int] = []
-        self._channels_first: list[bool] = []  # per point, in the order their outputs arrive
-        self._columns: list[tuple[int, int]] = []  # each point's columns of the projection
+        self._channels_first: list[bool] = []  # per point (index into point_names)
+        #: per point that ran at the first step, in the order their outputs arrived: its columns of the
+        #: projection (``widths``: how many); a point called several times per forward (a layer in a
+        #: time-step loop) has one block, its neurons' feedback the same at every call
+        self._columns: list[tuple[int, int]] = []
+        self._slots: dict[int, int] = {}  # point index -> its entry in widths/_columns
+        self._point_index: dict[nn.Module, int] = {}
+        self._keys: list[int] = []  # beside _collect: the point index of each entry
         self.register_buffer("projection", None, persistent=False)
         gen = torch.Generator().manual_seed(seed + 7919)
         self._gen = gen
@@ -808,6 +817,7 @@ class Wrapped(nn.Module):
         unknown = [n for n in self.point_names if n not in modules]
         if unknown:
             raise NeurosalError(f"feedback point(s) {unknown} are not modules of this model")
+        self._point_index = {modules[name]: i for i, name in enumerate(self.point_names)}
         for name in self.point_names:
             self._hooks.append(modules[name].register_forward_hook(self._at_point))
         self._channels_first = channels_first(modules, self.point_names, finished)
@@ -828,8 +838,8 @@ class Wrapped(nn.Module):
                 m.forward = _Recomputed(m.forward)
                 self._restore.append(m)
 
-    def _join(self, out: torch.Tensor, entries: list) -> torch.Tensor:
-        return _Hub.apply(self, out, entries, *[p for p in entries if not isinstance(p, _Deferred)])
+    def _join(self, out: torch.Tensor, entries: list, keys: list) -> torch.Tensor:
+        return _Hub.apply(self, out, entries, keys, *[p for p in entries if not isinstance(p, _Deferred)])
 
     def _warn_no_points(self, calls: list, sel: torch.Tensor) -> None:
         """No feedback point was found: every parameter learns through the true chain rule from the output
@@ -856,6 +866,7 @@ class Wrapped(nn.Module):
                 and any(p.requires_grad for p in module.parameters()):
             self._collect.append(_Deferred(module, output.shape, output.dtype,
                                            output.detach() if self._readout else None))
+            self._keys.append(self._point_index[module])
             return None
         if self._collect is None and self._watch is not None and output.requires_grad:
             grads = self._watch.setdefault("true", [])  # the BP reference pass: backprop's signal here
@@ -866,6 +877,7 @@ class Wrapped(nn.Module):
         if self._collect is None or not output.requires_grad:
             return None
         self._collect.append(output)
+        self._keys.append(self._point_index[module])
         return output.detach()
 
     def _at_output(self, module, inputs, output):
@@ -874,9 +886,9 @@ class Wrapped(nn.Module):
                 or not output.requires_grad:
             return None
         self._joined = True
-        return self._join(output, self._collect)
+        return self._join(output, self._collect, self._keys)
 
-    def _layout(self, e_shape, shapes) -> list[tuple[int, int, int, bool]]:
+    def _layout(self, e_shape, shapes, keys) -> list[tuple[int, int, int, bool]]:
         """Per point: (batch axis, projected width, positions sharing it, channels first).
 
         A per-position output (B, T.., V) feeds points (B, T.., ...) position by position. A per-sample
@@ -889,7 +901,7 @@ class Wrapped(nn.Module):
         lead = len(e_shape) - 1
         mode = self.rule.config.positions
         out = []
-        for i, s in enumerate(map(tuple, shapes)):
+        for key, s in zip(keys, map(tuple, shapes)):
             if s[:lead] == tuple(e_shape[:lead]):
                 axis = 0
             elif lead == 1 and len(s) > 2 and s[1] == e_shape[0]:
@@ -901,15 +913,20 @@ class Wrapped(nn.Module):
             if lead == 1 and len(s) > 2 and mode != "flatten":
                 # channels first: feature maps and volumes (B, C, H, W[, D]); a 3-d point when a layer
                 # working channels-first made it (Conv1d: (B, C, L)), else tokens (B, T, D)
-                first = axis == 0 and (len(s) >= 4 or (i < len(self._channels_first) and self._channels_first[i]))
+                first = axis == 0 and (len(s) >= 4 or (key < len(self._channels_first) and self._channels_first[key]))
                 feat = s[1] if first else s[-1]
                 out.append((axis, feat, units // feat, first))
             else:
                 out.append((axis, units, 1, False))
         return out
 
-    def _materialise(self, e_shape, shapes) -> None:
-        widths = [w for _, w, _, _ in self._layout(e_shape, shapes)]
+    def _materialise(self, e_shape, shapes, keys=None) -> None:
+        keys = list(range(len(shapes))) if keys is None else keys
+        self._slots, widths = {}, []
+        for key, (_, w, _, _) in zip(keys, self._layout(e_shape, shapes, keys)):
+            if key not in self._slots:  # a point called again (a time-step loop): the same block
+                self._slots[key] = len(widths)
+                widths.append(w)
         ref = next(self.model.parameters())
         self.widths = widths
         # one column block of B per point -- or, for the blocks of a stream the head reads through a
@@ -925,21 +942,27 @@ class Wrapped(nn.Module):
             self._columns.append((start, start + w))
         self.projection = self.rule.make_projection(e_shape[-1], blocks, self._gen).to(ref.device, ref.dtype)
 
-    def _signals(self, e: torch.Tensor, shapes, dtypes, values=None, target=None) -> list[torch.Tensor]:
+    def _signals(self, e: torch.Tensor, shapes, dtypes, values=None, target=None, keys=None) -> list[torch.Tensor]:
+        """Each point's signal from the error ``e``; ``keys``: each point's index in ``point_names``
+        (default: the points in the order of the first step, each once)."""
+        if keys is None:
+            keys = list(self._slots)[:len(shapes)] if self.projection is not None else list(range(len(shapes)))
         if self.projection is None:
-            self._materialise(tuple(e.shape), shapes)
-        layout = self._layout(tuple(e.shape), shapes)
-        widths = [w for _, w, _, _ in layout]
-        if widths != self.widths:
+            self._materialise(tuple(e.shape), shapes, keys)
+        layout = self._layout(tuple(e.shape), shapes, keys)
+        slots = [self._slots.get(k) for k in keys]
+        if any(sl is None or self.widths[sl] != w for sl, (_, w, _, _) in zip(slots, layout)):
+            widths = [w for _, w, _, _ in layout]
             raise NeurosalError(f"the feedback points changed shape ({widths} vs {self.widths} at the first "
                                 "step): mark fixed points with neurosal.Point")
         b = self.projection
         target = self.take_target(e, target)
         g = self.rule.project(self.rule.source(e, target).to(b.dtype), b).to(e.dtype)
         out = []
-        parts = [g[..., a:b] for a, b in self._columns]
+        columns = [self._columns[sl] for sl in slots]
+        parts = [g[..., a:b] for a, b in columns]
         norm = self._readout[0] if values is not None else None
-        first = {c: i for i, c in reversed(list(enumerate(self._columns)))}  # columns -> first point using them
+        first = {c: i for i, c in reversed(list(enumerate(columns)))}  # columns -> first point using them
         for i, (part, s, dt, (axis, _, positions, chan_first)) in enumerate(zip(parts, shapes, dtypes, layout)):
             s = tuple(s)
             if positions > 1:  # one signal per channel/feature, shared by every position
@@ -960,7 +983,7 @@ class Wrapped(nn.Module):
             part = part.reshape(s)
             if norm is not None and s[len(s) - len(norm.normalized_shape):] == tuple(norm.normalized_shape):
                 part = norm_vjp(norm, values[i], part)
-            elif first[self._columns[i]] < i and part.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
+            elif first[columns[i]] < i and part.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
                 part = part.clone()  # columns shared with an earlier point: each point gets its own tensor
             out.append(part.to(dt))
         if self._watch is not None:
@@ -983,15 +1006,15 @@ class Wrapped(nn.Module):
             self._plan(args, kwargs)
             was = self.training
             self.eval()  # no running statistics move
-            self._collect, self._joined = [], True  # nothing joined: no backward follows
+            self._collect, self._keys, self._joined = [], [], True  # nothing joined: no backward follows
             try:
                 with torch.enable_grad(), torch.random.fork_rng(devices=[]), preserved_draws(self.model):
                     out = self.model(*args, **kwargs)
             finally:
-                points, self._collect = self._collect, None
+                points, keys, self._collect = self._collect, self._keys, None
                 self.train(was)
             sel, _ = select_output(out, self.output)
-            self._materialise(tuple(sel.shape), [tuple(p.shape) for p in points])
+            self._materialise(tuple(sel.shape), [tuple(p.shape) for p in points], keys)
         return self
 
     def forward(self, *args, **kwargs):
@@ -1022,15 +1045,15 @@ class Wrapped(nn.Module):
             return out
         if not self._hooks and self.point_names != []:
             self._plan(args, kwargs)
-        self._collect, self._joined = [], False
+        self._collect, self._keys, self._joined = [], [], False
         try:
             out = self._recorded(args, kwargs)
         finally:
-            points, self._collect = self._collect, None
+            points, keys, self._collect = self._collect, self._keys, None
         if not self._joined:
             sel, put = select_output(out, self.output)
             if points and sel.requires_grad:
-                out = put(self._join(sel, points))
+                out = put(self._join(sel, points, keys))
         self._watch_backward(out)
         return out
 

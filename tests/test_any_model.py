@@ -1336,3 +1336,27 @@ def test_a_users_spiking_loop_learns_with_the_direct_rules(rule, bound):
     acc = _train(w, epochs=6)
     assert w.point_names == ["fc1"]
     assert acc >= bound, (rule, acc)
+
+
+def test_a_point_called_at_every_time_step_has_one_block_of_feedback():
+    """A layer in a time-step loop is one population of neurons: its calls share one block of B (one
+    signal per neuron, as for a spec chain's spiking layer), and a batch with another number of steps
+    (variable-length sequences) trains -- it failed with 'the feedback points changed shape'."""
+    torch.manual_seed(0)
+    net = _SpikingLoop(steps=4)
+    w = neurosal.wrap(net, "dfa")
+    x, y = torch.rand(5, 64), torch.randint(0, 10, (5,))
+    F.cross_entropy(w(x), y).backward()
+    assert w.point_names == ["fc1"] and w.projection.shape == (10, 64) and w.widths == [64]
+    net.steps = 7  # another length
+    calls = []
+    hook = net.fc1.register_forward_hook(lambda m, i, o: calls.append(i[0]))
+    w.zero_grad()
+    out = w(x)
+    hook.remove()
+    F.cross_entropy(out, y).backward()
+    e = torch.softmax(out.detach(), 1)
+    e[torch.arange(5), y] -= 1
+    signal = (e / 5) @ w.projection  # dfa: B e at fc1's output, the same at each of the 7 calls
+    assert len(calls) == 7
+    assert_close(net.fc1.weight.grad, sum(signal.t() @ xi for xi in calls))
