@@ -529,14 +529,35 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
     # loop) is called many times, and its earlier calls are the head as much as its last
     for i, (name, _, _, o) in [(i, c) for i, c in layers if c[1] is not head_module]:
         point, j = name, i
-        while True:  # follow the output through activation, pooling and reshapes
+        while True:  # follow the output through activation, pooling, reshapes and spiking neurons
             nxt = next(((k, c) for k, c in enumerate(calls[j + 1:], j + 1) if c[2] is o), None)
-            if nxt is None or not isinstance(nxt[1][1], PASS_THROUGH):
+            if nxt is None:
                 break
-            j, (point, _, _, o) = nxt[0], nxt[1]
+            k, (nxt_name, mod, _, out) = nxt
+            if isinstance(mod, PASS_THROUGH):
+                o = out
+            elif is_neuron(mod, o, out):
+                o = out[0]
+            else:
+                break
+            j, point = k, nxt_name
         if point not in points:
             points.append(point)
     return points
+
+
+def is_neuron(module: nn.Module, x, out) -> bool:
+    """A stateful neuron layer applied to a layer's output ``x``: no trainable parameters, returning a
+    tuple whose first tensor is shaped like ``x`` (snnTorch's ``Leaky``: ``(spikes, membrane)``; a
+    Norse cell: ``(z, state)``). A feedback point goes after it, as after an activation."""
+    return (isinstance(out, tuple) and bool(out) and torch.is_tensor(out[0]) and torch.is_tensor(x)
+            and out[0].shape == x.shape and not any(p.requires_grad for p in module.parameters()))
+
+
+def _may_learn(module: nn.Module) -> bool:
+    """A point module with trainable parameters, or none at all (a neuron after a layer)."""
+    params = list(module.parameters())
+    return not params or any(p.requires_grad for p in params)
 
 
 def readout_norm(modules: dict, points: list[str], finished: list[str]) -> str | None:
@@ -856,6 +877,13 @@ class Wrapped(nn.Module):
                           "neurosal.Point() or points=[...]", stacklevel=4)
 
     def _at_point(self, module, inputs, output):
+        if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
+            # (spikes, membrane) of a spiking neuron, (output, state) of a recurrent cell: the point is the
+            # first tensor; the state passes on untouched (within-neuron credit through time stays)
+            first = self._at_point(module, inputs, output[0])
+            if first is None:
+                return None
+            return (first, *output[1:]) if type(output) is tuple else type(output)(first, *output[1:])
         if not torch.is_tensor(output):
             return None
         if self._collect is None and output.requires_grad and module in self._pending and in_backward():
@@ -863,7 +891,7 @@ class Wrapped(nn.Module):
             if waiting:
                 return _Inject.apply(output, waiting.pop())
         if self._collect is not None and not output.requires_grad and not torch.is_grad_enabled() \
-                and any(p.requires_grad for p in module.parameters()):
+                and _may_learn(module):
             self._collect.append(_Deferred(module, output.shape, output.dtype,
                                            output.detach() if self._readout else None))
             self._keys.append(self._point_index[module])

@@ -1326,37 +1326,42 @@ class _SpikingLoop(nn.Module):
         return out / self.steps
 
 
-@pytest.mark.parametrize("rule,bound", [("dfa", 0.85), ("sal", 0.8)])
+@pytest.mark.parametrize("rule,bound", [("dfa", 0.88), ("sal", 0.86)])
 def test_a_users_spiking_loop_learns_with_the_direct_rules(rule, bound):
     """Layers called at every time step: the head (fc2) was left out of the feedback points only at its
     last call, so its earlier calls became a point, its outputs were cut from the graph and the output
-    did not require grad (backward failed). Every call of the head is now left out."""
+    did not require grad (backward failed). Every call of the head is now left out. Measured over 3
+    seeds: dfa 0.94-0.96, sal 0.92-0.94 (drtp 0.91-0.93)."""
     torch.manual_seed(0)
     w = neurosal.wrap(_SpikingLoop(), rule)
     acc = _train(w, epochs=6)
-    assert w.point_names == ["fc1"]
+    assert w.point_names == ["lif1"]  # after the neuron: the signal passes its surrogate derivative
     assert acc >= bound, (rule, acc)
 
 
 def test_a_point_called_at_every_time_step_has_one_block_of_feedback():
     """A layer in a time-step loop is one population of neurons: its calls share one block of B (one
     signal per neuron, as for a spec chain's spiking layer), and a batch with another number of steps
-    (variable-length sequences) trains -- it failed with 'the feedback points changed shape'."""
+    (variable-length sequences) trains -- it failed with 'the feedback points changed shape'. The point
+    sits after the spiking neuron (its spikes; the membrane passes on), so the signal reaches the layer
+    through the surrogate derivative and the membrane's carry-over: the three factors of a spec chain's
+    spiking layer, and the update is the gradient of sum_t <B e, spikes_t> (checked by autograd)."""
     torch.manual_seed(0)
     net = _SpikingLoop(steps=4)
     w = neurosal.wrap(net, "dfa")
     x, y = torch.rand(5, 64), torch.randint(0, 10, (5,))
     F.cross_entropy(w(x), y).backward()
-    assert w.point_names == ["fc1"] and w.projection.shape == (10, 64) and w.widths == [64]
+    assert w.point_names == ["lif1"] and w.projection.shape == (10, 64) and w.widths == [64]
     net.steps = 7  # another length
-    calls = []
-    hook = net.fc1.register_forward_hook(lambda m, i, o: calls.append(i[0]))
     w.zero_grad()
     out = w(x)
-    hook.remove()
     F.cross_entropy(out, y).backward()
     e = torch.softmax(out.detach(), 1)
     e[torch.arange(5), y] -= 1
-    signal = (e / 5) @ w.projection  # dfa: B e at fc1's output, the same at each of the 7 calls
-    assert len(calls) == 7
-    assert_close(net.fc1.weight.grad, sum(signal.t() @ xi for xi in calls))
+    signal = (e / 5) @ w.projection  # dfa: B e at the spikes, the same at each of the 7 steps
+    mem, surrogate = net.lif1.init_leaky(), 0
+    for _ in range(7):
+        spk, mem = net.lif1(F.linear(x, net.fc1.weight, net.fc1.bias), mem)
+        surrogate = surrogate + (spk * signal).sum()
+    expected = torch.autograd.grad(surrogate, net.fc1.weight)[0]
+    assert_close(net.fc1.weight.grad, expected)
