@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import conv_function, float_update, keep_own_forward, replace_module
+from neurosal.layers import check_materialised, conv_function, float_update, keep_own_forward, replace_module
 
 from .array import DifferentialArray, check_request, clip_fraction
 from .devices import DeviceConfig
@@ -488,6 +488,7 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
             raise NeurosalError("convert the model before wrapping it for a layerwise rule "
                                 "(wrapping patches the layers it finds)")
         target = net.model
+    check_materialised(target, "putting it on devices (its weights are programmed into them)")
     named = [(n, m) for n, m in target.named_modules()
              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, AreaLinear, nn.MultiheadAttention))
              and not isinstance(m, _AnalogMixin)]

@@ -462,3 +462,14 @@ class ReplayLedger:
         after = self._after.get(m)
         if after and in_backward():
             _swap_module_state(m, after.pop())
+
+
+def check_materialised(model: nn.Module, what: str, hint: str = "") -> None:
+    """Refuse a model with tensors on the meta device (one line): what is drawn or copied from its weights
+    now (a rule's feedback, sal's areas, devices' conductances) would be lost, and ``to_empty()``
+    afterwards leaves uninitialised memory in their place (fa trained with B ~ 1e36, silently)."""
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise NeurosalError(f"the model's {meta[0]!r}{' and more' if len(meta) > 1 else ''} is on the meta device: "
+                            f"materialise and initialise it (to_empty(), reset_parameters() or your init) before "
+                            f"{what}{hint}")

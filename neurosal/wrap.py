@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from .areas import AreaLinear
 from .engine import MEMORY_MODES, ChainStep, block_output_shapes
 from .errors import NeurosalError
-from .layers import (NORMS, PARAM_LAYERS, ReplayLedger, _conv_args, feedback, in_backward, keep_own_forward,
-                     norm_vjp, preserved_draws, replace_module, weight_update)
+from .layers import (NORMS, PARAM_LAYERS, ReplayLedger, _conv_args, check_materialised, feedback, in_backward,
+                     keep_own_forward, norm_vjp, preserved_draws, replace_module, weight_update)
 from .models import Net
 from .protocols import DirectFeedback, InProjection, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
 from .rules import make_rule
@@ -1252,6 +1252,7 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
         raise NeurosalError("this model is wrapped already")
     if not isinstance(model, nn.Module):
         raise NeurosalError(f"wrap expects an nn.Module, got {type(model).__name__}")
+    check_materialised(model, "wrapping", "; shard with FSDP after wrapping")
     r = rule if isinstance(rule, Rule) else make_rule(rule, **options)
     if isinstance(rule, Rule) and options:
         raise NeurosalError("give options either to make_rule or to wrap, not both")

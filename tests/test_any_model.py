@@ -779,6 +779,14 @@ def test_wrap_refuses_bad_input():
         neurosal.wrap(nn.Linear(2, 2), "fa", areas_on=["x"])
     with pytest.raises(NeurosalError, match="padding_mode"):
         neurosal.wrap(nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular"), "fa")
+    # built on the meta device (deferred init): fa's B drawn onto it, then to_empty(), trained with B ~ 1e36
+    with torch.device("meta"):
+        lazy = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    for rule in ("fa", "dfa", "sal"):
+        with pytest.raises(NeurosalError, match=r"'0.weight' and more is on the meta device.*before wrapping"):
+            neurosal.wrap(lazy, rule)
+    with pytest.raises(NeurosalError, match="meta device.*before putting it on devices"):
+        convert(lazy, "rram-like")
 
 
 def test_unwrap_restores_the_plain_model():
