@@ -58,7 +58,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log output and 
 
 # 1. the suite's CUDA-only tests
 step cuda-tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider \
-  tests/test_analog_fidelity.py::test_cuda_arrays_draw_on_the_gpu tests/test_trust.py::test_checkpoints_move_between_cuda_and_cpu
+  tests/test_analog_fidelity.py::test_cuda_arrays_draw_on_the_gpu \
+  tests/test_analog_fidelity.py::test_a_model_converted_on_the_cpu_moves_to_the_gpu_with_its_arrays \
+  tests/test_trust.py::test_checkpoints_move_between_cuda_and_cpu
 
 # 2. every rule through the CLI on the accelerator
 for rule in bp fa usf kp ldef dfa drtp sal; do

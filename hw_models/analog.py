@@ -102,7 +102,9 @@ class AnalogTiles:
         self.params = params
         self.arrays = []
         for i, p in enumerate(params):
-            arr = DifferentialArray(cfg, p.shape, self.w_max, seed * 7919 + i, device=p.device, dtype=p.dtype)
+            # conductances in at least float32 (see DifferentialArray.to_): a bf16 model's arrays too
+            arr = DifferentialArray(cfg, p.shape, self.w_max, seed * 7919 + i, device=p.device,
+                                    dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
             arr.program(p.detach())  # the float init, as the devices can hold it
             self.arrays.append(arr)
             with torch.no_grad():
@@ -110,6 +112,19 @@ class AnalogTiles:
         self.held = [p.detach().clone() for p in params]
         self.pending: dict[int, tuple] = {}  # coincidence mode: this step's (x, delta) per parameter
         self.mark_synced()
+
+    def apply_(self, fn) -> None:
+        """The module was moved or cast (``fn``: what ``nn.Module._apply`` applies to its tensors): the
+        arrays go to its device (see :meth:`DifferentialArray.to_` for their dtype), the held copies
+        follow the parameters."""
+        ref = self.arrays[0].g if self.arrays else None
+        if ref is not None:
+            probe = fn(torch.zeros((), device=ref.device, dtype=self.held[0].dtype))
+            for arr in self.arrays:
+                arr.to_(probe.device, probe.dtype)
+        self.held = [fn(h) for h in self.held]
+        self.pending.clear()
+        self.mark_synced()  # (the parameters' tensors were replaced: new version counters)
 
     def mark_synced(self) -> None:
         """Note the parameters' version counters: the devices hold what the parameters hold now."""
@@ -159,7 +174,10 @@ class AnalogTiles:
             else:
                 w = arr.step_to(p, held)
             p.copy_(w)
-            self.held[k] = w  # the read-back is a fresh tensor: kept as the next step's reference, no copy
+            # the next step's reference is what the parameter holds: the read-back itself (a fresh tensor,
+            # no copy) unless the parameter rounds it (a bf16 model): the rounding would otherwise be
+            # programmed into the devices as part of every later request
+            self.held[k] = w if w.dtype == p.dtype else p.detach().clone()
         self.pending.clear()
         self.mark_synced()
 
@@ -241,6 +259,15 @@ class _AnalogMixin:
 
     def after_optimizer_step(self) -> None:
         self.tiles.sync()
+
+    def _apply(self, fn, recurse=True):
+        # model.to("cuda") / .cuda() / .double() after convert: the arrays (plain tensors, not buffers)
+        # move with the module instead of staying behind on the old device
+        super()._apply(fn, recurse)
+        tiles = getattr(self, "tiles", None)  # (from_float moves the module before it has tiles)
+        if tiles is not None:
+            tiles.apply_(fn)
+        return self
 
     def epoch_stats(self) -> dict:
         """Per-epoch figures for metrics.json: coincidence clipping (None outside coincidence mode)."""

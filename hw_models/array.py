@@ -43,6 +43,10 @@ from neurosal.errors import NeurosalError
 from .devices import DeviceConfig, Response, compile_kernel, relaxation_shape, step_kernel
 
 
+def _seed_from_state(state: torch.Tensor) -> int:
+    return int.from_bytes(hashlib.sha256(state.cpu().numpy().tobytes()).digest()[:8], "little")
+
+
 def device_generator(seed_or_gen: int | torch.Generator, device) -> torch.Generator:
     """A generator on ``device`` (CUDA draws stay on the GPU), from a seed or another generator's seed."""
     device = torch.device(device if device is not None else "cpu")
@@ -417,7 +421,21 @@ class DifferentialArray:
         except RuntimeError:
             # a state from another device type (CUDA Philox vs CPU Mersenne twister): continue with a
             # stream seeded from it -- deterministic, but not the stream the other device would draw
-            self.gen.manual_seed(int.from_bytes(hashlib.sha256(rng.numpy().tobytes()).digest()[:8], "little"))
+            self.gen.manual_seed(_seed_from_state(rng))
+
+    def to_(self, device, dtype) -> None:
+        """Move the array (its module moved: ``.to``/``.cuda``/``.double``). Conductances stay in at
+        least float32 whatever the module's dtype: a device's step is ~1/levels of its range, below a
+        16-bit float's resolution near the bounds. A generator on another device type continues with a
+        stream seeded from its state (deterministic; a state cannot cross device types)."""
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for k in ("g", "lo", "hi", "step_scale", "nu"):
+            setattr(self, k, getattr(self, k).to(device, dtype))
+        self.clip = self.clip.to(self.g.device)
+        if self.gen.device != self.g.device:
+            seed = _seed_from_state(self.gen.get_state())
+            self.gen = torch.Generator(device=self.g.device).manual_seed(seed)
+        self._bind()
         self._bind()
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
 from hw_models.analog import AnalogLinear, drift
 from hw_models.array import DifferentialArray
@@ -523,3 +524,40 @@ def test_fused_without_a_cpp_compiler_is_a_clear_error():
     with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}):
         with pytest.raises(NeurosalError, match="needs a working C\\+\\+ compiler"):
             compile_kernel(kernel)(torch.ones(4))
+
+
+@pytest.mark.parametrize("order", ["convert-then-cast", "cast-then-convert"])
+def test_an_analog_model_follows_casts_and_keeps_float32_conductances(order):
+    """model.to(...)/.double()/.bfloat16() after convert moved the parameters but left the arrays (plain
+    tensors) where they were; a bf16 model's arrays were bf16 (a device step of 1/levels of the range is
+    below bf16's resolution near the bounds) and each step's request carried the parameter's bf16
+    rounding of the read-back into the devices: under lr = 0 they drifted. Now the arrays follow the
+    module's device, keep float32 (float64 for a double model), and lr = 0 moves nothing."""
+    import torch.nn.functional as F
+
+    import neurosal
+    from hw_models.analog import attach, convert
+
+    def build(dtype):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        if order == "cast-then-convert":
+            return convert(m.to(dtype), "linear-256")
+        return convert(m, "linear-256").to(dtype)
+
+    double = build(torch.float64)
+    assert double[0].tiles.arrays[0].g.dtype == torch.float64 and double[0].tiles.held[0].dtype == torch.float64
+    m = build(torch.bfloat16)
+    arr = m[0].tiles.arrays[0]
+    assert arr.g.dtype == torch.float32 and m[0].weight.dtype == torch.bfloat16
+    w = neurosal.wrap(m, "fa")
+    for lr in (0.0, 0.5):
+        opt = torch.optim.SGD(w.parameters(), lr=lr)
+        attach(opt, w.model)
+        g0 = arr.g.clone()
+        for _ in range(10):
+            opt.zero_grad()
+            F.cross_entropy(w(torch.randn(16, 8, dtype=torch.bfloat16)).float(), torch.randint(0, 3, (16,))).backward()
+            opt.step()
+        moved = (arr.g - g0).abs().max().item()
+        assert (moved == 0.0) if lr == 0 else (moved > 0), (lr, moved)

@@ -198,6 +198,29 @@ def test_cuda_arrays_draw_on_the_gpu():
     assert arr.g.device.type == "cuda" and torch.isfinite(arr.g).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_model_converted_on_the_cpu_moves_to_the_gpu_with_its_arrays():
+    """convert() on the CPU, then model.cuda(): the arrays and their generators follow (they stayed on the
+    CPU, plain tensors beside the parameters), and a training step runs on the GPU."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    import neurosal
+    from hw_models.analog import attach, convert
+
+    torch.manual_seed(0)
+    m = convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), "rram-like").cuda()
+    arrays = [a for layer in (m[0], m[2]) for a in layer.tiles.arrays]
+    assert all(a.g.device.type == "cuda" and a.gen.device.type == "cuda" for a in arrays)
+    w = neurosal.wrap(m, "fa")
+    opt = torch.optim.SGD(w.parameters(), lr=0.1)
+    attach(opt, w.model)
+    g0 = arrays[0].g.clone()
+    F.cross_entropy(w(torch.randn(4, 8, device="cuda")), torch.randint(0, 3, (4,), device="cuda")).backward()
+    opt.step()
+    assert not torch.equal(arrays[0].g, g0) and torch.isfinite(arrays[0].g).all()
+
+
 def test_every_preset_states_its_source():
     from hw_models.presets import PRESETS, SOURCES
 
