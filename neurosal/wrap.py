@@ -1144,7 +1144,7 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
     params = list(wrapped.parameters())
     saved = [p.grad for p in params]
     # running statistics, and the rule's own counters (brsf's redraw step advances per forward)
-    buffers = {k: v.clone() for k, v in wrapped.named_buffers()}
+    buffers = [(m, k, v.clone()) for m in wrapped.modules() for k, v in m._buffers.items() if v is not None]
     area_steps = [m.steps for m in area_layers]  # a probe is not a training step (SAL's warm-up clock)
 
     def update(w: torch.Tensor) -> torch.Tensor:
@@ -1175,9 +1175,12 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
         for m, n in zip(area_layers, area_steps):
             m.steps = n
         with torch.no_grad():
-            for k, v in wrapped.named_buffers():
-                if k in buffers:
-                    v.copy_(buffers[k])
+            for m, k, v in buffers:
+                now = m._buffers.get(k)
+                if now is not None and now.shape == v.shape:
+                    now.copy_(v)
+                else:  # a state buffer the forward resized (snnTorch's membrane): as it was
+                    m._buffers[k] = v
     points = [_angle(a, b) if b is not None else float("nan")
               for a, b in zip(watch.get("ours", []), watch.get("true", []))]
     return {"layers": [_angle(a, b) for a, b in zip(ours, truth)], "points": points}

@@ -1373,3 +1373,16 @@ def test_a_point_called_at_every_time_step_has_one_block_of_feedback():
         surrogate = surrogate + (spk * signal).sum()
     expected = torch.autograd.grad(surrogate, net.fc1.weight)[0]
     assert_close(net.fc1.weight.grad, expected)
+
+
+def test_alignment_on_a_users_spiking_loop_restores_its_state_buffers():
+    """snnTorch neurons keep their membrane in a buffer the forward resizes: restoring it after the
+    alignment measurement failed (copy into another shape). Restored as it was, and one angle per call
+    of the point (every time step)."""
+    torch.manual_seed(0)
+    w = neurosal.wrap(_SpikingLoop(steps=5), "dfa")
+    before = {k: v.clone() for k, v in w.named_buffers()}
+    report = alignment_report(w, torch.rand(8, 64), torch.randint(0, 10, (8,)))
+    assert len(report["points"]) == 5 and all(0 <= a <= 180 for a in report["points"])
+    after = dict(w.named_buffers())
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != "projection")
