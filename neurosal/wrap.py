@@ -625,7 +625,7 @@ class Wrapped(nn.Module):
         #: (reentrant kind) get their signals when recomputed (_Deferred)
         self._ledger = ReplayLedger()
         self._pending: dict[nn.Module, list] = {}
-        self._cleanup_queued = False
+        self._queued: set = set()  # what runs once when the current backward pass has finished
         self.point_names: list[str] | None = list(points) if points is not None else None
         #: the LayerNorm/RMSNorm the head reads the points' stream through (direct rules), see readout_norm
         self.readout_name: str | None = None
@@ -658,7 +658,6 @@ class Wrapped(nn.Module):
         #: backward (:meth:`bypassed`); a trainer that reduces them itself sets this False. DDP neither
         #: broadcasts the rule's buffers nor the projection: the same seed makes them on every rank
         self.reduce_bypassed = True
-        self._reduce_queued = False
         from torch.nn.parallel import DistributedDataParallel
 
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -692,18 +691,25 @@ class Wrapped(nn.Module):
                 out += [(f"model.{name}.{n}" if name else f"model.{n}", p) for n, p in m.named_parameters()]
         return out
 
-    def _queue_reduce(self, grad):
-        if not self._reduce_queued:
-            self._reduce_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._reduce_bypassed)
-        return None
+    def _after_backward(self, t: torch.Tensor, fn) -> None:
+        """Run ``fn`` once when the backward pass through ``t`` has finished (however many forwards
+        registered it for that pass)."""
+        def queue(grad):
+            if fn.__name__ not in self._queued:
+                self._queued.add(fn.__name__)
+
+                def run():
+                    self._queued.discard(fn.__name__)
+                    fn()
+                torch.autograd.Variable._execution_engine.queue_callback(run)
+            return None
+        t.register_hook(queue)
 
     def _reduce_bypassed(self) -> None:
         """Average the bypassed gradients over ranks in one all-reduce (a rank that computed none gives
         zeros; a gradient no rank computed stays None, so no optimiser touches it)."""
         import torch.distributed as dist
 
-        self._reduce_queued = False
         params = [p for _, p in self.bypassed() if p.requires_grad]
         if not params:
             return
@@ -729,7 +735,7 @@ class Wrapped(nn.Module):
             return
         t = out if torch.is_tensor(out) else select_output(out, self.output)[0]
         if t.requires_grad:
-            t.register_hook(self._queue_reduce)
+            self._after_backward(t, self._reduce_bypassed)
 
     # -- chains
     def _setup_chain(self, input_shape) -> None:
@@ -1095,17 +1101,10 @@ class Wrapped(nn.Module):
         if self._ledger.records or self._pending or any(isinstance(p, _Deferred) for p in self._collect or ()):
             t = out if torch.is_tensor(out) else select_output(out, self.output)[0]
             if t.requires_grad:  # what no recompute used is dropped when the backward has finished
-                t.register_hook(self._queue_cleanup)
+                self._after_backward(t, self._cleanup)
         return out
 
-    def _queue_cleanup(self, grad):
-        if not self._cleanup_queued:
-            self._cleanup_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._cleanup)
-        return None
-
     def _cleanup(self) -> None:
-        self._cleanup_queued = False
         self._ledger.clear()
         self._pending.clear()
 
