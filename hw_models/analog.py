@@ -154,9 +154,13 @@ class AnalogTiles:
         return analog_mvm(x, self.params[i].detach(), fn, self.cfg, self.w_max, self.fan_in, noise, sumsq)
 
     @torch.no_grad()
-    def sync(self) -> None:
+    def sync(self, only: set[int] | None = None) -> None:
+        """Program each array with its parameter's change since the last sync and read it back into the
+        parameter; ``only``: the ids of the parameters to program (those an optimiser just stepped)."""
         coincidence = self.cfg.pulses == "coincidence"
         for k, (p, arr, held) in enumerate(zip(self.params, self.arrays, self.held)):
+            if only is not None and id(p) not in only:
+                continue  # another optimiser's parameter: its own step programs it
             if coincidence:
                 request = p - held
                 check_request(request)
@@ -165,7 +169,7 @@ class AnalogTiles:
                         continue  # nothing asked of this array this step
                     raise NeurosalError("pulses=coincidence needs the layer's inputs and teaching signal, and "
                                         "this step's update reached the layer without them")
-                x, d = self.pending[k]
+                x, d = self.pending.pop(k)
                 # the rate is fitted against the trains' own update d^T x, not against .grad: whatever
                 # scaled the gradient since (a GradScaler's unscale, gradient clipping) is absorbed
                 dt = request.dtype
@@ -178,7 +182,6 @@ class AnalogTiles:
             # no copy) unless the parameter rounds it (a bf16 model): the rounding would otherwise be
             # programmed into the devices as part of every later request
             self.held[k] = w if w.dtype == p.dtype else p.detach().clone()
-        self.pending.clear()
         self.mark_synced()
 
     @staticmethod
@@ -562,10 +565,16 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
 def attach(optimizer: torch.optim.Optimizer, model: nn.Module):
     """Realise every step of ``optimizer`` on ``model``'s arrays (pulses, then read-back) right after the
     step, so a training loop you do not control (Lightning, accelerate, HF Trainer) needs no change.
-    Same as calling ``neurosal.finish_step(model)`` after each ``optimizer.step()``; returns the hook handle."""
-    from neurosal.substrates import finish_step
+    Like calling ``neurosal.finish_step(model)`` after each ``optimizer.step()``, for the arrays of this
+    optimiser's parameters: with several optimisers, attach each (every step programs what it moved;
+    the others' arrays keep their trains and draws). Returns the hook handle."""
+    def hook(opt, args, kwargs):
+        stepped = {id(p) for group in opt.param_groups for p in group["params"]}
+        for m in model.modules():
+            if isinstance(m, _AnalogMixin):
+                m.tiles.sync(only=stepped)
 
-    return optimizer.register_step_post_hook(lambda opt, args, kwargs: finish_step(model))
+    return optimizer.register_step_post_hook(hook)
 
 
 def drift(net: nn.Module, t: float) -> None:

@@ -561,3 +561,40 @@ def test_an_analog_model_follows_casts_and_keeps_float32_conductances(order):
             opt.step()
         moved = (arr.g - g0).abs().max().item()
         assert (moved == 0.0) if lr == 0 else (moved > 0), (lr, moved)
+
+
+@pytest.mark.parametrize("pulses", ["stochastic", "coincidence"])
+def test_attach_on_each_of_two_optimisers_trains_as_one_optimiser(pulses):
+    """attach() on every optimiser of a loop with several (a separate one for the digital layers): each
+    step syncs all arrays. In coincidence mode the other optimiser's sync found no trains (or used them
+    up with a zero request) and the layer's own step failed. Either order of the steps equals one
+    optimiser over all parameters, devices included."""
+    import torch.nn.functional as F
+
+    import neurosal
+    from hw_models.analog import attach, convert
+
+    def run(split, reverse=False):
+        torch.manual_seed(0)
+        m = convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), "linear-256", pulses=pulses,
+                    include_output=False)
+        w = neurosal.wrap(m, "bp")
+        params = dict(w.named_parameters())
+        groups = [[params["model.0.weight"]], [p for n, p in params.items() if n != "model.0.weight"]] if split \
+            else [list(params.values())]
+        opts = [torch.optim.SGD(g, lr=0.1) for g in groups]
+        for o in opts:
+            attach(o, w.model)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for o in opts:
+                o.zero_grad()
+            F.cross_entropy(w(torch.randn(8, 8, generator=gen)), torch.randint(0, 3, (8,), generator=gen)).backward()
+            for o in (reversed(opts) if reverse else opts):
+                o.step()
+        return m[0].tiles.arrays[0].g.clone(), m[0].weight.detach().clone()
+
+    ref = run(False)
+    for reverse in (False, True):
+        got = run(True, reverse)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), reverse
