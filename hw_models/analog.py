@@ -578,7 +578,9 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module):
 
 
 def drift(net: nn.Module, t: float) -> None:
-    """Let every analog array of ``net`` drift for time ``t`` (seconds, t0 = 1 s)."""
+    """Every analog array of ``net`` as it is time ``t`` after programming (seconds, t0 = 1 s): absolute,
+    so ``for t in times: drift(net, t); evaluate(net)`` measures each t (not their compounded ages);
+    ``drift(net, 1)`` gives the programmed state back. Training steps start a new clock."""
     for m in net.modules():
         if isinstance(m, _AnalogMixin):
             m.tiles.drift(t)

@@ -83,6 +83,9 @@ class DifferentialArray:
         self.step_scale = (1 + spread(cfg.dtod_step)).clamp_min(0.05)
         self.nu = (cfg.drift_nu * (1 + spread(cfg.drift_nu_dtod))).clamp_min(0)
         self.g = self.lo.clone()
+        # drift: the programmed conductances and the drifted tensor made from them (see drift)
+        self._drift_base = self._drift_g = None
+        self._drift_version = 0
         self.resets = 0  # pairs refreshed so far (unidirectional)
         self._bind()
 
@@ -400,20 +403,33 @@ class DifferentialArray:
             step = torch.where(sp != 0, moved.clamp(0.1 * self.dw_pulse, 10 * self.dw_pulse), step)
 
     def drift(self, t: float, t0: float = 1.0) -> None:
-        """Conductance drift after time t (PCM-like): G - g_lo shrinks by (t / t0)^-nu."""
-        if t <= t0:
-            return
-        self.g = self.lo + (self.g - self.lo) * (t / t0) ** (-self.nu)
+        """The conductances as they are time ``t`` after they were programmed (PCM-like drift: G - g_lo
+        shrinks by (t / t0)^-nu). Absolute, as aihwkit's ``drift_analog_weights``: drift(10) then
+        drift(1000) gives the state at 1000 s, not at 10^4 s (a sweep over t on one model measures each
+        t); ``t <= t0`` gives the programmed state back. Any update starts a new clock from the
+        conductances it leaves."""
+        aged = (self._drift_base is not None and self.g is self._drift_g
+                and self.g._version == self._drift_version)
+        base = self._drift_base if aged else self.g
+        self.g = base.clone() if t <= t0 else self.lo + (base - self.lo) * (t / t0) ** (-self.nu)
+        self._drift_base, self._drift_g, self._drift_version = base, self.g, self.g._version
+
+    def _drift_state(self) -> torch.Tensor | None:
+        aged = self._drift_base is not None and self.g is self._drift_g and self.g._version == self._drift_version
+        return self._drift_base if aged else None
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
         return {"g": self.g, "lo": self.lo, "hi": self.hi, "step_scale": self.step_scale, "nu": self.nu,
-                "resets": self.resets, "rng": self.gen.get_state()}
+                "resets": self.resets, "rng": self.gen.get_state(), "drift_base": self._drift_state()}
 
     def load(self, st: dict) -> None:
         dev, dt = self.g.device, self.g.dtype
         for k in ("g", "lo", "hi", "step_scale", "nu"):
             setattr(self, k, st[k].to(dev, dt))
+        base = st.get("drift_base")  # (absent before drift was absolute)
+        self._drift_base = None if base is None else base.to(dev, dt)
+        self._drift_g, self._drift_version = self.g, self.g._version
         self.resets = int(st["resets"])
         rng = st["rng"]
         try:
@@ -429,8 +445,11 @@ class DifferentialArray:
         16-bit float's resolution near the bounds. A generator on another device type continues with a
         stream seeded from its state (deterministic; a state cannot cross device types)."""
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        base = self._drift_state()
         for k in ("g", "lo", "hi", "step_scale", "nu"):
             setattr(self, k, getattr(self, k).to(device, dtype))
+        self._drift_base = None if base is None else base.to(device, dtype)
+        self._drift_g, self._drift_version = self.g, self.g._version
         self.clip = self.clip.to(self.g.device)
         if self.gen.device != self.g.device:
             seed = _seed_from_state(self.gen.get_state())

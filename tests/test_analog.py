@@ -598,3 +598,45 @@ def test_attach_on_each_of_two_optimisers_trains_as_one_optimiser(pulses):
     for reverse in (False, True):
         got = run(True, reverse)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), reverse
+
+
+def test_drift_is_absolute_time_since_programming():
+    """drift(net, t) compounded: drift(10) then drift(1000) aged the devices to 10^4 s, so a retention
+    sweep over t on one model (the usual loop) measured the product of all earlier ages. Now each call
+    gives the state t after programming, drift(net, 1) the programmed state back, through a checkpoint
+    too; a training step after drift starts a new clock from the drifted conductances."""
+    import copy
+    import io
+
+    import torch.nn.functional as F
+
+    import neurosal
+    from hw_models.analog import attach, convert, drift
+
+    torch.manual_seed(0)
+    m = convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), "pcm-like")
+    programmed = m[0].weight.detach().clone()
+    swept, once = copy.deepcopy(m), copy.deepcopy(m)
+    for t in (10.0, 3600.0, 1000.0):
+        drift(swept, t)
+    drift(once, 1000.0)
+    assert torch.equal(swept[0].weight, once[0].weight) and not torch.equal(once[0].weight, programmed)
+    drift(swept, 1.0)
+    assert torch.equal(swept[0].weight, programmed)
+    drift(swept, 1e5)
+    buf = io.BytesIO()
+    torch.save(swept.state_dict(), buf)
+    buf.seek(0)
+    loaded = copy.deepcopy(m)
+    loaded.load_state_dict(torch.load(buf, weights_only=True))
+    drift(loaded, 1000.0)
+    assert torch.equal(loaded[0].weight, once[0].weight)
+    # training after drift: the update acts on the drifted devices, and the next drift starts from there
+    w = neurosal.wrap(once, "fa")
+    opt = torch.optim.SGD(w.parameters(), lr=0.1)
+    attach(opt, w.model)
+    F.cross_entropy(w(torch.randn(4, 8)), torch.randint(0, 3, (4,))).backward()
+    opt.step()
+    trained = once[0].weight.detach().clone()
+    drift(once, 1.0)
+    assert torch.equal(once[0].weight, trained)
