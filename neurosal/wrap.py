@@ -864,6 +864,23 @@ class Wrapped(nn.Module):
             for m in blocks:
                 m.forward = _Recomputed(m.forward)
                 self._restore.append(m)
+        if self.projection is None:
+            self._materialise_planned(sel, finished, outputs)
+
+    def _materialise_planned(self, sel: torch.Tensor, finished: list[str], outputs: list) -> None:
+        """The projection for every point the planning pass saw, in the order they finished there -- also
+        points whose output does not require grad yet (a frozen backbone unfrozen later: gradual
+        unfreezing): their columns are there when they start learning."""
+        index = {n: i for i, n in enumerate(self.point_names)}
+        keys, shapes = [], []
+        for name, o in zip(finished, outputs):
+            if name in index and index[name] not in keys:
+                o = o[0] if isinstance(o, tuple) and o and torch.is_tensor(o[0]) else o
+                if torch.is_tensor(o):
+                    keys.append(index[name])
+                    shapes.append(tuple(o.shape))
+        if keys:
+            self._materialise(tuple(sel.shape), shapes, keys)
 
     def _join(self, out: torch.Tensor, entries: list, keys: list) -> torch.Tensor:
         return _Hub.apply(self, out, entries, keys, *[p for p in entries if not isinstance(p, _Deferred)])
@@ -1037,18 +1054,7 @@ class Wrapped(nn.Module):
                 self._setup_chain(tuple(args[0].shape[1:]))
             return self
         if self.rule.direct and not self._hooks:
-            self._plan(args, kwargs)
-            was = self.training
-            self.eval()  # no running statistics move
-            self._collect, self._keys, self._joined = [], [], True  # nothing joined: no backward follows
-            try:
-                with torch.enable_grad(), torch.random.fork_rng(devices=[]), preserved_draws(self.model):
-                    out = self.model(*args, **kwargs)
-            finally:
-                points, keys, self._collect = self._collect, self._keys, None
-                self.train(was)
-            sel, _ = select_output(out, self.output)
-            self._materialise(tuple(sel.shape), [tuple(p.shape) for p in points], keys)
+            self._plan(args, kwargs)  # (it makes the projection from its planning pass)
         return self
 
     def forward(self, *args, **kwargs):

@@ -1389,3 +1389,34 @@ def test_alignment_on_a_users_spiking_loop_restores_its_state_buffers():
     assert len(report["points"]) == 5 and all(0 <= a <= 180 for a in report["points"])
     after = dict(w.named_buffers())
     assert all(torch.equal(after[k], v) for k, v in before.items() if k != "projection")
+
+
+@pytest.mark.parametrize("rule", ["dfa", "drtp", "sal"])
+def test_gradual_unfreezing_keeps_the_feedback_it_started_with(rule):
+    """Fine-tuning with a frozen backbone, unfrozen later: the projection was made from the points whose
+    output required grad at the first step, so unfreezing failed ('the feedback points changed shape').
+    It is made from every point of the planning pass: the same B as a run never frozen, and the
+    unfrozen layers learn."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                             nn.Linear(32, 3))
+
+    plain = neurosal.wrap(build(), rule).materialise(torch.randn(2, 8))
+    w = neurosal.wrap(build(), rule)
+    backbone = [p for layer in (w.model[0], w.model[2]) for p in layer.parameters()]
+    opt = torch.optim.Adam(w.parameters(), 1e-3)
+    gen = torch.Generator().manual_seed(1)
+    for frozen in (True, False):
+        for p in backbone:
+            p.requires_grad_(not frozen)
+        before = [p.detach().clone() for p in backbone]
+        for _ in range(2):
+            x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+            w.set_target(y)
+            opt.zero_grad()
+            F.cross_entropy(w(x), y).backward()
+            opt.step()
+        moved = [not torch.equal(p, b) for p, b in zip(backbone, before)]
+        assert not any(moved) if frozen else any(moved), (frozen, moved)
+    assert torch.equal(w.projection, plain.projection) and w.widths == plain.widths == [32, 32, 32]
