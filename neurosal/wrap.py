@@ -993,6 +993,23 @@ class Wrapped(nn.Module):
             self._columns.append((start, start + w))
         self.projection = self.rule.make_projection(e_shape[-1], blocks, self._gen).to(ref.device, ref.dtype)
 
+    def _add_point(self, key: int, width: int, n_out: int) -> None:
+        """Columns for a point first met after the projection was made: the block of a stream point of
+        its width when the stream shares one (share_stream), else a new block drawn from the wrapper's
+        generator (deterministic given the run)."""
+        shared = self.rule.config.share_stream and bool(self._readout)
+        same = [i for i, w in enumerate(self.widths) if w == width] if shared else []
+        if same:
+            columns = self._columns[same[-1]]
+        else:
+            b = self.projection
+            extra = self.rule.make_projection(n_out, [width], self._gen).to(b.device, b.dtype)
+            columns = (b.shape[1], b.shape[1] + width)
+            self.projection = torch.cat([b, extra], 1)
+        self._slots[key] = len(self.widths)
+        self.widths.append(width)
+        self._columns.append(columns)
+
     def _signals(self, e: torch.Tensor, shapes, dtypes, values=None, target=None, keys=None) -> list[torch.Tensor]:
         """Each point's signal from the error ``e``; ``keys``: each point's index in ``point_names``
         (default: the points in the order of the first step, each once)."""
@@ -1001,6 +1018,9 @@ class Wrapped(nn.Module):
         if self.projection is None:
             self._materialise(tuple(e.shape), shapes, keys)
         layout = self._layout(tuple(e.shape), shapes, keys)
+        for key, (_, w, _, _) in zip(keys, layout):
+            if key not in self._slots:  # a point that had not run yet (a block LayerDrop skipped then)
+                self._add_point(key, w, e.shape[-1])
         slots = [self._slots.get(k) for k in keys]
         if any(sl is None or self.widths[sl] != w for sl, (_, w, _, _) in zip(slots, layout)):
             widths = [w for _, w, _, _ in layout]

@@ -1420,3 +1420,51 @@ def test_gradual_unfreezing_keeps_the_feedback_it_started_with(rule):
         moved = [not torch.equal(p, b) for p, b in zip(backbone, before)]
         assert not any(moved) if frozen else any(moved), (frozen, moved)
     assert torch.equal(w.projection, plain.projection) and w.widths == plain.widths == [32, 32, 32]
+
+
+class _LayerDrop(nn.Module):
+    """Residual blocks some of which are skipped in a step (LayerDrop, stochastic depth): ``skip``."""
+
+    def __init__(self):
+        super().__init__()
+        self.skip: set[int] = set()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU()) for _ in range(4))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for i, b in enumerate(self.blocks):
+            if i not in self.skip:
+                h = h + b(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("rule", ["dfa", "sal"])
+def test_skipped_blocks_layerdrop_train_with_fixed_feedback(rule):
+    """LayerDrop / stochastic depth skip blocks in some steps: a step with fewer points failed ('the
+    feedback points changed shape'). Each block keeps its own columns of B; a skipped block gets no
+    update that step, the others do, and each point's signal is B's columns for it times e."""
+    torch.manual_seed(0)
+    net = _LayerDrop()
+    w = neurosal.wrap(net, rule)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for skip in ({1}, {0, 3}, set(), {2}):
+        net.skip = skip
+        w.zero_grad(set_to_none=True)
+        F.cross_entropy(w(x), y).backward()
+        for i, b in enumerate(net.blocks):
+            got = [p.grad is not None for p in b.parameters()]
+            assert (not any(got)) if i in skip else any(got), (skip, i)
+    assert w.widths == [16] * 4 or w.widths == [16]  # one block per point, or one shared (readout norm)
+    net.skip = {1, 2}
+    w._watch = {}
+    out = w(x)
+    F.cross_entropy(out, y).backward()
+    ours, w._watch = w._watch["ours"], None
+    e = torch.softmax(out.detach(), 1)
+    e[torch.arange(16), y] -= 1
+    g = w.rule.project(w.rule.source(e / 16, None), w.projection)
+    for sig, k in zip(ours, (0, 3)):  # blocks 0 and 3 ran: their own columns
+        a, b = w._columns[w._slots[k]]
+        assert_close(sig, g[:, a:b])
