@@ -764,13 +764,14 @@ class Wrapped(nn.Module):
         if claimed is None:
             raise NeurosalError(f"{self.rule.name} teaches from the target: call model.set_target(y) "
                                 "before backward()")
-        if claimed.dtype.is_floating_point or claimed.dtype == torch.bool:
-            raise NeurosalError(f"set_target takes integer class indices, got {claimed.dtype}")
-        if claimed.shape != e.shape[:-1]:
-            raise NeurosalError(f"the target set by set_target has shape {tuple(claimed.shape)}; this output "
-                                f"needs one class index per {'sample' if e.dim() == 2 else 'position'}: "
-                                f"{tuple(e.shape[:-1])}")
-        target = F.one_hot(claimed, e.shape[-1]).to(e.dtype)
+        if claimed.is_floating_point() and claimed.shape == e.shape:
+            target = claimed.to(e.dtype)  # a target vector per sample: multi-hot, soft labels, regression
+        elif claimed.is_floating_point() or claimed.dtype == torch.bool or claimed.shape != e.shape[:-1]:
+            raise NeurosalError(f"set_target takes integer class indices shaped {tuple(e.shape[:-1])} or a float "
+                                f"target shaped like the output {tuple(e.shape)}; got {claimed.dtype} "
+                                f"{tuple(claimed.shape)}")
+        else:
+            target = F.one_hot(claimed, e.shape[-1]).to(e.dtype)
         return target if self.rule.loss_scale == 1.0 else target * self.rule.loss_scale
 
     def current_loss_scale(self) -> float:
@@ -1062,7 +1063,8 @@ class Wrapped(nn.Module):
         return out
 
     def set_target(self, y: torch.Tensor) -> None:
-        """The integer targets of this batch (drtp teaches from them): taken by the next training
+        """This batch's targets (drtp teaches from them): integer class indices, or a float tensor shaped
+        like the output (multi-hot labels, soft labels, regression targets). Taken by the next training
         forward, or -- set after it -- by its backward."""
         self._target = y
 

@@ -754,11 +754,27 @@ def test_drtp_asks_for_the_target():
     with pytest.raises(NeurosalError, match="set_target"):
         F.cross_entropy(w(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
     w.set_target(torch.tensor([0, 1, 2]))  # one index too many: was a broadcasting error (or silence)
-    with pytest.raises(NeurosalError, match=r"shape \(3,\).*one class index per sample: \(2,\)"):
+    with pytest.raises(NeurosalError, match=r"integer class indices shaped \(2,\) or a float target shaped like "
+                                           r"the output \(2, 3\); got torch.int64 \(3,\)"):
         F.cross_entropy(w(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
     w.set_target(torch.tensor([0.0, 1.0]))
-    with pytest.raises(NeurosalError, match="integer class indices"):
+    with pytest.raises(NeurosalError, match="got torch.float32 \\(2,\\)"):
         F.cross_entropy(w(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
+    # a float target shaped like the output (multi-hot labels): drtp projects it as it is
+    x, multi = torch.randn(2, 4), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    w.zero_grad()
+    w.set_target(multi)
+    F.binary_cross_entropy_with_logits(w(x), multi).backward()
+    got = w.model[0].weight.grad.clone()
+    w.zero_grad()
+    w.set_target(torch.tensor([0, 1]))
+    F.binary_cross_entropy_with_logits(w(x), multi).backward()
+    indices = w.model[0].weight.grad.clone()
+    assert not torch.equal(got, indices)  # the target, not only the error, teaches
+    w.zero_grad()
+    w.set_target(F.one_hot(torch.tensor([0, 1]), 3).float())  # one-hot as floats: the same as the indices
+    F.binary_cross_entropy_with_logits(w(x), multi).backward()
+    assert torch.equal(w.model[0].weight.grad, indices)
     out = w(torch.randn(2, 4))
     w.set_target(torch.tensor([0, 1]))  # set after the forward: its backward takes it
     F.cross_entropy(out, torch.tensor([0, 1])).backward()
