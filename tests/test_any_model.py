@@ -1187,6 +1187,16 @@ def test_points_sharing_columns_get_tensors_of_their_own():
     assert not torch.equal(sig[0], sig[1])
 
 
+def _sgd_steps(w, opt, gen, steps: int) -> None:
+    """``steps`` training steps of a wrapped 8-in, 3-class model on random batches of 16 from ``gen``."""
+    for _ in range(steps):
+        x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        w.set_target(y)
+        opt.zero_grad()
+        F.cross_entropy(w(x), y).backward()
+        opt.step()
+
+
 class _CheckpointedBlocks(nn.Module):
     """Residual blocks with BatchNorm and dropout, run under the user's own activation checkpointing:
     block by block, or two blocks in one checkpointed region (``kind``: None, "reentrant", "plain")."""
@@ -1239,14 +1249,8 @@ def test_a_users_activation_checkpointing_trains_as_without_it(rule, analog):
         opt = torch.optim.SGD(w.parameters(), lr=0.1)
         if analog:
             attach(opt, w.model)
-        gen = torch.Generator().manual_seed(1)
         torch.manual_seed(5)
-        for _ in range(3):
-            x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
-            w.set_target(y)
-            opt.zero_grad()
-            F.cross_entropy(w(x), y).backward()
-            opt.step()
+        _sgd_steps(w, opt, torch.Generator().manual_seed(1), 3)
         assert not w._pending and not w._ledger.records  # nothing waits after the backward
         return {k: v.clone() for k, v in w.state_dict().items() if torch.is_tensor(v)} | {"rng": torch.rand(2)}
 
@@ -1427,12 +1431,7 @@ def test_gradual_unfreezing_keeps_the_feedback_it_started_with(rule):
         for p in backbone:
             p.requires_grad_(not frozen)
         before = [p.detach().clone() for p in backbone]
-        for _ in range(2):
-            x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
-            w.set_target(y)
-            opt.zero_grad()
-            F.cross_entropy(w(x), y).backward()
-            opt.step()
+        _sgd_steps(w, opt, gen, 2)
         moved = [not torch.equal(p, b) for p, b in zip(backbone, before)]
         assert not any(moved) if frozen else any(moved), (frozen, moved)
     assert torch.equal(w.projection, plain.projection) and w.widths == plain.widths == [32, 32, 32]
