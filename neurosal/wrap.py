@@ -1280,6 +1280,12 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
     """
     if isinstance(model, Wrapped):
         raise NeurosalError("this model is wrapped already")
+    for m in model.modules():  # wrapped before, by another wrapper (a notebook cell run twice)
+        patched = isinstance(m.__dict__.get("forward"), (_LayerForward, _Recomputed, MHAForward))
+        hooked = any(isinstance(getattr(h, "__self__", None), Wrapped) for h in m._forward_hooks.values())
+        if patched or hooked:
+            raise NeurosalError("this model is wrapped already (its layers carry another wrapper's feedback): "
+                                "unwrap() that wrapper first, or wrap a fresh copy")
     if not isinstance(model, nn.Module):
         raise NeurosalError(f"wrap expects an nn.Module, got {type(model).__name__}")
     check_materialised(model, "wrapping", "; shard with FSDP after wrapping")

@@ -791,6 +791,11 @@ def test_wrap_refuses_bad_input():
         neurosal.wrap(convert(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)), "ideal"), "sal")
     with pytest.raises(NeurosalError, match="wrapped already"):
         neurosal.wrap(neurosal.wrap(nn.Linear(2, 2), "fa"), "fa")
+    twice = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))  # a notebook cell run twice
+    first = neurosal.wrap(twice, "fa")
+    with pytest.raises(NeurosalError, match="another wrapper's feedback.*unwrap"):
+        neurosal.wrap(twice, "usf")
+    neurosal.wrap(first.unwrap(), "usf")  # unwrapped: fine
     with pytest.raises(NeurosalError, match="areas_on"):
         neurosal.wrap(nn.Linear(2, 2), "fa", areas_on=["x"])
     with pytest.raises(NeurosalError, match="padding_mode"):
