@@ -845,6 +845,14 @@ class Wrapped(nn.Module):
         unknown = [n for n in self.point_names if n not in modules]
         if unknown:
             raise NeurosalError(f"feedback point(s) {unknown} are not modules of this model")
+        below = [n for n, m in modules.items() if isinstance(m, UNTREATED) and n not in self.point_names
+                 and any(p.requires_grad for p in m.parameters())
+                 and not any(n.startswith(q + ".") for q in self.point_names)]
+        if below and self.point_names:
+            warnings.warn(f"{self.rule.name}: {below[:3]}{' and more' if len(below) > 3 else ''} (recurrent or "
+                          "bilinear) are no feedback points: their signal comes down from the next point through "
+                          "the true weights of the layers between (weight transport); name them in points=[...] "
+                          "to give them the projected signal at their output", stacklevel=4)
         self._point_index = {modules[name]: i for i, name in enumerate(self.point_names)}
         for name in self.point_names:
             self._hooks.append(modules[name].register_forward_hook(self._at_point))

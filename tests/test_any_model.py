@@ -1488,3 +1488,31 @@ def test_skipped_blocks_layerdrop_train_with_fixed_feedback(rule):
     for sig, k in zip(ours, (0, 3)):  # blocks 0 and 3 ran: their own columns
         a, b = w._columns[w._slots[k]]
         assert_close(sig, g[:, a:b])
+
+
+def test_direct_rules_say_when_a_recurrent_layer_learns_through_the_layers_above_it():
+    """An LSTM below the first feedback point gets its signal through the true weights of the layers up
+    to that point (weight transport), silently before; now a warning names it, and naming it a point
+    (its output, the first tensor of its tuple, receives the projected signal) silences it."""
+    import warnings
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(8, 16, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.head(F.relu(self.fc(out[:, -1])))
+
+    x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    w = neurosal.wrap(Seq(), "dfa")
+    with pytest.warns(UserWarning, match=r"\['rnn'\] \(recurrent or bilinear\) are no feedback points"):
+        F.cross_entropy(w(x), y).backward()
+    w = neurosal.wrap(Seq(), "dfa", points=["rnn", "fc"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.cross_entropy(w(x), y).backward()
+    assert w.widths == [16, 16] and all(p.grad is not None for p in w.model.rnn.parameters())
