@@ -147,10 +147,13 @@ class AnalogTiles:
         c = self.cfg
         return not (c.dac_bits or c.adc_bits or c.read_noise > 0)
 
-    def read(self, i: int, x: torch.Tensor, fn, sumsq=row_sumsq) -> torch.Tensor:
+    def read(self, i: int, x: torch.Tensor, fn, sumsq=row_sumsq, training: bool = True) -> torch.Tensor:
         """Array ``i`` read with input ``x`` (``fn``: the layer's linear map, no bias): DAC, the devices'
-        weights with fresh read noise per read, ADC (see :func:`analog_mvm`)."""
-        noise = self.arrays[i]._randn if self.cfg.read_noise > 0 else None
+        weights with fresh read noise per read, ADC (see :func:`analog_mvm`). ``training``: a training
+        read (:func:`training_read`) draws its noise from the array's training stream, an inference read
+        (evaluation) from its read stream, so evaluating does not move what training draws."""
+        arr = self.arrays[i]
+        noise = (arr._randn if training else arr._randn_read) if self.cfg.read_noise > 0 else None
         return analog_mvm(x, self.params[i].detach(), fn, self.cfg, self.w_max, self.fan_in, noise, sumsq)
 
     @torch.no_grad()
@@ -278,11 +281,12 @@ class _AnalogMixin:
 
     def rng_state(self):
         """The arrays' generator states (read noise, pulse draws): what a recompute replays."""
-        return [a.gen.get_state() for a in self.tiles.arrays]
+        return [(a.gen.get_state(), a.read_gen.get_state()) for a in self.tiles.arrays]
 
     def set_rng_state(self, state) -> None:
-        for a, st in zip(self.tiles.arrays, state):
-            a.gen.set_state(st)
+        for a, (train, read) in zip(self.tiles.arrays, state):
+            a.gen.set_state(train)
+            a.read_gen.set_state(read)
 
     def get_extra_state(self):
         return self.tiles.state()
@@ -339,7 +343,15 @@ class _ReadWithFloatGradient(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-def _linear_read(tiles: "AnalogTiles", i: int, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+def training_read(module: nn.Module) -> bool:
+    """Whether a module's forward reads for training: in train mode, or with autograd recording (a
+    frozen-statistics fine-tune in eval mode). An evaluation (eval mode, no autograd) reads from the
+    arrays' read streams, so how often and on how much you evaluate leaves training's draws alone."""
+    return module.training or torch.is_grad_enabled()
+
+
+def _linear_read(tiles: "AnalogTiles", i: int, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                 training: bool = True):
     """``x @ w^T + b`` as array ``i`` of ``tiles`` reads it (digital bias), with the float map's derivative
     under autograd (straight-through; :class:`_ReadWithFloatGradient`); an exactly reading array is the
     plain matmul. For linear maps held outside an ``nn.Linear`` (attention's packed projection, SAL's
@@ -349,7 +361,7 @@ def _linear_read(tiles: "AnalogTiles", i: int, x: torch.Tensor, w: torch.Tensor,
         return F.linear(x, w, b)
 
     def hw(v):
-        y = tiles.read(i, v, F.linear)
+        y = tiles.read(i, v, F.linear, training=training)
         return y if b is None else y + b
     if torch.is_grad_enabled() and w.requires_grad:
         return _ReadWithFloatGradient.apply(x, w, b, hw)
@@ -367,8 +379,10 @@ class AnalogLinear(_AnalogMixin, nn.Linear):
         return new
 
     def forward(self, x):
+        training = training_read(self)
+
         def hw(v):
-            y = self.tiles.read(0, v, F.linear)
+            y = self.tiles.read(0, v, F.linear, training=training)
             return y + self.bias if self.bias is not None else y
         return self._straight_through(x, hw, lambda v: F.linear(v, self.weight, self.bias))
 
@@ -390,8 +404,10 @@ class _AnalogConv(_AnalogMixin):
         fn = conv_function(self)
         conv = lambda v, w: fn(v, w, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
 
+        training = training_read(self)
+
         def hw(v):
-            y = self.tiles.read(0, v, conv, patch_sumsq(self))
+            y = self.tiles.read(0, v, conv, patch_sumsq(self), training=training)
             return y if self.bias is None else y + self.bias.view(1, -1, *([1] * (y.dim() - 2)))
         return self._straight_through(x, hw, lambda v: self._conv_forward(v, self.weight, self.bias))
 
@@ -443,7 +459,7 @@ class AnalogMultiheadAttention(_AnalogMixin, nn.MultiheadAttention):
         """``x @ in_proj_weight^T + in_proj_bias`` as the array reads it (digital bias), with the float
         projection's derivative (straight-through, as :class:`AnalogLinear`)."""
         self.tiles.check_synced()
-        return _linear_read(self.tiles, 0, x, self.in_proj_weight, self.in_proj_bias)
+        return _linear_read(self.tiles, 0, x, self.in_proj_weight, self.in_proj_bias, training_read(self))
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -484,7 +500,7 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
         without autograd and updates locally."""
         if k == 0:
             self.tiles.check_synced()
-        return _linear_read(self.tiles, k, rows, self.area_weight[k], self.area_bias[k])
+        return _linear_read(self.tiles, k, rows, self.area_weight[k], self.area_bias[k], training_read(self))
 
 
 #: parametrised layers convert leaves digital (said once, naming them)

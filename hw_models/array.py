@@ -64,6 +64,10 @@ class DifferentialArray:
         self.shape = tuple(shape)
         self.w_max = float(w_max)
         self.gen = device_generator(generator, device)
+        #: read noise of inference reads (no autograd: evaluation): a stream of its own, so how often and
+        #: on how much you evaluate does not change what training draws (same seed, same training run)
+        self.read_gen = torch.Generator(device=self.gen.device).manual_seed(
+            _seed_from_state(self.gen.get_state()) ^ 0x5EED)
         kw = dict(device=self.gen.device, dtype=dtype)
         r = cfg.g_max - cfg.g_min
         self.r_nominal = r
@@ -110,6 +114,10 @@ class DifferentialArray:
     # ------------------------------------------------------------------ randomness
     def _randn(self, shape):
         return torch.randn(shape, generator=self.gen, device=self.g.device, dtype=self.g.dtype)
+
+    def _randn_read(self, shape):
+        """Read noise for an inference read (evaluation): from :attr:`read_gen`."""
+        return torch.randn(shape, generator=self.read_gen, device=self.g.device, dtype=self.g.dtype)
 
     def _pulse_noise(self, counts: torch.Tensor, rows: int = 2) -> torch.Tensor | None:
         """Cycle-to-cycle normals, ``(rows, *counts.shape)`` (row 0 for G+, row 1 for G-; one row serves
@@ -421,7 +429,8 @@ class DifferentialArray:
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
         return {"g": self.g, "lo": self.lo, "hi": self.hi, "step_scale": self.step_scale, "nu": self.nu,
-                "resets": self.resets, "rng": self.gen.get_state(), "drift_base": self._drift_state()}
+                "resets": self.resets, "rng": self.gen.get_state(), "read_rng": self.read_gen.get_state(),
+                "drift_base": self._drift_state()}
 
     def load(self, st: dict) -> None:
         dev, dt = self.g.device, self.g.dtype
@@ -438,6 +447,12 @@ class DifferentialArray:
             # a state from another device type (CUDA Philox vs CPU Mersenne twister): continue with a
             # stream seeded from it -- deterministic, but not the stream the other device would draw
             self.gen.manual_seed(_seed_from_state(rng))
+        read = st.get("read_rng")  # (absent before inference reads had their own stream)
+        if read is not None:
+            try:
+                self.read_gen.set_state(read)
+            except RuntimeError:
+                self.read_gen.manual_seed(_seed_from_state(read))
 
     def to_(self, device, dtype) -> None:
         """Move the array (its module moved: ``.to``/``.cuda``/``.double``). Conductances stay in at
@@ -454,6 +469,8 @@ class DifferentialArray:
         if self.gen.device != self.g.device:
             seed = _seed_from_state(self.gen.get_state())
             self.gen = torch.Generator(device=self.g.device).manual_seed(seed)
+            seed = _seed_from_state(self.read_gen.get_state())
+            self.read_gen = torch.Generator(device=self.g.device).manual_seed(seed)
         self._bind()
         self._bind()
 

@@ -640,3 +640,47 @@ def test_drift_is_absolute_time_since_programming():
     trained = once[0].weight.detach().clone()
     drift(once, 1.0)
     assert torch.equal(once[0].weight, trained)
+
+
+@pytest.mark.parametrize("model", ["mlp", "user"])
+def test_evaluating_does_not_change_what_training_draws(model):
+    """Read noise of an evaluation (eval mode, no autograd) drew from the arrays' training stream, so
+    how often and on how much you evaluated changed the trained model (the CLI's --eval-limit changed
+    its training loss). Evaluation reads have a stream of their own: training with evaluations in
+    between is bit for bit training without, and evaluation noise stays fresh at every read."""
+    import torch.nn.functional as F
+
+    import neurosal
+    from hw_models.analog import attach, convert
+
+    def train(evaluate_every: int):
+        torch.manual_seed(0)
+        if model == "mlp":
+            net = convert(neurosal.rules.make_rule("dfa").build("mlp:16x16", (8,), 3), "rram-like")
+        else:
+            net = convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), "rram-like")
+        w = neurosal.wrap(net, "dfa")
+        opt = torch.optim.Adam(w.parameters(), 1e-2)
+        attach(opt, w.model)
+        gen = torch.Generator().manual_seed(1)
+        probe = torch.randn(32, 8, generator=gen)
+        evals = []
+        for step in range(6):
+            x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(w(x), y).backward()
+            opt.step()
+            if evaluate_every and step % evaluate_every == 0:
+                w.eval()
+                with torch.no_grad():
+                    evals.append(w(probe))
+                w.train()
+        w.eval()
+        with torch.no_grad():
+            again = [w(probe), w(probe)]
+        return [p.detach().clone() for p in w.parameters()], again
+
+    plain, _ = train(0)
+    often, again = train(1)
+    assert all(torch.equal(a, b) for a, b in zip(plain, often))
+    assert not torch.equal(again[0], again[1])  # the read noise is still fresh at every evaluation
