@@ -145,17 +145,21 @@ def loss_and_hits(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
 
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int | None = None) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy per target (per sample, or per position for sequences)."""
+    """Mean cross-entropy and accuracy per target (per sample, or per position for sequences).
+
+    What the evaluation draws (spike encoders from torch's generators) comes from a fork of them: how
+    often and on how much a run evaluates does not change its training (same seed, same run)."""
     was = net.training
     net.eval()
     if batch is None:  # about 2^18 targets at a time
         batch = max(1, (1 << 18) // max(1, y[0].numel()))
     total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
-    for i in range(0, len(x), batch):
-        loss, hits = loss_and_hits(select_output(net(x[i:i + batch]))[0].float(), y[i:i + batch], "sum")
-        total_loss += loss.double()
-        correct += hits
+    with torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else []):
+        for i in range(0, len(x), batch):
+            loss, hits = loss_and_hits(select_output(net(x[i:i + batch]))[0].float(), y[i:i + batch], "sum")
+            total_loss += loss.double()
+            correct += hits
     net.train(was)
     return float(total_loss) / y.numel(), int(correct) / y.numel()
 

@@ -684,3 +684,17 @@ def test_evaluating_does_not_change_what_training_draws(model):
     often, again = train(1)
     assert all(torch.equal(a, b) for a, b in zip(plain, often))
     assert not torch.equal(again[0], again[1])  # the read noise is still fresh at every evaluation
+
+
+@pytest.mark.parametrize("model,device", [("snn:16:T=4", None), ("mlp:32", "rram-like")])
+def test_how_much_the_trainer_evaluates_does_not_change_its_training(model, device):
+    """--eval-limit 100 vs 300 changed the training loss: the evaluation drew from the training's
+    streams (spike encoders from torch's generators, analog read noise from the arrays'). Now the same
+    seed trains the same model whatever the evaluation."""
+    losses = []
+    for limit in (50, 200):
+        cfg = TrainConfig(rule="dfa", model=model, epochs=2, batch_size=32, seed=3, device=device, eval_limit=limit,
+                          progress=False)
+        epochs = Trainer(cfg, None, dataset=DIGITS).fit()["epochs"]
+        losses.append([e["train_loss"] for e in epochs])
+    assert losses[0] == losses[1]
