@@ -44,6 +44,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -627,6 +628,7 @@ class Wrapped(nn.Module):
         self._pending: dict[nn.Module, list] = {}
         self._queued: set = set()  # what runs once when the current backward pass has finished
         self.point_names: list[str] | None = list(points) if points is not None else None
+        self._named_points = points is not None  # (named by the user: an unusable output is an error)
         #: the LayerNorm/RMSNorm the head reads the points' stream through (direct rules), see readout_norm
         self.readout_name: str | None = None
         self._readout: list[nn.Module] = []  # that module (a list: not registered as a submodule)
@@ -884,6 +886,8 @@ class Wrapped(nn.Module):
         keys, shapes = [], []
         for name, o in zip(finished, outputs):
             if name in index and index[name] not in keys:
+                if isinstance(o, Mapping):
+                    o = next((v for v in o.values() if torch.is_tensor(v)), None)
                 o = o[0] if isinstance(o, tuple) and o and torch.is_tensor(o[0]) else o
                 if torch.is_tensor(o):
                     keys.append(index[name])
@@ -916,7 +920,20 @@ class Wrapped(nn.Module):
             if first is None:
                 return None
             return (first, *output[1:]) if type(output) is tuple else type(output)(first, *output[1:])
+        if isinstance(output, Mapping):  # an HF-style block/encoder output: its first tensor (the hidden states)
+            key = next((k for k, v in output.items() if torch.is_tensor(v)), None)
+            if key is None:
+                return None
+            first = self._at_point(module, inputs, output[key])
+            if first is None:
+                return None
+            out = copy.copy(output)  # the same type (ModelOutput, dict), this point's tensor replaced
+            out[key] = first
+            return out
         if not torch.is_tensor(output):
+            if self._collect is not None and torch.is_grad_enabled() and self._named_points:
+                raise NeurosalError(f"feedback point {type(module).__name__} returned {type(output).__name__}; a "
+                                    "point's output must be a tensor, a tuple or a dict whose first entry is one")
             return None
         if self._collect is None and output.requires_grad and module in self._pending and in_backward():
             waiting = self._pending[module]  # a reentrant checkpoint's recompute: the signal is waiting

@@ -1516,3 +1516,57 @@ def test_direct_rules_say_when_a_recurrent_layer_learns_through_the_layers_above
         warnings.simplefilter("error")
         F.cross_entropy(w(x), y).backward()
     assert w.widths == [16, 16] and all(p.grad is not None for p in w.model.rnn.parameters())
+
+
+def test_a_point_may_return_a_dict_and_a_list_is_refused():
+    """A user's encoder returning an HF-style dict, named as a point: its hidden states (the first
+    tensor) get the signal (it was silently no point: the encoder learned by backprop from above); an
+    output that is no tensor, tuple or dict is refused with one line."""
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(8, 16)
+
+        def forward(self, x):
+            return {"last_hidden_state": torch.relu(self.l(x)), "extra": None}
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.mid, self.head = Enc(), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.mid(self.enc(x)["last_hidden_state"])))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    w = neurosal.wrap(Model(), "dfa", points=["enc", "mid"])
+    w._watch = {}
+    out = w(x)
+    F.cross_entropy(out, y).backward()
+    ours, w._watch = w._watch["ours"], None
+    assert w.widths == [16, 16] and len(ours) == 2
+    # the encoder's update is its point's signal through the ReLU: B e at the dict's tensor
+    h = torch.relu(w.model.enc.l(x))
+    expected = torch.autograd.grad(h, w.model.enc.l.weight, ours[0])[0]
+    assert_close(w.model.enc.l.weight.grad, expected)
+
+    class Listy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(8, 16)
+
+        def forward(self, x):
+            return [self.l(x)]
+
+    class ListModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b, self.head = Listy(), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.b(x)[0])
+
+    w = neurosal.wrap(ListModel(), "dfa", points=["b"])
+    with pytest.raises(NeurosalError, match="returned list; a point's output must be a tensor"):
+        w(x)
