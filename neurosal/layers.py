@@ -448,15 +448,22 @@ class ReplayLedger:
         self._after.clear()
 
     def _pre(self, m, args):
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if in_backward():
             found = self.records.get(m)
             if found:
                 self._after.setdefault(m, []).append(_swap_module_state(m, found.pop()))
-        elif torch._C._autograd._top_saved_tensors_default_hooks(False) is not None or (
-                self.recording and not torch.is_grad_enabled()):
-            kept = self.records.setdefault(m, [])
-            kept.append(_module_state(m))
-            del kept[:-self.LIMIT]
+            # a checkpoint's forward inside a recompute (checkpoints nested: the user's around the direct
+            # rules' memory="recompute"): it will be recomputed once more, from the state replayed now
+            if hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook"):
+                self._record(m)
+        elif hooks is not None or (self.recording and not torch.is_grad_enabled()):
+            self._record(m)
+
+    def _record(self, m) -> None:
+        kept = self.records.setdefault(m, [])
+        kept.append(_module_state(m))
+        del kept[:-self.LIMIT]
 
     def _post(self, m, args, out):
         after = self._after.get(m)

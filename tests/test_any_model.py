@@ -1570,3 +1570,36 @@ def test_a_point_may_return_a_dict_and_a_list_is_refused():
     w = neurosal.wrap(ListModel(), "dfa", points=["b"])
     with pytest.raises(NeurosalError, match="returned list; a point's output must be a tensor"):
         w(x)
+
+
+@pytest.mark.parametrize("rule,analog", [("dfa", False), ("sal", False), ("dfa", True)])
+def test_a_users_checkpoint_around_recompute_mode_trains_as_without_either(rule, analog):
+    """Checkpoints nested: the user's around each block, memory="recompute"'s inside it. The outer
+    recompute used up what the forward recorded, so the inner one ran from the moved buffers and drew
+    anew (BatchNorm statistics, SAL's centres, analog read noise off). A checkpoint's forward inside a
+    recompute records the replayed state for its own recompute: three steps equal plain cache mode."""
+    from hw_models.analog import attach, convert
+    from hw_models.devices import DeviceConfig
+
+    def train(kind, memory):
+        torch.manual_seed(0)
+        net = _CheckpointedBlocks(kind)
+        if analog:
+            net = convert(net, DeviceConfig(levels=1000, read_noise=0.05))
+        w = neurosal.wrap(net, rule, memory=memory, points=["blocks.0", "blocks.1", "blocks.2"],
+                          **({"warmup": 0} if rule == "sal" else {}))
+        opt = torch.optim.SGD(w.parameters(), lr=0.1)
+        if analog:
+            attach(opt, w.model)
+        torch.manual_seed(5)
+        _sgd_steps(w, opt, torch.Generator().manual_seed(1), 3)
+        return {k: v.clone() for k, v in w.state_dict().items() if torch.is_tensor(v)}
+
+    ref = train(None, "cache")
+    for kind in ("plain", "reentrant"):
+        got = train(kind, "recompute")
+        for k, v in ref.items():
+            if v.is_floating_point():
+                torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=f"{kind} {k}")
+            else:
+                assert torch.equal(got[k], v), (kind, k)
