@@ -641,7 +641,10 @@ class Wrapped(nn.Module):
         self._slots: dict[int, int] = {}  # point index -> its entry in widths/_columns
         self._point_index: dict[nn.Module, int] = {}
         self._keys: list[int] = []  # beside _collect: the point index of each entry
-        self.register_buffer("projection", None, persistent=False)
+        #: the direct rules' feedback matrix B, made at the first step (or by materialise) and saved with
+        #: the state dict: a run resumed from it keeps its B whatever seed the new wrapper was given
+        self.register_buffer("projection", None)
+        self._loaded_projection: torch.Tensor | None = None
         gen = torch.Generator().manual_seed(seed + 7919)
         self._gen = gen
         if self.chain:
@@ -1017,7 +1020,23 @@ class Wrapped(nn.Module):
                 blocks.append(w)
             start = sum(blocks[:-1])
             self._columns.append((start, start + w))
-        self.projection = self.rule.make_projection(e_shape[-1], blocks, self._gen).to(ref.device, ref.dtype)
+        drawn = self.rule.make_projection(e_shape[-1], blocks, self._gen)  # (drawn anyway: the stream goes on)
+        loaded, self._loaded_projection = self._loaded_projection, None
+        if loaded is not None and tuple(loaded.shape) != tuple(drawn.shape):
+            raise NeurosalError(f"the loaded feedback projection has shape {tuple(loaded.shape)}; this model's "
+                                f"feedback points need {tuple(drawn.shape)}")
+        self.projection = (drawn if loaded is None else loaded).to(ref.device, ref.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the projection is made at the first step: a state dict loaded before it keeps its B for then
+        key = prefix + "projection"
+        if self.projection is None and key in state_dict:
+            self._loaded_projection = state_dict[key].detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self._loaded_projection is not None and key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     def _add_point(self, key: int, width: int, n_out: int) -> None:
         """Columns for a point first met after the projection was made: the block of a stream point of

@@ -1603,3 +1603,34 @@ def test_a_users_checkpoint_around_recompute_mode_trains_as_without_either(rule,
                 torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=f"{kind} {k}")
             else:
                 assert torch.equal(got[k], v), (kind, k)
+
+
+def test_the_projection_travels_in_the_state_dict():
+    """The direct rules' B was left out of the state dict (made from the seed at the first step): a run
+    resumed in a user's loop with another seed (the default 0) trained on with another B, silently. It
+    is saved now, and loaded before or after the first step; a B of another shape is refused."""
+    import io
+
+    def build(seed, depth=2):
+        torch.manual_seed(0)
+        return neurosal.wrap(build_zoo(f"vit:patch=4,dim=16,depth={depth},heads=2", (1, 8, 8), 10), "dfa",
+                             seed=seed, share_stream=False)
+
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    a = build(7)
+    F.cross_entropy(a(x), y).backward()
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    fresh, planned = build(0), build(0).materialise(x)
+    assert not torch.equal(planned.projection, a.projection)  # another seed, another B
+    for b in (fresh, planned):
+        b.load_state_dict(state)
+        F.cross_entropy(b(x), y).backward()
+        assert torch.equal(b.projection, a.projection)
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
+    deeper = build(0, depth=3)
+    deeper.load_state_dict({k: v for k, v in state.items() if not k.startswith("model.")}, strict=False)
+    with pytest.raises(NeurosalError, match=r"loaded feedback projection has shape \(10, 32\).*need \(10, 48\)"):
+        deeper(x)
