@@ -91,6 +91,17 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _true_feedback_grads(model, x, y):
+    """(fa with B = W in every layer, autograd): the gradients of copies of ``model``, one step each."""
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    w = neurosal.wrap(copy.deepcopy(model), "fa")
+    for slot, (_, m) in enumerate(layer_sites(w.model)):
+        w.rule.set_feedback(slot, (m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight).detach())
+    F.cross_entropy(w(x), y).backward()
+    return _grads(w.model), _grads(ref)
+
+
 # ----------------------------------------------------------------------------- exact identities
 
 @pytest.mark.parametrize("case", ["resnet", "vit", "encoder", "encoder-prenorm", "cross-attention", "two-branch"])
@@ -99,14 +110,7 @@ def test_fa_with_true_feedback_equals_autograd(case):
     BatchNorm, LayerNorm, softmax attention (masked), GELU, residual adds and pooling."""
     model, x, n = _case(case)
     y = torch.randint(0, n, (len(x) if case not in ("encoder", "encoder-prenorm") else x.shape[1],))
-    ref = copy.deepcopy(model)
-    F.cross_entropy(ref(x), y).backward()
-    wrapped = neurosal.wrap(model, "fa")
-    for slot, (_, m) in enumerate(layer_sites(wrapped.model)):
-        w = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
-        wrapped.rule.set_feedback(slot, w.detach())
-    F.cross_entropy(wrapped(x), y).backward()
-    got, want = _grads(wrapped.model), _grads(ref)
+    got, want = _true_feedback_grads(model, x, y)
     assert got.keys() == want.keys()
     for k in want:
         assert_close(got[k], want[k], msg=k)
@@ -119,14 +123,10 @@ def test_conv3d_gets_feedback_matrices_and_volume_points():
     model = nn.Sequential(nn.Conv3d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv3d(4, 4, 3, padding="same"),
                           nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 3)).double()
     x, y = torch.randn(3, 2, 7, 6, 5, dtype=torch.float64), torch.randint(0, 3, (3,))
-    ref = copy.deepcopy(model)
-    F.cross_entropy(ref(x), y).backward()
-    w = neurosal.wrap(copy.deepcopy(model), "fa")
-    for slot, (_, m) in enumerate(layer_sites(w.model)):
-        w.rule.set_feedback(slot, m.weight.detach())
-    F.cross_entropy(w(x), y).backward()
-    for (k, a), b in zip(_grads(w.model).items(), _grads(ref).values()):
-        assert_close(a, b, msg=k)
+    got, want = _true_feedback_grads(model, x, y)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert_close(got[k], want[k], msg=k)
     d = neurosal.wrap(copy.deepcopy(model), "dfa").materialise(x)
     assert d.point_names == ["1", "5"] and d.widths == [4, 4]  # the volume's 4 channels; the pooled 4
     F.cross_entropy(d(x), y).backward()
@@ -157,13 +157,7 @@ def test_transposed_convolutions_get_feedback_matrices():
 
     model = Decoder().double()
     x, y = torch.randn(3, 4, 3, 5, dtype=torch.float64), torch.randint(0, 3, (3,))
-    ref = copy.deepcopy(model)
-    F.cross_entropy(ref(x), y).backward()
-    w = neurosal.wrap(copy.deepcopy(model), "fa")
-    for slot, (_, m) in enumerate(layer_sites(w.model)):
-        w.rule.set_feedback(slot, m.weight.detach())
-    F.cross_entropy(w(x), y).backward()
-    got, want = _grads(w.model), _grads(ref)
+    got, want = _true_feedback_grads(model, x, y)
     assert got.keys() == want.keys()
     for k in want:
         assert_close(got[k], want[k], msg=k)
