@@ -416,13 +416,13 @@ class DifferentialArray:
         drift(1000) gives the state at 1000 s, not at 10^4 s (a sweep over t on one model measures each
         t); ``t <= t0`` gives the programmed state back. Any update starts a new clock from the
         conductances it leaves."""
-        aged = (self._drift_base is not None and self.g is self._drift_g
-                and self.g._version == self._drift_version)
-        base = self._drift_base if aged else self.g
+        base = self._drift_state()
+        base = self.g if base is None else base
         self.g = base.clone() if t <= t0 else self.lo + (base - self.lo) * (t / t0) ** (-self.nu)
         self._drift_base, self._drift_g, self._drift_version = base, self.g, self.g._version
 
     def _drift_state(self) -> torch.Tensor | None:
+        """The programmed conductances while the devices hold only drift since (no update after it)."""
         aged = self._drift_base is not None and self.g is self._drift_g and self.g._version == self._drift_version
         return self._drift_base if aged else None
 

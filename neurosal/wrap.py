@@ -547,6 +547,27 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
     return points
 
 
+def point_tensor(output):
+    """A feedback point's tensor in a tuple or dict output and how to put a replacement back: the first
+    tensor of a tuple ((spikes, membrane) of a spiking neuron, (output, state) of a recurrent cell: the
+    state passes on untouched) or the first tensor entry of a dict (an HF-style encoder's hidden states).
+    ``(None, None)`` when there is none."""
+    if isinstance(output, tuple):
+        if not (output and torch.is_tensor(output[0])):
+            return None, None
+        rest = output[1:]
+        return output[0], (lambda t: (t, *rest)) if type(output) is tuple else (lambda t: type(output)(t, *rest))
+    key = next((k for k, v in output.items() if torch.is_tensor(v)), None)
+    if key is None:
+        return None, None
+
+    def put(t):
+        out = copy.copy(output)  # the same type (ModelOutput, dict), the point's tensor replaced
+        out[key] = t
+        return out
+    return output[key], put
+
+
 def is_neuron(module: nn.Module, x, out) -> bool:
     """A stateful neuron layer applied to a layer's output ``x``: no trainable parameters, returning a
     tuple whose first tensor is shaped like ``x`` (snnTorch's ``Leaky``: ``(spikes, membrane)``; a
@@ -889,9 +910,7 @@ class Wrapped(nn.Module):
         keys, shapes = [], []
         for name, o in zip(finished, outputs):
             if name in index and index[name] not in keys:
-                if isinstance(o, Mapping):
-                    o = next((v for v in o.values() if torch.is_tensor(v)), None)
-                o = o[0] if isinstance(o, tuple) and o and torch.is_tensor(o[0]) else o
+                o = point_tensor(o)[0] if isinstance(o, (tuple, Mapping)) else o
                 if torch.is_tensor(o):
                     keys.append(index[name])
                     shapes.append(tuple(o.shape))
@@ -916,23 +935,12 @@ class Wrapped(nn.Module):
                           "neurosal.Point() or points=[...]", stacklevel=4)
 
     def _at_point(self, module, inputs, output):
-        if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
-            # (spikes, membrane) of a spiking neuron, (output, state) of a recurrent cell: the point is the
-            # first tensor; the state passes on untouched (within-neuron credit through time stays)
-            first = self._at_point(module, inputs, output[0])
-            if first is None:
-                return None
-            return (first, *output[1:]) if type(output) is tuple else type(output)(first, *output[1:])
-        if isinstance(output, Mapping):  # an HF-style block/encoder output: its first tensor (the hidden states)
-            key = next((k for k, v in output.items() if torch.is_tensor(v)), None)
-            if key is None:
-                return None
-            first = self._at_point(module, inputs, output[key])
-            if first is None:
-                return None
-            out = copy.copy(output)  # the same type (ModelOutput, dict), this point's tensor replaced
-            out[key] = first
-            return out
+        tensor, put = point_tensor(output) if isinstance(output, (tuple, Mapping)) else (None, None)
+        if tensor is not None:
+            first = self._at_point(module, inputs, tensor)
+            return None if first is None else put(first)
+        if isinstance(output, Mapping):
+            return None  # a dict without tensors: nothing to teach here
         if not torch.is_tensor(output):
             if self._collect is not None and torch.is_grad_enabled() and self._named_points:
                 raise NeurosalError(f"feedback point {type(module).__name__} returned {type(output).__name__}; a "
