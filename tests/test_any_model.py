@@ -985,6 +985,52 @@ def test_sign_concordant_and_kolen_pollack_feedback():
         assert_close(kp.rule.feedback[str(slot)].grad, want, msg=name)
 
 
+@pytest.mark.parametrize("rule", ["usf", "frsf", "brsf"])
+def test_sign_feedback_scaled_at_init_stays_fixed_and_resumes(rule):
+    """scaling="init" (BioTorch's / Xiao et al.'s fixed scaling factor): B's RMS is W's RMS at set-up and
+    stays there when W grows -- "norm" follows W (the feedback loop that made usf/frsf diverge at
+    BioTorch's rate 0.1 on LeNet); the scale travels in the state dict."""
+    w = neurosal.wrap(TwoBranch(16, 12, 4).double(), rule, scaling="init")
+    sites = layer_sites(w.model)
+    rms0 = [m.weight.detach().pow(2).mean().sqrt().clone() for _, m in sites]
+    with torch.no_grad():
+        for _, m in sites:
+            m.weight.mul_(3.0)
+    for slot, (name, m) in enumerate(sites):
+        b = w.rule.feedback_weight(slot, m.weight)
+        assert torch.equal(torch.sign(b), torch.sign(m.weight)), name
+        assert_close(b.pow(2).mean().sqrt(), rms0[slot], msg=name)  # not 3x: fixed at the init's scale
+    norm = neurosal.wrap(TwoBranch(16, 12, 4).double(), rule)  # the default follows W
+    with torch.no_grad():
+        norm.model.left.weight.mul_(3.0)
+    b = norm.rule.feedback_weight(1, norm.model.left.weight)
+    assert_close(b.norm(), norm.model.left.weight.norm())
+    other = neurosal.wrap(TwoBranch(16, 12, 4).double(), rule, scaling="init")  # other weights, other RMS
+    other.load_state_dict(w.state_dict())
+    for slot, (name, m) in enumerate(layer_sites(other.model)):
+        assert_close(other.rule.feedback_weight(slot, m.weight).pow(2).mean().sqrt(), rms0[slot], msg=name)
+
+
+def test_fa_xavier_feedback_init():
+    """fa init="xavier" (BioTorch's feedback init): U(-a, a), a = sqrt(6 / (fan_in + fan_out)), fans over
+    the kernel for conv layers; the default stays U(-1/sqrt(fan_in), +)."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 5), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 300),
+                          nn.ReLU(), nn.Linear(300, 10))
+    x = torch.randn(2, 3, 8, 8)
+    for init, bound in (("xavier", lambda w: math.sqrt(6 / (w[0].numel() + w.shape[0] * w[0, 0].numel()
+                                                                if w.dim() > 2 else w.shape[1] + w.shape[0]))),
+                        ("uniform", lambda w: 1 / math.sqrt(w[0].numel()))):
+        w = neurosal.wrap(copy.deepcopy(model), "fa", init=init)
+        w(x)
+        for slot, (name, m) in enumerate(layer_sites(w.model)):
+            b, a = w.rule.feedback_weight(slot, m.weight), bound(m.weight)
+            assert b.shape == m.weight.shape
+            assert b.abs().max() <= a and b.abs().max() > 0.9 * a, (init, name)  # fills U(-a, a)
+            assert abs(float(b.pow(2).mean().sqrt()) - a / math.sqrt(3)) < 0.1 * a, (init, name)
+    with pytest.raises(NeurosalError, match="xavier"):
+        neurosal.wrap(copy.deepcopy(model), "fa", init="glorot")
+
+
 @pytest.mark.parametrize("rule", ["fa", "kp", "ldef", "dfa", "sal"])
 def test_autocast_bf16_gives_full_precision_finite_grads(rule):
     """AMP: the layers compute in bf16, every update lands in the parameters' own dtype (two blocks: the

@@ -83,15 +83,24 @@ def _weight_bound(w: torch.Tensor) -> float:
     return 1.0 / math.sqrt(fan_in)
 
 
+def _xavier_bound(w: torch.Tensor) -> float:
+    """Glorot & Bengio 2010: ``sqrt(6 / (fan_in + fan_out))``, fans counted over the kernel for conv."""
+    fan_in = w[0].numel() if w.dim() > 1 else w.numel()
+    fan_out = w.shape[0] * (w[0, 0].numel() if w.dim() > 2 else 1)
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
 @dataclasses.dataclass
 class FAConfig(RuleConfig):
-    #: feedback init: "uniform" (torch's default layer init, U(-1/sqrt(fan_in), +)) or "gaussian"
+    #: feedback init: "uniform" (torch's default layer init, U(-1/sqrt(fan_in), +)), "gaussian" (same
+    #: variance) or "xavier" (U(-sqrt(6/(fan_in+fan_out)), +): BioTorch's default feedback init)
     init: str = "uniform"
     #: multiplies the feedback matrices
     scale: float = 1.0
 
     def __post_init__(self):
-        check(self.init in ("gaussian", "uniform"), "rule option init", f"use gaussian or uniform, not {self.init!r}")
+        check(self.init in ("gaussian", "uniform", "xavier"), "rule option init",
+              f"use gaussian, uniform or xavier, not {self.init!r}")
         check(positive(self.scale), "rule option scale", f"must be a positive number, got {self.scale}")
 
 
@@ -105,7 +114,9 @@ class FeedbackAlignment(LayerwiseRule):
 
     def init_feedback(self, slot, weight, generator):
         bound = _weight_bound(weight)
-        if self.config.init == "uniform":
+        if self.config.init == "xavier":
+            b = uniform(weight.shape, _xavier_bound(weight), generator)
+        elif self.config.init == "uniform":
             b = uniform(weight.shape, bound, generator)
         else:
             b = gaussian(weight.shape, bound / math.sqrt(3), generator)
@@ -120,11 +131,14 @@ class FeedbackAlignment(LayerwiseRule):
 
 @dataclasses.dataclass
 class USFConfig(RuleConfig):
-    #: "norm": |B|_F = |W|_F (uSF with magnitude matched); "none": raw sign(W)
+    #: "norm": |B|_F = |W|_F, following W as it grows (magnitude matched); "init": B's RMS fixed at W's
+    #: RMS when the rule was set up -- the init's scale, as BioTorch and Xiao et al. 2018 scale sign
+    #: feedback (their "scaling factor", the init's standard deviation); "none": raw sign(W)
     scaling: str = "norm"
 
     def __post_init__(self):
-        check(self.scaling in ("norm", "none"), "rule option scaling", f"use norm or none, not {self.scaling!r}")
+        check(self.scaling in ("norm", "init", "none"), "rule option scaling",
+              f"use norm, init or none, not {self.scaling!r}")
 
 
 @register
@@ -137,18 +151,34 @@ class SignSymmetry(LayerwiseRule):
     summary = "sign symmetry: B = sign(W), magnitude-matched"
     Config = USFConfig
 
+    def init_feedback(self, slot, weight, generator):
+        _init_scale(self, slot, weight)
+
     def feedback_weight(self, slot, weight):
-        return _sign_feedback(weight, None, self.config.scaling)
+        return _sign_feedback(self, slot, weight, None)
 
 
-def _sign_feedback(weight: torch.Tensor, magnitude: torch.Tensor | None, scaling: str) -> torch.Tensor:
-    """``sign(W)`` times ``magnitude`` (uniform when None), with ``|B|_F = |W|_F`` under ``"norm"``."""
+def _init_scale(rule: LayerwiseRule, slot: int, weight: torch.Tensor) -> None:
+    """Under ``scaling="init"``: W's RMS now (at set-up: the init's scale), kept in the state dict."""
+    if rule.config.scaling == "init":
+        rule.register_buffer(f"S{slot}", weight.detach().pow(2).mean().sqrt().clone())
+
+
+def _sign_feedback(rule: LayerwiseRule, slot: int, weight: torch.Tensor,
+                   magnitude: torch.Tensor | None) -> torch.Tensor:
+    """``sign(W)`` times ``magnitude`` (uniform when None), scaled as ``rule.config.scaling`` says:
+    ``|B|_F = |W|_F`` ("norm"), B's RMS = W's RMS at set-up ("init"), or not at all ("none")."""
     b = torch.sign(weight)
     if magnitude is not None:
         b = b * magnitude
+    scaling = rule.config.scaling
     if scaling == "none":
         return b
-    return b * (weight.norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny))
+    tiny = torch.finfo(b.dtype).tiny
+    if scaling == "init":
+        target = getattr(rule, f"S{slot}").to(b.dtype) * math.sqrt(b.numel())
+        return b * (target / b.norm().clamp_min(tiny))
+    return b * (weight.norm() / b.norm().clamp_min(tiny))
 
 
 @dataclasses.dataclass
@@ -168,9 +198,10 @@ class FixedRandomSignFeedback(LayerwiseRule):
     def init_feedback(self, slot, weight, generator):
         r = uniform(weight.shape, _weight_bound(weight), generator).abs()
         self.register_buffer(f"R{slot}", r.to(weight.device, weight.dtype))
+        _init_scale(self, slot, weight)
 
     def feedback_weight(self, slot, weight):
-        return _sign_feedback(weight, getattr(self, f"R{slot}"), self.config.scaling)
+        return _sign_feedback(self, slot, weight, getattr(self, f"R{slot}"))
 
 
 @register
@@ -198,6 +229,7 @@ class BatchRandomSignFeedback(LayerwiseRule):
 
     def init_feedback(self, slot, weight, generator):
         self.seed.fill_(int(torch.randint(0, 2 ** 31 - 1, (), generator=generator)))
+        _init_scale(self, slot, weight)
 
     def feedback_weight(self, slot, weight):
         dev = weight.device
@@ -206,7 +238,7 @@ class BatchRandomSignFeedback(LayerwiseRule):
             gen = self._gens[dev] = torch.Generator(dev)
         gen.manual_seed(int(self.seed) * 1_000_003 + int(self.step) * 7919 + slot)
         r = torch.rand(weight.shape, generator=gen, device=dev, dtype=weight.dtype)
-        return _sign_feedback(weight, r, self.config.scaling)
+        return _sign_feedback(self, slot, weight, r)
 
     def after_step(self, net) -> None:
         self.step += 1
