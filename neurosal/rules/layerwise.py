@@ -145,7 +145,9 @@ class USFConfig(RuleConfig):
 class SignSymmetry(LayerwiseRule):
     """Uniform sign-concordant feedback (Liao, Leibo & Poggio 2016; BioTorch's uSF):
     ``B = sign(W) * |W|_F / sqrt(numel)`` so the feedback has the forward weight's overall scale but
-    carries only its signs."""
+    carries only its signs. ``scaling="init"`` fixes that scale at W's RMS when the rule is set up, as
+    BioTorch does (``sign(W)`` times the init's standard deviation; Xiao et al. 2018): the default
+    follows W as it grows, which is less stable at large learning rates (benchmarks/reports/biotorch)."""
 
     name = "usf"
     summary = "sign symmetry: B = sign(W), magnitude-matched"
