@@ -364,6 +364,8 @@ class _Hub(torch.autograd.Function):
 def _is_block(m: nn.Module) -> bool:
     if isinstance(m, TORCH_BLOCKS):
         return True
+    if isinstance(m, PARAM_LAYERS):  # a layer with children of its own (weight_norm's parametrizations)
+        return False
     has_params = any(True for _ in m.parameters())
     has_children = any(True for _ in m.children())
     return has_params and has_children
@@ -396,7 +398,9 @@ def probe(model: nn.Module, args, kwargs) -> tuple[list, object, list[str], list
     def record(mod, inp, out):
         finished.append(names[mod])
         outputs.append(out)
-        if next(mod.children(), None) is None or isinstance(mod, (nn.MultiheadAttention, AreaLinear)):
+        # a layer is one call even with children: torch.nn.utils.parametrize (weight_norm, orthogonal)
+        # gives it a `parametrizations` child, which left it out and let it learn by backprop
+        if next(mod.children(), None) is None or isinstance(mod, (nn.MultiheadAttention, AreaLinear) + PARAM_LAYERS):
             calls.append((names[mod], mod, inp[0] if inp else None, out))
 
     handles = [m.register_forward_hook(record) for m in model.modules()]
@@ -480,7 +484,8 @@ def channels_first(modules: dict, points: list[str], finished: list[str]) -> lis
         if name not in points or name in found:
             continue
         last = next((modules[n] for n in reversed(finished[:i + 1])
-                     if isinstance(modules[n], CHANNELS_FIRST) or any(True for _ in modules[n].parameters(recurse=False))),
+                     if isinstance(modules[n], CHANNELS_FIRST + PARAM_LAYERS)
+                     or any(True for _ in modules[n].parameters(recurse=False))),
                     None)
         found[name] = isinstance(last, CHANNELS_FIRST)
     return [found.get(name, False) for name in points]

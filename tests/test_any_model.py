@@ -985,6 +985,36 @@ def test_sign_concordant_and_kolen_pollack_feedback():
         assert_close(kp.rule.feedback[str(slot)].grad, want, msg=name)
 
 
+@pytest.mark.parametrize("rule", ["dfa", "drtp", "fa"])
+def test_parametrized_layer_is_a_layer(rule):
+    """torch.nn.utils.parametrize (weight_norm, orthogonal, a user's own) gives a Linear a child module:
+    the direct rules took it for a composite, put no feedback point after it, and it learned by
+    backprop from the layer above, silently. Now it is a layer like the plain one: the same points and
+    B, and its parametrisation's gradients are the plain layer's rule gradient taken through W(g, v)."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).double()
+    normed = copy.deepcopy(plain)
+    parametrizations.weight_norm(normed[2])  # the same effective weight
+    x, y = torch.randn(5, 8, dtype=torch.float64), torch.randint(0, 4, (5,))
+    a, b = neurosal.wrap(plain, rule, seed=0), neurosal.wrap(normed, rule, seed=0)
+    for w in (a, b):
+        out = w(x)
+        if w.rule.needs_target:
+            w.set_target(y)
+        F.cross_entropy(out, y).backward()
+    if rule != "fa":
+        assert b.point_names == a.point_names == ["1", "3"]
+    for i in (0, 4):
+        assert_close(b.model[i].weight.grad, a.model[i].weight.grad)
+    assert_close(b.model[2].bias.grad, a.model[2].bias.grad)
+    pz = b.model[2].parametrizations.weight
+    want = torch.autograd.grad(b.model[2].weight, [pz.original0, pz.original1], a.model[2].weight.grad)
+    assert_close(pz.original0.grad, want[0])
+    assert_close(pz.original1.grad, want[1])
+
+
 @pytest.mark.parametrize("rule", ["usf", "frsf", "brsf"])
 def test_sign_feedback_scaled_at_init_stays_fixed_and_resumes(rule):
     """scaling="init" (BioTorch's / Xiao et al.'s fixed scaling factor): B's RMS is W's RMS at set-up and
