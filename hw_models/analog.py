@@ -23,6 +23,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
@@ -243,6 +244,21 @@ class AnalogTiles:
         return clip_fraction(self.arrays)
 
 
+def _load_float(new: nn.Module, layer: nn.Module) -> None:
+    """The float layer's state into its analog twin (whose own extra state -- the arrays -- comes later).
+    A parametrised weight (weight_norm, orthogonal: ``torch.nn.utils.parametrize``) is stored as its
+    factors; the twin takes the effective weight, which is what the arrays are programmed with. Any
+    other state without a place on the twin is an error, not silently a randomly initialised weight."""
+    state = dict(layer.state_dict())
+    for name in [n for n in ("weight", "in_proj_weight") if parametrize.is_parametrized(layer, n)]:
+        state = {k: v for k, v in state.items() if not k.startswith(f"parametrizations.{name}.")}
+        state[name] = getattr(layer, name).detach()
+    unexpected = new.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise NeurosalError(f"convert: {type(layer).__name__} holds state the analog layer has no place for: "
+                            f"{unexpected[:4]}")
+
+
 class _AnalogMixin:
     """Shared plumbing: the tiles, the post-step sync, checkpoint state."""
 
@@ -374,7 +390,7 @@ class AnalogLinear(_AnalogMixin, nn.Linear):
     def from_float(cls, layer: nn.Linear, cfg: DeviceConfig, seed: int) -> "AnalogLinear":
         new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
                   device=layer.weight.device, dtype=layer.weight.dtype)
-        new.load_state_dict(layer.state_dict(), strict=False)
+        _load_float(new, layer)
         new.tiles = AnalogTiles(cfg, [new.weight], layer.in_features, seed)
         return new
 
@@ -396,7 +412,7 @@ class _AnalogConv(_AnalogMixin):
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
                   device=layer.weight.device, dtype=layer.weight.dtype)
-        new.load_state_dict(layer.state_dict(), strict=False)
+        _load_float(new, layer)
         new.tiles = AnalogTiles(cfg, [new.weight], layer.weight[0].numel(), seed)
         return new
 
@@ -449,7 +465,7 @@ class AnalogMultiheadAttention(_AnalogMixin, nn.MultiheadAttention):
         w = mha.in_proj_weight
         new = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
                   batch_first=mha.batch_first, device=w.device, dtype=w.dtype)
-        new.load_state_dict(mha.state_dict(), strict=False)
+        _load_float(new, mha)
         new.out_proj = mha.out_proj  # the caller puts it on its own array, as any Linear
         new.train(mha.training)
         new.tiles = AnalogTiles(cfg, [new.in_proj_weight], mha.embed_dim, seed)
@@ -476,7 +492,7 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
     def from_float(cls, layer: AreaLinear, cfg: DeviceConfig, seed: int) -> "AnalogAreaLinear":
         new = cls(layer.in_features, layer.out_features, layer.areas, layer.route_dim, layer.balance,
                   layer.temperature, layer.center_momentum, layer.tokens)
-        new.load_state_dict(layer.state_dict(), strict=False)  # with the float layer's warm-up clock
+        _load_float(new, layer)  # with the float layer's warm-up clock
         new.grouped = layer.grouped
         new.to(layer.router.device, layer.router.dtype)
         new.tiles = AnalogTiles(cfg, list(new.area_weight), layer.in_features, seed)
@@ -546,6 +562,11 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
         other = [n for n, m in named if not isinstance(m, nn.Linear)]
         named = [(n, m) for n, m in named if not any(n == a or n.startswith(a + ".") for a in other)]
         digital += other
+    reparam = [n for n, m in named if parametrize.is_parametrized(m)]
+    if reparam:  # weight_norm, orthogonal, spectral: a crossbar stores W itself, not W's factors
+        warnings.warn(f"convert: {reparam[:3]}{' and more' if len(reparam) > 3 else ''} are parametrised "
+                      "(torch.nn.utils.parametrize); the devices hold the effective weight and learn it "
+                      "directly: the parametrisation is dropped", stacklevel=2)
     if digital:
         warnings.warn(f"convert: {digital[:3]}{' and more' if len(digital) > 3 else ''} have no analog version "
                       "here (transposed convolutions, recurrent and bilinear layers; under pulses=coincidence "

@@ -498,6 +498,29 @@ def test_convert_says_which_layers_stay_digital():
         convert(net, "linear-256")
 
 
+def test_convert_programs_a_parametrised_layers_effective_weight_and_says_so():
+    """A weight_norm'd Linear goes onto the devices with its effective weight W = g v / |v| (the array
+    stores W, not its factors), and convert says the parametrisation is dropped."""
+    from torch.nn.utils import parametrizations
+
+    from hw_models.analog import convert
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), parametrizations.weight_norm(nn.Linear(16, 16)), nn.ReLU(),
+                        nn.Linear(16, 3))
+    with torch.no_grad():
+        net[2].parametrizations.weight.original0.mul_(2.0)  # W is no longer v: the factors matter
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        want = net(x)
+    with pytest.warns(UserWarning, match=r"\['2'\] are parametrised .* effective weight"):
+        analog = convert(copy.deepcopy(net), DeviceConfig(levels=1_000_000))
+    analog.eval()
+    with torch.no_grad():
+        got = analog(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 def test_sal_area_layers_on_devices_learn_through_the_general_engine():
     """SAL's area layers on arrays inside any model (wrap, then convert): the read had no derivative
     for the area weights (they never learnt) and, where the layer's input needed a gradient, the DAC's
