@@ -48,6 +48,7 @@ import copy
 import dataclasses
 import math
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterable
@@ -609,6 +610,47 @@ def readout_norm(modules: dict, points: list[str], finished: list[str]) -> str |
 
 # ----------------------------------------------------------------------------- the wrapper
 
+class _Twins:
+    """Wrappers deep-copied from one another before their first step -- an EMA or SWA average made at
+    the start of training (``torch.optim.swa_utils.AveragedModel``, timm's ``ModelEma``), which then
+    copies the trained wrapper's buffers into its own by position, every step. The direct rules make B
+    at the first step; the first of the twins to make it plans the others with the same example input,
+    so they hold the same entries of the same shapes (each draws its own B from its own copy of the
+    generator: the same B it would have drawn at its own first step). Shared, not copied, by deepcopy."""
+
+    def __init__(self, first: "Wrapped"):
+        self.members: weakref.WeakSet = weakref.WeakSet([first])
+
+    def __deepcopy__(self, memo):
+        for m in list(self.members):  # the copy of a member being deep-copied joins
+            twin = memo.get(id(m))
+            if twin is not None:
+                self.members.add(twin)
+        return self
+
+    def __reduce__(self):  # pickled (torch.save of the module): a loaded wrapper plans itself
+        return (_no_twins, ())
+
+    def plan_others(self, source: "Wrapped", args, kwargs) -> None:
+        for twin in list(self.members):
+            if twin is source or twin.has_projection or twin._hooks:
+                continue
+            p = next(twin.model.parameters(), None)
+            if p is None:
+                continue
+            move = lambda v: v.to(p.device) if torch.is_tensor(v) else v  # noqa: E731 (an EMA kept on the CPU)
+            try:
+                twin.materialise(*[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
+            except (NeurosalError, RuntimeError):
+                pass  # it plans itself at its own first step, as before
+
+
+def _no_twins() -> _Twins:
+    t = _Twins.__new__(_Twins)
+    t.members = weakref.WeakSet()
+    return t
+
+
 class Wrapped(nn.Module):
     """A user's model trained by a rule. ``forward`` is the model's; train it with ``loss.backward()``.
 
@@ -669,7 +711,10 @@ class Wrapped(nn.Module):
         self._keys: list[int] = []  # beside _collect: the point index of each entry
         #: the direct rules' feedback matrix B, made at the first step (or by materialise) and saved with
         #: the state dict: a run resumed from it keeps its B whatever seed the new wrapper was given
-        self.register_buffer("projection", None)
+        #: (an empty placeholder until then, so that the buffers and the state dict list the same entries
+        #: before and after: an EMA/SWA copy made before the first step pairs them by position)
+        self.register_buffer("projection", torch.empty(0) if rule.direct and not self.chain else None)
+        self._twins = _Twins(self)
         self._loaded_projection: torch.Tensor | None = None
         gen = torch.Generator().manual_seed(seed + 7919)
         self._gen = gen
@@ -904,8 +949,9 @@ class Wrapped(nn.Module):
             for m in blocks:
                 m.forward = _Recomputed(m.forward)
                 self._restore.append(m)
-        if self.projection is None:
+        if not self.has_projection:
             self._materialise_planned(sel, finished, outputs)
+            self._twins.plan_others(self, args, kwargs)
 
     def _materialise_planned(self, sel: torch.Tensor, finished: list[str], outputs: list) -> None:
         """The projection for every point the planning pass saw, in the order they finished there -- also
@@ -1044,12 +1090,22 @@ class Wrapped(nn.Module):
                               error_msgs):
         # the projection is made at the first step: a state dict loaded before it keeps its B for then
         key = prefix + "projection"
-        if self.projection is None and key in state_dict:
-            self._loaded_projection = state_dict[key].detach().clone()
+        if self.projection is not None and not self.has_projection:  # the placeholder
+            if key in state_dict and state_dict[key].numel():
+                self._loaded_projection = state_dict[key].detach().clone()
+            state_dict = {k: v for k, v in state_dict.items() if k != key}  # the placeholder stays as it is
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            if key in missing_keys:  # saved before a first step: nothing to keep
+                missing_keys.remove(key)
+            return
+        early = key in state_dict and self.projection is not None and not state_dict[key].numel()
+        if early:  # saved before a first step: ours stays
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if self._loaded_projection is not None and key in unexpected_keys:
-            unexpected_keys.remove(key)
+        if early and key in missing_keys:
+            missing_keys.remove(key)
 
     def _add_point(self, key: int, width: int, n_out: int) -> None:
         """Columns for a point first met after the projection was made: the block of a stream point of
@@ -1072,8 +1128,8 @@ class Wrapped(nn.Module):
         """Each point's signal from the error ``e``; ``keys``: each point's index in ``point_names``
         (default: the points in the order of the first step, each once)."""
         if keys is None:
-            keys = list(self._slots)[:len(shapes)] if self.projection is not None else list(range(len(shapes)))
-        if self.projection is None:
+            keys = list(self._slots)[:len(shapes)] if self.has_projection else list(range(len(shapes)))
+        if not self.has_projection:
             self._materialise(tuple(e.shape), shapes, keys)
         layout = self._layout(tuple(e.shape), shapes, keys)
         for key, (_, w, _, _) in zip(keys, layout):
@@ -1124,6 +1180,12 @@ class Wrapped(nn.Module):
         like the output (multi-hot labels, soft labels, regression targets). Taken by the next training
         forward, or -- set after it -- by its backward."""
         self._target = y
+
+    @property
+    def has_projection(self) -> bool:
+        """Whether the direct rules' feedback matrix B exists yet (made at the first step or by
+        :meth:`materialise`)."""
+        return self.projection is not None and self.projection.numel() > 0
 
     def materialise(self, *args, **kwargs) -> "Wrapped":
         """Plan points and create the projection now from an example input (otherwise: the first

@@ -1704,3 +1704,66 @@ def test_the_projection_travels_in_the_state_dict():
     deeper.load_state_dict({k: v for k, v in state.items() if not k.startswith("model.")}, strict=False)
     with pytest.raises(NeurosalError, match=r"loaded feedback projection has shape \(10, 32\).*need \(10, 48\)"):
         deeper(x)
+    early = build(0).state_dict()  # saved before a first step: B is not made yet, either way round
+    assert early["projection"].numel() == 0 and list(early) == list(state)
+    a.load_state_dict(early)
+    assert a.projection.shape == (10, 32)
+    build(0).load_state_dict(early)
+
+
+@pytest.mark.parametrize("rule", ["dfa", "drtp", "sal"])
+def test_ema_and_swa_copies_made_before_the_first_step(rule):
+    """An EMA/SWA average made right after wrapping (``AveragedModel``, timm's ModelEma: a deep copy at
+    the start) pairs its buffers / state-dict entries with the trained wrapper's by position. B was
+    made at the first step and was no entry before it: the pairs shifted by one (AveragedModel failed
+    on a shape mismatch; pairs of equal shapes would have been copied crosswise, silently). The entries
+    are the same before and after now, and the copy gets its B when the original makes its own."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                              nn.Linear(16, 3))
+        return neurosal.wrap(model, rule, **({"warmup": 0} if rule == "sal" else {}))
+
+    torch.manual_seed(1)
+    xs, ys = torch.randn(3, 16, 8), torch.randint(0, 3, (3, 16))
+    late = build().materialise(xs[0])  # the reference: averaged only once B exists
+    early = build()
+    keys = list(early.state_dict())
+    avg = {w: AveragedModel(w, multi_avg_fn=get_ema_multi_avg_fn(0.9)) for w in (early, late)}
+    ema = {w: copy.deepcopy(w) for w in (early, late)}  # timm-style: state-dict values zipped by position
+    for w in (early, late):
+        opt = torch.optim.SGD(w.parameters(), lr=0.1)
+        for x, y in zip(xs, ys):
+            opt.zero_grad()
+            out = w(x)
+            if w.rule.needs_target:
+                w.set_target(y)
+            F.cross_entropy(out, y).backward()
+            opt.step()
+            avg[w].update_parameters(w)
+            with torch.no_grad():
+                for e, v in zip(ema[w].state_dict().values(), w.state_dict().values()):
+                    if torch.is_tensor(e):
+                        e.copy_(e * 0.9 + v * 0.1 if e.is_floating_point() else v)
+    assert list(early.state_dict()) == keys  # the same entries before and after the first step
+    assert torch.equal(avg[early].module.projection, early.projection)
+    for a, b in ((avg[early].module, avg[late].module), (ema[early], ema[late]), (early, late)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert list(sa) == list(sb)
+        for k in sa:
+            assert (torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k]), k
+
+
+def test_a_copy_made_before_the_first_step_trains_as_the_original():
+    """Copies planned by their original (above) draw the same B as on their own: an independent copy
+    of an unplanned wrapper trains exactly as the original does."""
+    torch.manual_seed(0)
+    base = neurosal.wrap(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), "dfa", seed=3)
+    twin = copy.deepcopy(base)
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    F.cross_entropy(base(x), y).backward()
+    assert twin.has_projection and torch.equal(twin.projection, base.projection)
+    F.cross_entropy(twin(x), y).backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(base.parameters(), twin.parameters()))
