@@ -499,15 +499,16 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
         return new
 
     def get_extra_state(self):
-        return {"analog_tiles": self.tiles.state(), "area_clock": AreaLinear.get_extra_state(self)}
+        return self.tiles.state()  # (the warm-up clock: tensors of AreaLinear's own)
 
     def set_extra_state(self, state):
-        if isinstance(state, dict) and "area_clock" in state:
-            AreaLinear.set_extra_state(self, state["area_clock"])
+        if isinstance(state, dict) and "area_clock" in state:  # written when the clock was extra state too
+            clock = state["area_clock"]
+            self.steps, self.warmup_steps = int(clock["steps"]), int(clock["warmup_steps"])
             self.tiles.load(state["analog_tiles"])
-        elif isinstance(state, dict) and set(state) == {"steps", "warmup_steps"}:  # a float area layer's
-            AreaLinear.set_extra_state(self, state)
-        else:  # written before SAL's warm-up clock existed: the tiles' state alone
+        elif isinstance(state, dict) and set(state) == set(AreaLinear.CLOCK):
+            pass  # a float area layer's older checkpoint: its clock is read already, the arrays stay programmed
+        else:
             self.tiles.load(state)
 
     def area_forward(self, k: int, rows: torch.Tensor) -> torch.Tensor:

@@ -113,16 +113,32 @@ class AreaLinear(nn.Module):
         """Whether the next training step is a warm-up step: every area learns from the whole batch."""
         return self.areas > 1 and self.steps < self.warmup_steps
 
-    def get_extra_state(self) -> dict:
-        return {"steps": self.steps, "warmup_steps": self.warmup_steps}
+    #: the warm-up clock's entries in the state dict (0-d int64 tensors: a state dict of tensors only, as
+    #: safetensors and EMA helpers that walk its values expect; plain ints on the module, read every step)
+    CLOCK = ("steps", "warmup_steps")
 
-    def set_extra_state(self, state: dict) -> None:
-        self.steps, self.warmup_steps = int(state["steps"]), int(state["warmup_steps"])
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.CLOCK:
+            destination[prefix + name] = torch.tensor(getattr(self, name), dtype=torch.long)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # checkpoints written before the warm-up existed: no steps recorded, no warm-up left
-        state_dict.setdefault(prefix + "_extra_state", {"steps": 0, "warmup_steps": 0})
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        legacy = state_dict.get(prefix + "_extra_state")  # written before the clock was tensors
+        if not (isinstance(legacy, dict) and set(legacy) == set(self.CLOCK)):
+            legacy = None
+        if all(prefix + n in state_dict for n in self.CLOCK):
+            self.steps, self.warmup_steps = (int(state_dict[prefix + n]) for n in self.CLOCK)
+        elif legacy is not None:
+            self.steps, self.warmup_steps = int(legacy["steps"]), int(legacy["warmup_steps"])
+        else:  # written before the warm-up existed: no steps recorded, no warm-up left
+            self.steps, self.warmup_steps = 0, 0
+        # (a subclass's extra state -- an analog area layer's older checkpoints -- may set it after this)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key in [prefix + n for n in self.CLOCK] + ([prefix + "_extra_state"] if legacy is not None else []):
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, areas={self.areas}, route_dim={self.router.shape[0]}"

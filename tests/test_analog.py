@@ -511,6 +511,13 @@ def test_analog_area_layer_keeps_sals_warm_up_clock():
     b = convert(net(), "linear-256", seed=0)
     b.load_state_dict(a.state_dict())
     assert (b.blocks[0].op.steps, b.blocks[0].op.warmup_steps) == (2, 5)
+    # written when the clock was part of the layer's extra state, beside the arrays
+    old = {k: v for k, v in a.state_dict().items() if not k.endswith(("op.steps", "op.warmup_steps"))}
+    old["blocks.0.op._extra_state"] = {"analog_tiles": old["blocks.0.op._extra_state"],
+                                       "area_clock": {"steps": 4, "warmup_steps": 6}}
+    c = convert(net(), "linear-256", seed=0)
+    c.load_state_dict(old)
+    assert (c.blocks[0].op.steps, c.blocks[0].op.warmup_steps) == (4, 6)
 
 
 def test_fused_without_a_cpp_compiler_is_a_clear_error():

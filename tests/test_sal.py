@@ -3,8 +3,10 @@
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+import neurosal
 from neurosal import engine
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
@@ -397,14 +399,27 @@ def test_wrap_without_the_run_length_warns_and_skips_the_warm_up():
 
 
 def test_warm_up_clock_is_saved_and_old_state_dicts_still_load():
+    """The clock is two 0-d int64 tensors in the state dict: a SAL model's state dict holds tensors only
+    (safetensors, as the HF Trainer saves a plain module, refused the dict the clock used to be; EMA
+    helpers walking the values called .copy_ on it). State dicts of both earlier formats still load."""
     layer = AreaLinear(5, 4, areas=3, warmup_steps=7)
     layer.steps = 3
+    state = layer.state_dict()
+    assert all(torch.is_tensor(v) for v in state.values())
+    assert state["steps"].dtype == torch.long and int(state["steps"]) == 3 and int(state["warmup_steps"]) == 7
     fresh = AreaLinear(5, 4, areas=3)
-    fresh.load_state_dict(layer.state_dict())
+    fresh.load_state_dict(state)
     assert (fresh.steps, fresh.warmup_steps) == (3, 7)
-    old = {k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")}
-    fresh.load_state_dict(old)  # written before the warm-up existed: no warm-up left
+    dict_clock = {k: v for k, v in state.items() if k not in AreaLinear.CLOCK}
+    dict_clock["_extra_state"] = {"steps": 2, "warmup_steps": 9}  # the clock as extra state (before)
+    fresh.load_state_dict(dict_clock)
+    assert (fresh.steps, fresh.warmup_steps) == (2, 9)
+    oldest = {k: v for k, v in state.items() if k not in AreaLinear.CLOCK}
+    fresh.load_state_dict(oldest)  # written before the warm-up existed: no warm-up left
     assert (fresh.steps, fresh.warmup_steps) == (0, 0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    wrapped = neurosal.wrap(model, "sal", run_steps=10)
+    assert all(torch.is_tensor(v) for v in wrapped.state_dict().values())
 
 
 def test_trainer_plans_the_warm_up_from_the_run_length():
