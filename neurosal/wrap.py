@@ -693,6 +693,8 @@ class Wrapped(nn.Module):
         #: their recompute replays the forward's state (ReplayLedger), and points met with autograd off
         #: (reentrant kind) get their signals when recomputed (_Deferred)
         self._ledger = ReplayLedger()
+        self._versions: dict | None = None  # see _check_stepped
+        self._steps_to_check = 3
         self._pending: dict[nn.Module, list] = {}
         self._queued: set = set()  # what runs once when the current backward pass has finished
         self.point_names: list[str] | None = list(points) if points is not None else None
@@ -800,6 +802,31 @@ class Wrapped(nn.Module):
         keep = dict(zip(idle, used))
         for i, (p, g) in enumerate(zip(params, grads)):
             p.grad = g.view_as(p).clone() if keep.get(i, True) else None
+
+    def _check_stepped(self) -> None:
+        """For the first optimiser steps: warn when parameters that hold a gradient were left as they were
+        by a step that changed others -- an optimiser built before ``wrap`` (or ``convert``) holds the
+        parameters those replaced, not sal's areas, kp/ldef's feedback or the analog layers, which then
+        never learn (kp trains as fa), silently. Read from the tensors' version counters: cheap, and only
+        until three steps have been seen."""
+        if self._steps_to_check <= 0:
+            return
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        before = self._versions
+        self._versions = {n: (id(p), p._version) for n, p in params}
+        if before is None:
+            return
+        same = [n for n, p in params if before.get(n) == (id(p), p._version)]
+        if len(same) == len(params):
+            return  # no step since the last forward (accumulating gradients, a skipped AMP step)
+        self._steps_to_check -= 1
+        stale = [n for n, p in params if n in same and p.grad is not None]
+        if stale:
+            self._steps_to_check = 0
+            warnings.warn(f"{stale[:3]}{' and more' if len(stale) > 3 else ''} got gradients but the optimiser "
+                          "step that changed the other weights left them as they were: build the optimiser from "
+                          "the wrapped model's parameters after neurosal.wrap / hw_models.convert (sal's areas, "
+                          "kp/ldef's feedback and analog layers are new parameters)", stacklevel=3)
 
     def _watch_backward(self, out) -> None:
         """Under torch.distributed with more than one rank: average the bypassed gradients when this
@@ -1204,6 +1231,7 @@ class Wrapped(nn.Module):
         if not torch.is_grad_enabled():
             return self.model(*args, **kwargs)
         self.rule.after_step(self.model)  # per-batch bookkeeping (brsf's draw counter)
+        self._check_stepped()
         scale = self.current_loss_scale()
         if scale != 1.0 or self.rule.loss_scale != 1.0:  # the area layers looked up now: convert may have
             self.rule.loss_scale = scale  # replaced them since wrap (analog areas)

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -983,6 +984,32 @@ def test_sign_concordant_and_kolen_pollack_feedback():
     for slot, (name, m) in enumerate(layer_sites(kp.model)):
         want = m.weight.grad + 0.01 * b0[str(slot)]  # dB = dW + decay * B: B follows W's own updates
         assert_close(kp.rule.feedback[str(slot)].grad, want, msg=name)
+
+
+@pytest.mark.parametrize("rule", ["kp", "ldef", "sal"])
+def test_an_optimiser_built_before_wrap_is_named(rule):
+    """sal's areas and kp/ldef's feedback are new parameters: an optimiser built from the model before
+    wrap never steps them (the areas never learn, kp trains as fa), silently. The first steps now warn,
+    naming them; an optimiser built after wrap, or accumulating micro-batches, does not."""
+    def run(before: bool, accumulate: int = 1):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1) if before else None
+        w = neurosal.wrap(model, rule, **({"warmup": 0} if rule == "sal" else {}))
+        opt = opt or torch.optim.SGD(w.parameters(), lr=0.1)
+        x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.zero_grad()
+                for _ in range(accumulate):
+                    F.cross_entropy(w(x), y).backward()
+                opt.step()
+        return [str(r.message) for r in rec if "optimiser step" in str(r.message)]
+
+    found = run(before=True)
+    assert len(found) == 1 and ("rule." if rule != "sal" else "model.0.") in found[0]
+    assert run(before=False) == [] and run(before=False, accumulate=3) == []
 
 
 @pytest.mark.parametrize("rule", ["dfa", "drtp", "fa"])
