@@ -612,6 +612,12 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module):
             if isinstance(m, _AnalogMixin):
                 m.tiles.sync(only=stepped)
 
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    analog = [n for n, m in model.named_modules() if isinstance(m, _AnalogMixin)]
+    if analog and not any(id(p) in held for n in analog for p in model.get_submodule(n).parameters()):
+        warnings.warn(f"attach: the optimiser holds no parameter of the analog layers ({analog[:3]}"
+                      f"{' and more' if len(analog) > 3 else ''}): its steps program no array. Built before "
+                      "hw_models.convert? Build it from the converted model's parameters", stacklevel=2)
     return optimizer.register_step_post_hook(hook)
 
 

@@ -1,6 +1,7 @@
 """Analog synapses: device maths on hand-worked cases, bounds, seeds, float parity and trends."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -605,6 +606,21 @@ def test_attach_on_each_of_two_optimisers_trains_as_one_optimiser(pulses):
     for reverse in (False, True):
         got = run(True, reverse)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), reverse
+
+
+def test_attach_names_an_optimiser_built_before_convert():
+    """convert makes new layers: an optimiser built from the model before it holds the replaced
+    parameters, so attach's steps programmed no array and the analog layers never learnt, silently."""
+    from hw_models.analog import attach, convert
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    stale = torch.optim.SGD(model.parameters(), lr=0.1)
+    convert(model, "linear-256")
+    with pytest.warns(UserWarning, match=r"attach: the optimiser holds no parameter of the analog layers"):
+        attach(stale, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attach(torch.optim.SGD(model.parameters(), lr=0.1), model)
 
 
 def test_drift_is_absolute_time_since_programming():
