@@ -1446,7 +1446,8 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
     if r.name == "sal" and not chain and (areas_on is not None or not has_areas):
         names = list(areas_on) if areas_on is not None else sal_layers(model)
         if not names:
-            others = sorted({type(m).__name__ for m in model.modules()
+            others = sorted({type(m).__name__ if type(m).__name__ != "Linear" else  # QAT's, a user's own
+                             f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()
                              if isinstance(m, nn.Linear) and type(m) is not nn.Linear})
             if others:  # put on an analog device before wrapping, parametrised (weight_norm), ...
                 hint = ("wrap with sal first, then convert (the areas go onto the device)"
