@@ -83,6 +83,69 @@ UNTREATED = (nn.RNNBase, nn.Bilinear)
 TORCH_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
+#: torch functions that multiply by a weight matrix: a parameter that feeds one of them outside the
+#: layers a rule knows carries the signal down through its true weights (weight transport)
+_MIXING = {F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+           F.conv_transpose3d, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.addmv,
+           torch.mv, torch.einsum, torch.tensordot, torch.Tensor.matmul, torch.Tensor.__matmul__,
+           torch.Tensor.__rmatmul__, torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.addmm}
+
+
+class _MixingWatch(torch.overrides.TorchFunctionMode):
+    """During one forward: which of the ``watched`` parameters -- or tensors made from one alone (a
+    transpose, a cast, a view) -- enter a matrix product (:data:`_MIXING`).
+    A layer the rules do not know (Hugging Face GPT-2's ``Conv1D``, a user's own ``x @ W``) is found
+    by what it does, not by its type."""
+
+    def __init__(self, watched: Iterable[tuple[str, torch.Tensor]]):
+        super().__init__()
+        self.names = {id(p): n for n, p in watched}
+        self.keep: list = []  # made tensors stay alive while watched: their ids are not reused
+        self.found: dict[str, list[torch.Tensor]] = {}  # name -> the products it entered
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat = [b for a in (*args, *kwargs.values()) for b in (a if isinstance(a, (list, tuple)) else (a,))]
+        hits = [(self.names[id(a)], a) for a in flat if torch.is_tensor(a) and id(a) in self.names]
+        if hits:
+            if func in _MIXING:
+                for n, _ in hits:
+                    self.found.setdefault(n, []).append(out)
+            elif (torch.is_tensor(out) and sum(torch.is_tensor(a) for a in flat) == 1
+                  and out.numel() == hits[0][1].numel()):  # W.t(), W.to(dtype), W.view(...): still W
+                self.names[id(out)] = hits[0][0]
+                self.keep.append(out)
+        return out
+
+
+def unknown_mixing(model: nn.Module, known: Iterable[nn.Module], run) -> dict[str, list[torch.Tensor]]:
+    """``model``'s modules whose trainable parameters enter a matrix product in ``run()`` (a forward)
+    without belonging to a ``known`` layer (nor an :class:`AreaLinear`/attention/untreated layer, which
+    have their own handling): module name -> the products' outputs."""
+    skip = {id(p) for m in known for p in m.parameters()}
+    skip |= {id(p) for m in model.modules() if isinstance(m, (AreaLinear, nn.MultiheadAttention) + UNTREATED)
+             for p in m.parameters()}
+    watched = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in skip]
+    if not watched:
+        run()
+        return {}
+    watch = _MixingWatch(watched)
+    with watch:
+        run()
+    found: dict[str, list[torch.Tensor]] = {}
+    for n, outs in watch.found.items():
+        found.setdefault(n.rpartition(".")[0] or n, []).extend(outs)
+    return found
+
+
+def _warn_unknown_mixing(rule: str, names: list[str], how: str) -> None:
+    if names:
+        warnings.warn(f"{rule}: {names[:3]}{' and more' if len(names) > 3 else ''} multiply by their own weight "
+                      f"matrices but are no nn.Linear/Conv/attention layer the rules know: {how} (weight "
+                      "transport there, silently backprop's)", stacklevel=5)
+
+
 class Point(nn.Identity):
     """A feedback point for the direct rules (dfa, drtp, sal): put it in your model where the projected
     error should arrive (after a block, after an activation). Identity in every other respect; when a
@@ -694,6 +757,7 @@ class Wrapped(nn.Module):
         #: (reentrant kind) get their signals when recomputed (_Deferred)
         self._ledger = ReplayLedger()
         self._versions: dict | None = None  # see _check_stepped
+        self._mixing_checked = rule.autograd or self.chain  # layerwise: see unknown_mixing at the first step
         self._steps_to_check = 3
         self._pending: dict[nn.Module, list] = {}
         self._queued: set = set()  # what runs once when the current backward pass has finished
@@ -938,12 +1002,28 @@ class Wrapped(nn.Module):
 
     # -- direct
     def _plan(self, args, kwargs) -> None:
-        calls, out, finished, outputs = probe(self.model, args, kwargs)
+        found: list = []
+        plain = self.point_names is None and not find_blocks(self.model) and not any(
+            isinstance(m, Point) for m in self.model.modules())
+
+        def run():
+            found.append(probe(self.model, args, kwargs))
+        mixing = unknown_mixing(self.model, [m for m in self.model.modules() if isinstance(m, PARAM_LAYERS)], run) \
+            if plain else run()
+        calls, out, finished, outputs = found[0]
         sel, _ = select_output(out, self.output)
         if self.point_names is None:
             self.point_names = find_points(self.model, calls, sel)
             if not self.point_names:
                 self._warn_no_points(calls, sel)
+        if mixing and self.point_names:  # (no points at all: _warn_no_points said it; what makes the
+            # output -- a tied head's x @ E^T -- learns from the error itself)
+            def makes_output(t):
+                return torch.is_tensor(t) and t.untyped_storage().data_ptr() == sel.untyped_storage().data_ptr()
+            _warn_unknown_mixing(self.rule.name, sorted(n for n, outs in mixing.items()
+                                                        if not any(makes_output(t) for t in outs)),
+                                 "no feedback point follows them, so their signal comes down from the next point "
+                                 "through the true weights of the layers between")
         modules = dict(self.model.named_modules())
         unknown = [n for n in self.point_names if n not in modules]
         if unknown:
@@ -1249,7 +1329,15 @@ class Wrapped(nn.Module):
             return out
         self._ledger.watch(self.model)
         if not self.rule.direct:
-            out = self._recorded(args, kwargs)
+            if self._mixing_checked:
+                out = self._recorded(args, kwargs)
+            else:
+                self._mixing_checked, found = True, []
+                names = unknown_mixing(self.model, [m for _, m in layer_sites(self.model)],
+                                       lambda: found.append(self._recorded(args, kwargs)))
+                out = found[0]
+                _warn_unknown_mixing(self.rule.name, sorted(names), "the layerwise rules give feedback matrices to those "
+                                     "layers only, so the signal passes down through these layers' true weights")
             self._watch_backward(out)
             return out
         if not self._hooks and self.point_names != []:

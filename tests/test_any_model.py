@@ -986,6 +986,56 @@ def test_sign_concordant_and_kolen_pollack_feedback():
         assert_close(kp.rule.feedback[str(slot)].grad, want, msg=name)
 
 
+class _HFConv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D: ``x @ W + b`` with W (in, out) -- no nn.Linear."""
+
+    def __init__(self, n_out, n_in):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(11, 16), nn.Parameter(torch.zeros(1, 5, 16))
+        self.l1, self.l2, self.norm = nn.Linear(16, 16), nn.Linear(16, 16), nn.LayerNorm(16)
+
+    def forward(self, t):
+        h = F.relu(self.l1(self.emb(t) + self.pos))
+        return self.norm(F.relu(self.l2(h))) @ self.emb.weight.t()  # the head tied to the embedding
+
+
+def _mixing_warnings(model, rule, x):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        w = neurosal.wrap(model, rule, **({"warmup": 0} if rule == "sal" else {}))
+        out = w(x)
+        (out.float().pow(2).mean() if out.dim() > 2 else F.cross_entropy(out, torch.zeros(len(x), dtype=torch.long))).backward()
+    return [str(r.message) for r in rec if "multiply by their own weight matrices" in str(r.message)]
+
+
+@pytest.mark.parametrize("rule", ["fa", "usf", "kp", "dfa", "sal"])
+def test_layers_the_rules_do_not_know_are_found_by_what_they_do(rule):
+    """A layer that multiplies by its own weight matrix without being an nn.Linear/Conv (HF GPT-2's
+    Conv1D, a user's x @ W) got no feedback matrix (layerwise rules) or no feedback point (a plain stack
+    under the direct rules): the signal passed through its true weights, silently. Found by watching the
+    first forward's matrix products; named in a warning. A tied head (x @ E^T) is a transport for fa,
+    not for the direct rules (it learns from the error); known layers, a positional parameter added
+    and attention warn about nothing."""
+    torch.manual_seed(0)
+    stack = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), _HFConv1D(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    found = _mixing_warnings(stack, rule, torch.randn(4, 8))
+    assert len(found) == 1 and "['2']" in found[0], found
+    tied = _mixing_warnings(_TiedLM(), rule, torch.randint(0, 11, (1, 5)))  # pos + emb: one sample, same size
+    assert (len(tied) == 1 and "['emb']" in tied[0]) if rule in ("fa", "usf", "kp") else not tied, tied
+    vit = build_zoo("vit:patch=4,dim=16,depth=2,heads=2", (1, 8, 8), 10)
+    assert not _mixing_warnings(vit, rule, torch.randn(2, 1, 8, 8))
+
+
 @pytest.mark.parametrize("rule", ["kp", "ldef", "sal"])
 def test_an_optimiser_built_before_wrap_is_named(rule):
     """sal's areas and kp/ldef's feedback are new parameters: an optimiser built from the model before
