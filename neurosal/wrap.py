@@ -757,6 +757,9 @@ class Wrapped(nn.Module):
         #: (reentrant kind) get their signals when recomputed (_Deferred)
         self._ledger = ReplayLedger()
         self._versions: dict | None = None  # see _check_stepped
+        #: the ids of the parameters the model had before the rule touched it (wrap sets them before sal
+        #: splits layers into areas): those the user may keep out of the optimiser on purpose
+        self._user_params = {id(p) for p in model.parameters()}
         self._mixing_checked = rule.autograd or self.chain  # layerwise: see unknown_mixing at the first step
         self._steps_to_check = 3
         self._pending: dict[nn.Module, list] = {}
@@ -868,11 +871,12 @@ class Wrapped(nn.Module):
             p.grad = g.view_as(p).clone() if keep.get(i, True) else None
 
     def _check_stepped(self) -> None:
-        """For the first optimiser steps: warn when parameters that hold a gradient were left as they were
-        by a step that changed others -- an optimiser built before ``wrap`` (or ``convert``) holds the
-        parameters those replaced, not sal's areas, kp/ldef's feedback or the analog layers, which then
-        never learn (kp trains as fa), silently. Read from the tensors' version counters: cheap, and only
-        until three steps have been seen."""
+        """For the first optimiser steps: warn when parameters made by neurosal that hold a gradient were
+        left as they were by a step that changed others -- an optimiser built before ``wrap`` (or
+        ``convert``) holds the parameters those replaced, not sal's areas, kp/ldef's feedback or the
+        analog layers, which then never learn (kp trains as fa), silently. (The model's own parameters
+        kept out of the optimiser -- a linear probe -- are the user's choice.) Read from the tensors'
+        version counters: cheap, and only until three steps have been seen."""
         if self._steps_to_check <= 0:
             return
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -884,7 +888,7 @@ class Wrapped(nn.Module):
         if len(same) == len(params):
             return  # no step since the last forward (accumulating gradients, a skipped AMP step)
         self._steps_to_check -= 1
-        stale = [n for n, p in params if n in same and p.grad is not None]
+        stale = [n for n, p in params if n in same and p.grad is not None and id(p) not in self._user_params]
         if stale:
             self._steps_to_check = 0
             warnings.warn(f"{stale[:3]}{' and more' if len(stale) > 3 else ''} got gradients but the optimiser "
@@ -1531,6 +1535,7 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
     has_areas = any(isinstance(m, AreaLinear) for m in model.modules())
     if r.name == "sal" and chain and not has_areas:
         raise NeurosalError("this spec chain was not built for sal: build it with make_rule('sal').build(...)")
+    user_params = {id(p) for p in model.parameters()}
     if r.name == "sal" and not chain and (areas_on is not None or not has_areas):
         names = list(areas_on) if areas_on is not None else sal_layers(model)
         if not names:
@@ -1551,4 +1556,6 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
     if p is None:
         raise NeurosalError("this model has no parameters to train")
     r.to(p.device)
-    return Wrapped(model, r, seed=seed, points=points, memory=memory, output=output, loss_scale=loss_scale)
+    wrapped = Wrapped(model, r, seed=seed, points=points, memory=memory, output=output, loss_scale=loss_scale)
+    wrapped._user_params = user_params
+    return wrapped

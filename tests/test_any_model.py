@@ -1060,6 +1060,17 @@ def test_an_optimiser_built_before_wrap_is_named(rule):
     found = run(before=True)
     assert len(found) == 1 and ("rule." if rule != "sal" else "model.0.") in found[0]
     assert run(before=False) == [] and run(before=False, accumulate=3) == []
+    # the model's own parameters kept out of the optimiser on purpose (a linear probe): not ours to say
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    w = neurosal.wrap(model, "fa")
+    probe = torch.optim.SGD(model[4].parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            probe.zero_grad()
+            F.cross_entropy(w(torch.randn(16, 8)), torch.randint(0, 3, (16,))).backward()
+            probe.step()
 
 
 @pytest.mark.parametrize("rule", ["dfa", "drtp", "fa"])
