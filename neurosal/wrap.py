@@ -757,9 +757,9 @@ class Wrapped(nn.Module):
         #: (reentrant kind) get their signals when recomputed (_Deferred)
         self._ledger = ReplayLedger()
         self._versions: dict | None = None  # see _check_stepped
-        #: the ids of the parameters the model had before the rule touched it (wrap sets them before sal
+        #: the names of the parameters the model had before the rule touched it (wrap sets them before sal
         #: splits layers into areas): those the user may keep out of the optimiser on purpose
-        self._user_params = {id(p) for p in model.parameters()}
+        self._user_params = {f"model.{n}" for n, _ in model.named_parameters()}
         self._mixing_checked = rule.autograd or self.chain  # layerwise: see unknown_mixing at the first step
         self._steps_to_check = 3
         self._pending: dict[nn.Module, list] = {}
@@ -888,7 +888,7 @@ class Wrapped(nn.Module):
         if len(same) == len(params):
             return  # no step since the last forward (accumulating gradients, a skipped AMP step)
         self._steps_to_check -= 1
-        stale = [n for n, p in params if n in same and p.grad is not None and id(p) not in self._user_params]
+        stale = [n for n, p in params if n in same and p.grad is not None and n not in self._user_params]
         if stale:
             self._steps_to_check = 0
             warnings.warn(f"{stale[:3]}{' and more' if len(stale) > 3 else ''} got gradients but the optimiser "
@@ -1012,8 +1012,11 @@ class Wrapped(nn.Module):
 
         def run():
             found.append(probe(self.model, args, kwargs))
-        mixing = unknown_mixing(self.model, [m for m in self.model.modules() if isinstance(m, PARAM_LAYERS)], run) \
-            if plain else run()
+        if plain:
+            mixing = unknown_mixing(self.model, [m for m in self.model.modules() if isinstance(m, PARAM_LAYERS)], run)
+        else:
+            run()
+            mixing = {}
         calls, out, finished, outputs = found[0]
         sel, _ = select_output(out, self.output)
         if self.point_names is None:
@@ -1340,8 +1343,9 @@ class Wrapped(nn.Module):
                 names = unknown_mixing(self.model, [m for _, m in layer_sites(self.model)],
                                        lambda: found.append(self._recorded(args, kwargs)))
                 out = found[0]
-                _warn_unknown_mixing(self.rule.name, sorted(names), "the layerwise rules give feedback matrices to those "
-                                     "layers only, so the signal passes down through these layers' true weights")
+                _warn_unknown_mixing(self.rule.name, sorted(names),
+                                     "the layerwise rules give feedback matrices to those layers only, so the "
+                                     "signal passes down through these layers' true weights")
             self._watch_backward(out)
             return out
         if not self._hooks and self.point_names != []:
@@ -1535,7 +1539,7 @@ def wrap(model: nn.Module, rule: str | Rule = "dfa", *, seed: int = 0, points: I
     has_areas = any(isinstance(m, AreaLinear) for m in model.modules())
     if r.name == "sal" and chain and not has_areas:
         raise NeurosalError("this spec chain was not built for sal: build it with make_rule('sal').build(...)")
-    user_params = {id(p) for p in model.parameters()}
+    user_params = {f"model.{n}" for n, _ in model.named_parameters()}
     if r.name == "sal" and not chain and (areas_on is not None or not has_areas):
         names = list(areas_on) if areas_on is not None else sal_layers(model)
         if not names:
