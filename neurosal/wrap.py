@@ -942,7 +942,14 @@ class Wrapped(nn.Module):
                                 f"target shaped like the output {tuple(e.shape)}; got {claimed.dtype} "
                                 f"{tuple(claimed.shape)}")
         else:
-            target = F.one_hot(claimed, e.shape[-1]).to(e.dtype)
+            n = e.shape[-1]
+            claimed = claimed.to(torch.long)
+            if claimed.numel() and int(claimed.max()) >= n:
+                raise NeurosalError(f"set_target: class index {int(claimed.max())} for an output of {n} classes")
+            ignored = claimed < 0  # ignore_index (-100: padding, masked positions): no target, no signal
+            target = F.one_hot(claimed.clamp_min(0), n).to(e.dtype)
+            if bool(ignored.any()):
+                target = target.masked_fill(ignored.unsqueeze(-1), 0.0)
         return target if self.rule.loss_scale == 1.0 else target * self.rule.loss_scale
 
     def current_loss_scale(self) -> float:

@@ -776,6 +776,32 @@ def test_drtp_asks_for_the_target():
     assert w._target is None
 
 
+def test_drtp_targets_with_ignored_positions():
+    """Sequence targets with ignore_index (-100: padding, masked positions, as Hugging Face labels them)
+    crashed drtp in one_hot ("Class values must be non-negative"). An ignored position has no target
+    and gets no signal -- the same gradients as a batch without it; an index past the classes is one
+    line."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 11)).double()
+    w = neurosal.wrap(model, "drtp")
+    t = torch.randint(0, 11, (2, 5))
+    y = t.roll(-1, 1)
+    y[:, -2:] = -100
+    w.set_target(y)
+    F.cross_entropy(w(t).reshape(-1, 11), y.reshape(-1), ignore_index=-100).backward()
+    got = {n: p.grad.clone() for n, p in w.named_parameters()}
+    w.zero_grad()  # the same sequences cut before the ignored positions (causal-free model: per position)
+    w.set_target(y[:, :-2])
+    F.cross_entropy(w(t[:, :-2]).reshape(-1, 11), y[:, :-2].reshape(-1), reduction="sum").div(6).backward()
+    for n, p in w.named_parameters():
+        if n != "model.0.weight":  # (the embedding rows of the cut tokens are used only there)
+            assert_close(got[n], p.grad, msg=n)
+    w.set_target(torch.full((2, 5), 11))
+    with pytest.raises(NeurosalError, match="class index 11 for an output of 11 classes"):
+        F.cross_entropy(w(t).reshape(-1, 11), t.reshape(-1)).backward()
+
+
 def test_wrap_refuses_bad_input():
     with pytest.raises(NeurosalError, match="unknown rule"):
         neurosal.wrap(nn.Linear(2, 2), "nope")

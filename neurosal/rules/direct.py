@@ -171,8 +171,14 @@ class DRTP(DirectRule):
     def source(self, e, target):
         if target is None:
             raise NeurosalError("drtp teaches from the target: call model.set_target(y) before backward()")
-        # the one-hot target, negated, with the 1/batch scale of a mean-loss error (per row of e)
+        # the one-hot target, negated, with the 1/batch scale of a mean-loss error (per row of e); rows
+        # without a target (all zero: positions a loss ignores, ignore_index) stay out of that count and
+        # of the centring, and get no signal
+        # (counted on the device: no wait for a GPU every step)
         t = target.reshape(e.shape).to(e.dtype)
+        rows = t.reshape(-1, t.shape[-1])
+        has = rows.ne(0).any(-1, keepdim=True)
+        n = has.sum().clamp_min(1).to(e.dtype)
         if self.config.center:
-            t = t - t.reshape(-1, t.shape[-1]).mean(0)
-        return -t / (e.numel() // e.shape[-1])
+            t = (rows - (rows.sum(0) / n) * has).reshape(t.shape)
+        return -t / n
