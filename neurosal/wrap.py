@@ -1272,7 +1272,8 @@ class Wrapped(nn.Module):
         for i, (part, s, dt, (axis, _, positions, chan_first)) in enumerate(zip(parts, shapes, dtypes, layout)):
             s = tuple(s)
             if positions > 1:  # one signal per channel/feature, shared by every position
-                part = part / positions
+                if self.rule.config.positions != "broadcast":
+                    part = part / positions
                 if chan_first:
                     part = part.reshape(s[0], s[1], *([1] * (len(s) - 2))).expand(s)
                 elif axis == 0:

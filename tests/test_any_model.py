@@ -264,11 +264,17 @@ def test_shared_positions_broadcast_one_signal_per_channel():
     w = neurosal.wrap(model, "dfa").materialise(x)
     assert w.point_names == ["3"] and w.widths == [4]  # after ReLU, pool and flatten: (5, 4)
     seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.Flatten(), nn.Linear(32, 3))
+    seq2 = copy.deepcopy(seq)
     w = neurosal.wrap(seq, "dfa").materialise(x)
     assert w.point_names == ["1", "3"] and w.widths == [4, 32]  # conv maps shared, flattened features not
     g, _ = w._signals(e, [(5, 4, 6, 6), (5, 32)], [torch.float32] * 2)
     want = (e @ w.projection[:, :4]) / 36
     assert_close(g, want[:, :, None, None].expand(5, 4, 6, 6))
+    # positions="broadcast" (BioTorch's conv DFA): the same signal, not divided by the positions
+    wide = neurosal.wrap(seq2, "dfa", positions="broadcast").materialise(x)
+    assert torch.equal(wide.projection, w.projection)
+    gb, _ = wide._signals(e, [(5, 4, 6, 6), (5, 32)], [torch.float32] * 2)
+    assert_close(gb, (e @ w.projection[:, :4])[:, :, None, None].expand(5, 4, 6, 6))
 
 
 def test_conv1d_feature_maps_are_channels_first_tokens_are_not():

@@ -41,7 +41,10 @@ class DirectConfig(RuleConfig):
     #: plain SGD on wide points (conv feature maps), where "classes" makes updates width-times too large
     feedback_norm: str = "classes"
     #: general engine, per-sample error, points with positions (feature maps, tokens): "auto"/"shared" one
-    #: signal per channel shared by the positions; "flatten" one per unit (what spec chains always do)
+    #: signal per channel shared by the positions, divided by their number (as a pooled readout's true
+    #: gradient is); "broadcast" the same signal at every position, not divided (BioTorch's conv DFA: the
+    #: error broadcast over positions through a kernel-shaped matrix; borders aside); "flatten" one per
+    #: unit (what spec chains always do)
     positions: str = "auto"
     #: general engine, feedback points on a residual stream (blocks, ``Point`` markers) that the head
     #: reads through a LayerNorm/RMSNorm (pre-LN transformers: the final norm): each point's signal
@@ -56,8 +59,8 @@ class DirectConfig(RuleConfig):
         check(self.init in ("gaussian", "uniform"), "rule option init", f"use gaussian or uniform, not {self.init!r}")
         check(self.feedback_norm in ("classes", "width"), "rule option feedback_norm",
               f"use classes or width, not {self.feedback_norm!r}")
-        check(self.positions in ("auto", "shared", "flatten"), "rule option positions",
-              f"use auto, shared or flatten, not {self.positions!r}")
+        check(self.positions in ("auto", "shared", "broadcast", "flatten"), "rule option positions",
+              f"use auto, shared, broadcast or flatten, not {self.positions!r}")
         check(positive(self.scale), "rule option scale", f"must be a positive number, got {self.scale}")
 
 
@@ -68,9 +71,9 @@ class DirectRule(Rule):
     def setup(self, net, out_shapes, n_classes, generator):
         if self.config.init not in ("gaussian", "uniform"):
             raise NeurosalError(f"{self.name}: init must be 'gaussian' or 'uniform'")
-        if self.config.positions == "shared":
+        if self.config.positions in ("shared", "broadcast"):
             raise NeurosalError(f"{self.name}: spec chains project to every unit (positions=flatten); "
-                                "positions=shared is for other models (neurosal.wrap)")
+                                f"positions={self.config.positions} is for other models (neurosal.wrap)")
         self.spans: list[tuple[int, int]] = []
         self.time_steps: list[int | None] = []  # spiking layers share one projection across time
         width = 0
