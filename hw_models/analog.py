@@ -597,6 +597,8 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
             if n in frozen:
                 q.requires_grad_(False)
         replace_module(target, name, keep_own_forward(new))
+    if isinstance(net, Wrapped):
+        net.rebind()  # feedback points on replaced layers (sal's areas, a Linear before a functional activation)
     return net
 
 

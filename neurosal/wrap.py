@@ -1303,6 +1303,32 @@ class Wrapped(nn.Module):
         forward, or -- set after it -- by its backward."""
         self._target = y
 
+    def rebind(self) -> "Wrapped":
+        """Attach the feedback points' hooks to the modules now at their names. After the first step (or
+        :meth:`materialise`) the hooks sit on the modules found then; a module replaced since -- a layer
+        put on devices by ``hw_models.convert``, which calls this -- lost its point, and the layers below
+        it learnt by backprop through it, silently."""
+        if not self._hooks:
+            return self  # not planned yet: the first step finds the modules as they are then
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        modules = dict(self.model.named_modules())
+        self._point_index = {modules[name]: i for i, name in enumerate(self.point_names)}
+        for name in self.point_names:
+            self._hooks.append(modules[name].register_forward_hook(self._at_point))
+        if self.output_name is not None:
+            self._hooks.append(modules[self.output_name].register_forward_hook(self._at_output))
+        if self.readout_name is not None:
+            self._readout = [modules[self.readout_name]]
+        if self.memory == "recompute":
+            for name in self.point_names:
+                m = modules[name]
+                if any(True for _ in m.parameters()) and not isinstance(m.__dict__.get("forward"), _Recomputed):
+                    m.forward = _Recomputed(m.forward)
+                    self._restore.append(m)
+        return self
+
     @property
     def has_projection(self) -> bool:
         """Whether the direct rules' feedback matrix B exists yet (made at the first step or by

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hw_models.array import DifferentialArray
 from hw_models.devices import DeviceConfig
@@ -519,6 +520,42 @@ def test_convert_programs_a_parametrised_layers_effective_weight_and_says_so():
     with torch.no_grad():
         got = analog(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("rule", ["sal", "dfa"])
+def test_convert_after_the_first_step_keeps_the_feedback_points(rule):
+    """The feedback points' hooks sat on the modules found at the first step (or materialise): convert
+    afterwards replaced sal's area layers -- which are its points -- and a Linear whose activation is
+    functional, so their points were gone and the layers below learnt by backprop, silently. convert
+    rebinds the points: an exactly reading device gives the float model's gradients, planned first or not."""
+    import neurosal
+    from hw_models.analog import convert
+
+    class Functional(nn.Module):  # F.relu: the point is the Linear's own output
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(F.relu(self.b(F.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)) \
+        if rule == "sal" else Functional()
+    base = neurosal.wrap(model, rule, **({"warmup": 0} if rule == "sal" else {}))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    base.materialise(x)
+    grads = []
+    for device in (None, DeviceConfig(levels=1_000_000)):
+        w = copy.deepcopy(base)
+        if device is not None:
+            convert(w, device)
+        torch.manual_seed(1)
+        F.cross_entropy(w(x), y).backward()
+        grads.append({n: p.grad for n, p in w.model.named_parameters() if p.grad is not None and "router" not in n})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-3, atol=1e-5, msg=n)
 
 
 def test_sal_area_layers_on_devices_learn_through_the_general_engine():
