@@ -176,8 +176,7 @@ class DRTP(DirectRule):
             raise NeurosalError("drtp teaches from the target: call model.set_target(y) before backward()")
         # the one-hot target, negated, with the 1/batch scale of a mean-loss error (per row of e); rows
         # without a target (all zero: positions a loss ignores, ignore_index) stay out of that count and
-        # of the centring, and get no signal
-        # (counted on the device: no wait for a GPU every step)
+        # of the centring, and get no signal (counted on the device: no wait for a GPU every step)
         t = target.reshape(e.shape).to(e.dtype)
         rows = t.reshape(-1, t.shape[-1])
         has = rows.ne(0).any(-1, keepdim=True)
