@@ -145,8 +145,9 @@ def train(make, rule: str, seed: int, d, epochs: int, lr: float, batch: int = 12
                         "gen": g.get_state(), "errors": errs, "losses": losses,
                         "seconds": spent + time.perf_counter() - t0}, tmp)
             os.replace(tmp, ckpt)  # a run killed mid-save keeps its previous epoch
-    return {"rule": rule, "seed": seed, "epochs": epochs, "lr": lr, "errors": errs, "train_loss": losses, "best": min(errs),
-            "last": errs[-1], "seconds": spent + time.perf_counter() - t0, "diverged_at_epoch": diverged}
+    return {"rule": rule, "seed": seed, "epochs": epochs, "lr": lr, "errors": errs, "train_loss": losses,
+            "best": min(errs), "last": errs[-1], "seconds": spent + time.perf_counter() - t0,
+            "diverged_at_epoch": diverged}
 
 
 def load_runs(out: Path) -> tuple[list[dict], list[dict]]:
@@ -255,6 +256,9 @@ def write_report(out: Path) -> None:
         diff = f"{bm - pub:+.2f}" if pub is not None else ""
         mins = statistics.mean(r["seconds"] for r in runs) / 60
         ep = f"{k[2]}" + (f" ({k[3]} images)" if k[3] else "")
+        stopped = [r["diverged_at_epoch"] for r in runs if r.get("diverged_at_epoch")]
+        if stopped:  # NaN weights or ten epochs at chance: stopped there
+            ep += f", {len(stopped)} stopped (epoch {', '.join(map(str, stopped))})"
         lines.append(f"| {k[0]} | {k[1]:g} | {ep} | {len(runs)} | {pub if pub is not None else '-'} | "
                      f"{bm:.2f} ± {bs:.2f} | {lm:.2f} ± {ls:.2f} | {diff} | {mins:.1f} |")
     if partial:
