@@ -570,7 +570,7 @@ def output_module(modules: dict, sel: torch.Tensor, points: list[str], finished:
     return None
 
 
-def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
+def find_points(model: nn.Module, calls: list, out: torch.Tensor, blocks: list[str] | None = None) -> list[str]:
     """Where the direct rules' signal arrives (module names; the point is the module's output):
 
     1. the :class:`Point` modules, if the model has any;
@@ -588,7 +588,7 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor) -> list[str]:
     outputs = {}
     for name, _, _, o in calls:
         outputs.setdefault(name, o)
-    blocks = find_blocks(model)
+    blocks = find_blocks(model) if blocks is None else blocks  # (the caller may have found them already)
     if blocks:
         return [b for b in blocks if outputs.get(b) is not out]
     layers = [(i, c) for i, c in enumerate(calls) if isinstance(c[1], PARAM_LAYERS + (AreaLinear,))]
@@ -1014,8 +1014,8 @@ class Wrapped(nn.Module):
     # -- direct
     def _plan(self, args, kwargs) -> None:
         found: list = []
-        plain = self.point_names is None and not find_blocks(self.model) and not any(
-            isinstance(m, Point) for m in self.model.modules())
+        blocks = find_blocks(self.model)
+        plain = self.point_names is None and not blocks and not any(isinstance(m, Point) for m in self.model.modules())
 
         def run():
             found.append(probe(self.model, args, kwargs))
@@ -1027,7 +1027,7 @@ class Wrapped(nn.Module):
         calls, out, finished, outputs = found[0]
         sel, _ = select_output(out, self.output)
         if self.point_names is None:
-            self.point_names = find_points(self.model, calls, sel)
+            self.point_names = find_points(self.model, calls, sel, blocks)
             if not self.point_names:
                 self._warn_no_points(calls, sel)
         if mixing and self.point_names:  # (no points at all: _warn_no_points said it; what makes the
