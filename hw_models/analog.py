@@ -27,7 +27,8 @@ from torch.nn.utils import parametrize
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import check_materialised, conv_function, float_update, keep_own_forward, replace_module
+from neurosal.layers import (check_materialised, conv_function, float_update, hook_kind, hooked_weight, keep_own_forward,
+                             replace_module, weight_hook)
 
 from .array import DifferentialArray, check_request, clip_fraction
 from .devices import DeviceConfig
@@ -244,6 +245,13 @@ class AnalogTiles:
         return clip_fraction(self.arrays)
 
 
+def _float_weight(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight``, or -- computed by a forward pre-hook (prune, the older weight_norm) -- what the
+    next forward would compute: the attribute is stale after a step or a cast."""
+    hook = weight_hook(layer)
+    return layer.weight if hook is None else hooked_weight(layer, hook)
+
+
 def _load_float(new: nn.Module, layer: nn.Module) -> None:
     """The float layer's state into its analog twin (whose own extra state -- the arrays -- comes later).
     A parametrised weight (weight_norm, orthogonal: ``torch.nn.utils.parametrize``) is stored as its
@@ -253,6 +261,10 @@ def _load_float(new: nn.Module, layer: nn.Module) -> None:
     for name in [n for n in ("weight", "in_proj_weight") if parametrize.is_parametrized(layer, n)]:
         state = {k: v for k, v in state.items() if not k.startswith(f"parametrizations.{name}.")}
         state[name] = getattr(layer, name).detach()
+    if weight_hook(layer) is not None:  # pruning's weight_orig/weight_mask, the older weight_norm's
+        # weight_g/weight_v, spectral_norm's weight_orig/weight_u/weight_v: the next forward's weight
+        state = {k: v for k, v in state.items() if not k.startswith("weight_")}
+        state["weight"] = _float_weight(layer)
     unexpected = new.load_state_dict(state, strict=False).unexpected_keys
     if unexpected:
         raise NeurosalError(f"convert: {type(layer).__name__} holds state the analog layer has no place for: "
@@ -388,8 +400,8 @@ def _linear_read(tiles: "AnalogTiles", i: int, x: torch.Tensor, w: torch.Tensor,
 class AnalogLinear(_AnalogMixin, nn.Linear):
     @classmethod
     def from_float(cls, layer: nn.Linear, cfg: DeviceConfig, seed: int) -> "AnalogLinear":
-        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                  device=layer.weight.device, dtype=layer.weight.dtype)
+        w = _float_weight(layer)
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device=w.device, dtype=w.dtype)
         _load_float(new, layer)
         new.tiles = AnalogTiles(cfg, [new.weight], layer.in_features, seed)
         return new
@@ -411,7 +423,7 @@ class _AnalogConv(_AnalogMixin):
     def from_float(cls, layer, cfg: DeviceConfig, seed: int):
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
-                  device=layer.weight.device, dtype=layer.weight.dtype)
+                  device=_float_weight(layer).device, dtype=_float_weight(layer).dtype)
         _load_float(new, layer)
         new.tiles = AnalogTiles(cfg, [new.weight], layer.weight[0].numel(), seed)
         return new
@@ -568,6 +580,17 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
         warnings.warn(f"convert: {reparam[:3]}{' and more' if len(reparam) > 3 else ''} are parametrised "
                       "(torch.nn.utils.parametrize); the devices hold the effective weight and learn it "
                       "directly: the parametrisation is dropped", stacklevel=2)
+    hooked = {}
+    for n, m in named:
+        hook = weight_hook(m)
+        if hook is not None:
+            hooked.setdefault(hook_kind(hook), []).append(n)
+    for kind, names in hooked.items():  # prune / the older weight_norm, spectral_norm: hooks, not parametrize
+        warnings.warn(f"convert: {names[:3]}{' and more' if len(names) > 3 else ''} are {kind} (a forward "
+                      "pre-hook computes the weight); the devices hold the effective weight and learn it "
+                      f"directly: the {'mask' if kind == 'pruned' else 'normalisation'} is dropped"
+                      f"{' (pruned weights start at zero and may grow back)' if kind == 'pruned' else ''}",
+                      stacklevel=2)
     if digital:
         warnings.warn(f"convert: {digital[:3]}{' and more' if len(digital) > 3 else ''} have no analog version "
                       "here (transposed convolutions, recurrent and bilinear layers; under pulses=coincidence "

@@ -110,6 +110,46 @@ def feedback(op: nn.Module, delta: torch.Tensor, weight: torch.Tensor, input_sha
     raise NeurosalError(f"no feedback pathway defined for layer type {type(op).__name__}")
 
 
+def weight_hook(layer: nn.Module, name: str = "weight"):
+    """The forward pre-hook that recomputes ``layer.<name>`` from other tensors at every call --
+    ``torch.nn.utils.prune`` (``weight_orig * weight_mask``), the older ``torch.nn.utils.weight_norm``
+    (``weight_g``, ``weight_v``) and ``spectral_norm`` (``weight_orig / sigma``) -- or None. Such a
+    layer's ``weight`` is no parameter; a copy of the layer made from it would drop the mask or the
+    normalisation without a word."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in layer._forward_pre_hooks.values():
+        kinds = (BasePruningMethod, WeightNorm, SpectralNorm)
+        if isinstance(hook, kinds) and getattr(hook, "_tensor_name", getattr(hook, "name", None)) == name:
+            return hook
+    return None
+
+
+def hook_kind(hook) -> str:
+    """'pruned' / 'weight_norm' / 'spectral_norm' for a :func:`weight_hook`'s hook."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return "pruned" if isinstance(hook, BasePruningMethod) else \
+        "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+
+
+def hooked_weight(layer: nn.Module, hook) -> torch.Tensor:
+    """The weight ``hook`` (from :func:`weight_hook`) would give ``layer``'s next forward, computed without
+    touching the layer (spectral_norm: no power iteration)."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    with torch.no_grad():
+        if isinstance(hook, BasePruningMethod):
+            return hook.apply_mask(layer)
+        if isinstance(hook, SpectralNorm):
+            return hook.compute_weight(layer, do_power_iteration=False)
+        return hook.compute_weight(layer)
+
+
 def _own_forward(module, args):
     return None
 

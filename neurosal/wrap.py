@@ -56,12 +56,14 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from .areas import AreaLinear
 from .engine import MEMORY_MODES, ChainStep, block_output_shapes
 from .errors import NeurosalError
 from .layers import (NORMS, PARAM_LAYERS, ReplayLedger, _conv_args, check_materialised, feedback, in_backward,
-                     keep_own_forward, norm_vjp, preserved_draws, replace_module, weight_update)
+                     hook_kind, keep_own_forward, norm_vjp, preserved_draws, replace_module, weight_hook,
+                     weight_update)
 from .models import Net
 from .protocols import DirectFeedback, InProjection, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
 from .rules import make_rule
@@ -1442,7 +1444,7 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
     """``layers``: :func:`update_alignment`'s angles; ``points`` (direct rules): per feedback point, the
     angle between the signal the rule injects there and backprop's gradient at that point."""
     model = wrapped.model
-    weights = [m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
+    weights = [_weight_sources(m, "in_proj_weight" if isinstance(m, nn.MultiheadAttention) else "weight")
                for _, m in layer_sites(model)]
     area_layers = [m for m in model.modules() if isinstance(m, AreaLinear)]
     params = list(wrapped.parameters())
@@ -1454,7 +1456,17 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
     def update(w: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(w) if w.grad is None else w.grad.clone()
 
+    def restore_buffers() -> None:
+        with torch.no_grad():
+            for m, k, v in buffers:
+                now = m._buffers.get(k)
+                if now is not None and now.shape == v.shape:
+                    now.copy_(v)
+                else:  # a state buffer the forward resized (snnTorch's membrane): as it was
+                    m._buffers[k] = v.clone()
+
     def grads(run) -> list[torch.Tensor]:
+        restore_buffers()  # both passes start from one state (spectral_norm's u moves in a forward)
         for p in params:
             p.grad = None
         # both passes draw the same (torch's and the layers' own generators), and neither moves them
@@ -1463,7 +1475,8 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
             if wrapped.rule.needs_target:
                 wrapped.set_target(y)
             loss_fn(out, y).backward()
-        return [update(w) for w in weights] + [torch.stack([update(w) for w in m.area_weight]) for m in area_layers]
+        return ([torch.cat([update(w).flatten() for w in ws]) for ws in weights]
+                + [torch.stack([update(w) for w in m.area_weight]) for m in area_layers])
 
     try:
         wrapped._watch = {}
@@ -1478,16 +1491,30 @@ def alignment_report(wrapped: Wrapped, x: torch.Tensor, y: torch.Tensor, loss_fn
             p.grad = g
         for m, n in zip(area_layers, area_steps):
             m.steps = n
-        with torch.no_grad():
-            for m, k, v in buffers:
-                now = m._buffers.get(k)
-                if now is not None and now.shape == v.shape:
-                    now.copy_(v)
-                else:  # a state buffer the forward resized (snnTorch's membrane): as it was
-                    m._buffers[k] = v
+        restore_buffers()
     points = [_angle(a, b) if b is not None else float("nan")
               for a, b in zip(watch.get("ours", []), watch.get("true", []))]
     return {"layers": [_angle(a, b) for a, b in zip(ours, truth)], "points": points}
+
+
+def _weight_sources(m: nn.Module, name: str) -> list[torch.Tensor]:
+    """The parameters ``m.<name>`` is made of: itself, or -- parametrised (weight_norm, orthogonal) or
+    computed by a pre-hook (prune, the older weight_norm / spectral_norm) -- the ones it is computed
+    from, whose gradients are the update the rule makes (the computed weight holds no ``.grad``)."""
+    if name in m._parameters:
+        return [m._parameters[name]]
+    if parametrize.is_parametrized(m, name):
+        return list(m.parametrizations[name].parameters())
+    return [p for n, p in m.named_parameters(recurse=False) if n.startswith(name + "_")]
+
+
+def _trainable(lin: nn.Module) -> bool:
+    """Whether a Linear's weight learns: its parameter requires grad -- or, computed by a pre-hook (prune,
+    the older weight_norm), the parameters it is computed from (the attribute of a no-grad forward
+    does not)."""
+    if weight_hook(lin) is None:
+        return lin.weight.requires_grad
+    return any(p.requires_grad for n, p in lin.named_parameters(recurse=False) if n.startswith("weight_"))
 
 
 def sal_layers(model: nn.Module) -> list[str]:
@@ -1500,7 +1527,7 @@ def sal_layers(model: nn.Module) -> list[str]:
     linears = [n for m, n in names.items() if type(m) is nn.Linear]
     linears = [n for n in linears if not any(n.startswith(a + ".") for a in attention if a)]
     modules = dict(model.named_modules())
-    return [n for n in linears[:-1] if modules[n].weight.requires_grad]
+    return [n for n in linears[:-1] if _trainable(modules[n])]
 
 
 def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
@@ -1512,8 +1539,16 @@ def to_areas(model: nn.Module, names: Iterable[str], rule: Rule) -> None:
         lin = modules.get(name)
         if type(lin) is not nn.Linear:
             raise NeurosalError(f"sal: {name!r} is not an nn.Linear of this model")
-        if not lin.weight.requires_grad:
+        if not _trainable(lin):
             raise NeurosalError(f"sal: {name!r} is frozen (requires_grad=False); its areas could not learn")
+        hook = weight_hook(lin)
+        if hook is not None:  # the area layers would take today's weight and drop the mask / normalisation
+            fix = {"pruned": "torch.nn.utils.prune.remove(layer, 'weight')",
+                   "weight_norm": "torch.nn.utils.remove_weight_norm(layer)",
+                   "spectral_norm": "torch.nn.utils.remove_spectral_norm(layer)"}[hook_kind(hook)]
+            raise NeurosalError(f"sal: {name!r} is {hook_kind(hook).replace('_norm', '-normalised')} (a forward "
+                                f"pre-hook computes its weight) and area layers keep no such hook: {fix} first, "
+                                "or leave it out with areas_on=[...]")
         area = rule.area_layer(lin.in_features, lin.out_features, tokens=True)
         if rule.config.area_init == "shared":
             with torch.no_grad():

@@ -522,6 +522,33 @@ def test_convert_programs_a_parametrised_layers_effective_weight_and_says_so():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("kind", ["prune", "weight_norm", "spectral_norm"])
+def test_convert_programs_a_hooked_layers_effective_weight_and_says_so(kind):
+    """A pruned Linear (``weight_orig``, ``weight_mask``), or one under the older weight_norm /
+    spectral_norm, has no ``weight`` parameter: convert refused it with the names of the extra state. It
+    programs the effective weight -- a pruned weight is a zero -- and says what is dropped."""
+    from hw_models.analog import convert
+    from test_any_model import _hooked
+
+    def make():  # two equal nets: torch cannot deep-copy a pruned layer
+        net = _hooked(kind).float()
+        with torch.no_grad():  # the effective weight is no longer the stored tensor
+            (net[2].weight_g if kind == "weight_norm" else net[2].weight_orig).mul_(2.0)
+        return net
+
+    net, x = make(), torch.randn(4, 8)
+    with torch.no_grad():
+        want, effective = net(x), net[2].weight.clone()
+    said = "pruned" if kind == "prune" else kind
+    with pytest.warns(UserWarning, match=rf"\['2'\] are {said} .* effective weight"):
+        analog = convert(make(), DeviceConfig(levels=1_000_000)).eval()
+    with torch.no_grad():
+        got = analog(x)
+    assert (effective == 0).any() == (kind == "prune")
+    assert (analog[2].weight[effective == 0] == 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("rule", ["sal", "dfa"])
 def test_convert_after_the_first_step_keeps_the_feedback_points(rule):
     """The feedback points' hooks sat on the modules found at the first step (or materialise): convert

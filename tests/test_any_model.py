@@ -1135,6 +1135,69 @@ def test_parametrized_layer_is_a_layer(rule):
     assert_close(pz.original1.grad, want[1])
 
 
+def _hooked(kind: str) -> nn.Module:
+    """A small MLP whose middle Linear's weight a forward pre-hook computes (the same net every call)."""
+    from torch.nn.utils import spectral_norm, weight_norm
+    from torch.nn.utils.prune import l1_unstructured
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the older weight_norm is deprecated, still used
+        {"prune": lambda m: l1_unstructured(m, "weight", amount=0.5), "weight_norm": weight_norm,
+         "spectral_norm": spectral_norm}[kind](net[2])
+    with torch.no_grad():  # spectral_norm's power iteration runs in training forwards: let it converge
+        for _ in range(30):
+            net(torch.zeros(1, 8, dtype=torch.float64))
+    return net.eval()  # and stop there, so that every copy sees one weight
+
+
+@pytest.mark.parametrize("kind", ["prune", "weight_norm", "spectral_norm"])
+def test_weights_computed_by_a_pre_hook(kind):
+    """torch.nn.utils.prune and the older weight_norm / spectral_norm compute a Linear's ``weight`` in a
+    forward pre-hook from other tensors (``weight_orig * weight_mask``, ...). fa with B = W gives
+    autograd's gradients through the mask or normalisation; sal built its areas from the weight of the
+    moment and dropped the mask or normalisation without a word -- it refuses, naming the fix."""
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    ref = _hooked(kind)
+    F.cross_entropy(ref(x), y).backward()
+    w = neurosal.wrap(_hooked(kind), "fa")
+    for slot, (_, m) in enumerate(layer_sites(w.model)):
+        w.rule.set_feedback(slot, m.weight.detach())
+    F.cross_entropy(w(x), y).backward()
+    got, want = _grads(w.model), _grads(ref)
+    assert got.keys() == want.keys() and any(k.startswith("2.weight_") for k in want)
+    for k in want:
+        assert_close(got[k], want[k], msg=k)
+    fix = {"prune": "prune.remove", "weight_norm": "remove_weight_norm", "spectral_norm": "remove_spectral_norm"}
+    with pytest.raises(NeurosalError, match=rf"sal: '2' is .*{fix[kind]}"):
+        neurosal.wrap(_hooked(kind), "sal")
+    with torch.no_grad():
+        assert isinstance(neurosal.wrap(_hooked(kind), "sal", areas_on=["0"]).model[0], AreaLinear)
+
+
+@pytest.mark.parametrize("kind", ["prune", "weight_norm", "spectral_norm", "parametrize"])
+def test_alignment_of_a_computed_weight(kind):
+    """A parametrised or pre-hook-computed weight holds no ``.grad`` (its parameters do): the alignment
+    report gave NaN for the layer. It measures the update of the parameters the weight is made of: 0
+    degrees under bp; and its two passes start from one state (spectral_norm's u moves in a forward)."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 4, (16,))
+    for rule in ("bp", "fa"):
+        net = _hooked("prune" if kind == "parametrize" else kind).train()
+        if kind == "parametrize":
+            torch.nn.utils.prune.remove(net[2], "weight")
+            parametrizations.weight_norm(net[2])
+        angles = alignment_report(neurosal.wrap(net, rule), x, y)["layers"]
+        assert len(angles) == 3 and not any(math.isnan(a) for a in angles), angles
+        if rule == "bp":
+            assert max(angles) < 1e-3, angles
+        else:
+            assert angles[1] > 10, angles  # random feedback below the head: far from backprop's
+
+
 @pytest.mark.parametrize("rule", ["usf", "frsf", "brsf"])
 def test_sign_feedback_scaled_at_init_stays_fixed_and_resumes(rule):
     """scaling="init" (BioTorch's / Xiao et al.'s fixed scaling factor): B's RMS is W's RMS at set-up and
