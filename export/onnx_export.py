@@ -35,7 +35,7 @@ from neurosal.errors import NeurosalError
 from neurosal.layers import conv_function, keep_own_forward, replace_module
 from neurosal.models import Block, Net
 from neurosal.protocols import LocalDerivative
-from neurosal.wrap import MHAForward, select_output
+from neurosal.wrap import MHAForward, Wrapped, select_output
 
 OPSET = 18
 
@@ -213,6 +213,11 @@ class ModuleTwin(nn.Module):
         if self.kind.spiking:
             raise NeurosalError("spiking models export through their spec chain (snn:...)")
         twin = copy.deepcopy(model)
+        self.output = None
+        if isinstance(twin, Wrapped):  # inference needs none of the rule's machinery -- and a wrapper
+            # not yet run would plan (draw its feedback, probe the model) inside the traced graph
+            self.output = twin.output
+            twin = twin.unwrap()
         for name, m in list(twin.named_modules()):
             if isinstance(m, AreaLinear):
                 new = TokenSALTwin(m, sal_mode) if m.tokens else SALTwin(m, sal_mode)
@@ -231,7 +236,7 @@ class ModuleTwin(nn.Module):
         return ["logits"]
 
     def forward(self, x):
-        return select_output(self.model(x))[0]  # a dict/tuple output: its logits
+        return select_output(self.model(x), self.output)[0]  # a dict/tuple output: its logits (or wrap's output=)
 
 
 class InferenceTwin(nn.Module):

@@ -145,3 +145,41 @@ def test_unexportable_layer_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "neurosal.cli", "export", str(tmp_path / "nowhere"), "--onnx",
                         str(tmp_path / "m.onnx")], capture_output=True, text=True)
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+@pytest.mark.parametrize("rule", ["dfa", "drtp", "sal"])
+def test_a_wrapped_model_never_run_exports(tmp_path, rule):
+    """Train in one process, export in another: wrap a fresh model, load the state dict, export. The
+    direct rules plan at their first forward (probe the model, draw the projection); export traced that
+    planning into the graph and failed (torch.export could not decompose it). The export twin is the
+    unwrapped model: parity with the trained one."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    import neurosal
+
+    def make():
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    opts = {"run_steps": 4} if rule == "sal" else {}  # sal: the warm-up ends inside the run
+    trained = neurosal.wrap(make(), rule, **opts)
+    opt = torch.optim.Adam(trained.parameters(), lr=1e-2)
+    for _ in range(4):
+        opt.zero_grad()
+        out = trained(x)
+        if trained.rule.needs_target:
+            trained.set_target(y)
+        F.cross_entropy(out, y).backward()
+        opt.step()
+    fresh = neurosal.wrap(make(), rule, **opts)
+    fresh.load_state_dict(trained.state_dict())
+    export_onnx(fresh, x[:4], tmp_path / "m.onnx")
+    got = run_onnxruntime(tmp_path / "m.onnx", x)[0]
+    with torch.no_grad():
+        want = trained.eval()(x)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    untrained = neurosal.wrap(make(), rule, **opts)  # a baseline exported before any step
+    export_onnx(untrained, x[:4], tmp_path / "u.onnx")
+    assert verify(untrained, tmp_path / "u.onnx", x)["ok"]
