@@ -118,7 +118,7 @@ def cmd_compare(args) -> int:
     from .data import load_dataset
     from .checkpoint import atomic_write_text, ensure_writable_dir
     from .report import format_table, plot_curves, write_csv
-    from .rules import REGISTRY, parse_options
+    from .rules import REGISTRY, make_rule, parse_options
     from .train import Trainer, context_for
 
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
@@ -126,7 +126,7 @@ def cmd_compare(args) -> int:
         raise NeurosalError("--rules is empty")
     unknown = [r for r in rules if r not in REGISTRY]
     if unknown:
-        raise NeurosalError(f"unknown rule {unknown[0]!r}; known: {', '.join(sorted(REGISTRY))}")
+        make_rule(unknown[0])  # refuses it, saying how options are given when it has some
     options = parse_options(args.rule_options)
     stray = [k for k in options if not any(k in REGISTRY[r].Config.__dataclass_fields__ for r in rules)]
     if stray:

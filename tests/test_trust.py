@@ -250,6 +250,7 @@ def _empty_run(run: Path) -> None:
 CASES = [
     # --- train: names and numbers
     ("train-unknown-rule", T + ["--rule", "nope"], "unknown rule 'nope'", None),
+    ("train-rule-with-options", T + ["--rule", "fa:init=xavier"], "--rule fa --rule-options init=xavier", None),
     ("train-unknown-model", T + ["--model", "densenet:121"], "unknown model 'densenet:121'", None),
     ("train-resnet-depth", T + ["--model", "resnet:21"], "depth must be 6n+2", None),
     ("train-vit-option", T + ["--model", "vit:patch=4,width=3"], "unknown option 'width'", None),
@@ -340,6 +341,7 @@ CASES = [
     # --- compare
     ("compare-empty-rules", C + ["--rules", ","], "--rules is empty", None),
     ("compare-unknown-rule", C + ["--rules", "bp,nope"], "unknown rule 'nope'", None),
+    ("compare-rule-with-options", C + ["--rules", "bp,dfa:scale=2"], "--rule dfa --rule-options scale=2", None),
     ("compare-stray-option", C + ["--rules", "bp,dfa", "--rule-options", "areas=4"], "has an option 'areas'", None),
     ("compare-unknown-dataset", C + ["--data", "imagenet"], "unknown dataset", None),
     ("compare-zero-lr", C + ["--lr", "0"], "learning rate", None),

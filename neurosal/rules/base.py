@@ -105,6 +105,10 @@ def make_rule(name: str, **options) -> Rule:
     """Build a registered rule; ``options`` fill its config dataclass (unknown keys are refused)."""
     key = name.lower()
     if key not in REGISTRY:
+        base, sep, opts = key.partition(":")
+        if sep and base in REGISTRY:  # "fa:init=xavier", as the benchmark scripts spell a rule
+            raise NeurosalError(f"unknown rule {name!r}: options are given apart -- on the command line "
+                                f"--rule {base} --rule-options {opts}; in Python wrap(model, {base!r}, option=value)")
         raise NeurosalError(f"unknown rule {name!r}; known: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[key]
     return cls(cls.Config(**typed_fields(cls.Config, options, f"rule {key!r}")))
