@@ -316,7 +316,12 @@ def _from_file(spec: str, path: Path, cls_name: str, opts: str, input_shape, n_c
     try:
         return cls(**kwargs)
     except Exception as exc:
-        raise NeurosalError(f"model {spec!r}: {cls_name}(**{kwargs}) failed: {type(exc).__name__}: {exc}") from exc
+        missing = [n for n, p in params.items() if n != "self" and p.default is p.empty
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs]
+        hint = (f" (give {', '.join(missing)} in the spec: "
+                f"{path}:{cls_name}:{','.join(f'{n}=...' for n in missing)})" if missing else "")
+        raise NeurosalError(f"model {spec!r}: {cls_name}(**{kwargs}) failed: {type(exc).__name__}: {exc}"
+                            f"{hint}") from exc
 
 
 def n_params(model: nn.Module) -> int:

@@ -995,6 +995,22 @@ def test_cli_trains_zoo_and_user_models_and_exports_them(tmp_path, capsys, model
     assert "argmax agreement 100.0%" in capsys.readouterr().out
 
 
+def test_a_user_model_missing_an_argument_says_how_to_give_it(tmp_path):
+    """``--model file.py:Net`` whose constructor needs an argument: the error names the spec's syntax."""
+    (tmp_path / "net.py").write_text(
+        "import torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, hidden, depth, n_classes, act='relu'):\n"
+        "        super().__init__()\n"
+        "        self.f = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.Linear(hidden, n_classes))\n"
+        "    def forward(self, x):\n"
+        "        return self.f(x)\n")
+    spec = f"{tmp_path}/net.py:Net"
+    with pytest.raises(NeurosalError, match=r"give hidden, depth in the spec: .*net.py:Net:hidden=\.\.\.,depth=\.\.\.\)"):
+        build_zoo(spec, (1, 8, 8), 10)
+    assert build_zoo(spec + ":hidden=4,depth=1", (1, 8, 8), 10).f[1].out_features == 4
+
+
 def test_sign_concordant_and_kolen_pollack_feedback():
     torch.manual_seed(0)
     x, y = torch.randn(5, 16, dtype=torch.float64), torch.randint(0, 4, (5,))
