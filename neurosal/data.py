@@ -363,9 +363,15 @@ def _npz_arrays(path: Path):
         keys = set(z.files)
         xk = next((k for k in ("X", "x", "features", "data") if k in keys), None)
         yk = next((k for k in ("y", "Y", "labels", "target") if k in keys), None)
-        if xk is None or yk is None:
-            raise NeurosalError(f"{path}: expected arrays 'X' and 'y' (found {sorted(keys)})")
-        arrays = [z[xk], z[yk]] + ([z["X_test"], z["y_test"]] if {"X_test", "y_test"} <= keys else [])
+        split = next((names for names in (("x_train", "y_train", "x_test", "y_test"),  # Keras' mnist.npz
+                                          ("X_train", "y_train", "X_test", "y_test")) if set(names) <= keys), None)
+        if split is not None and xk is None:
+            arrays = [z[k] for k in split]
+        elif xk is None or yk is None:
+            raise NeurosalError(f"{path}: expected arrays 'X' and 'y' (and optionally 'X_test', 'y_test'), or "
+                                f"'x_train', 'y_train', 'x_test', 'y_test' (found {sorted(keys)})")
+        else:
+            arrays = [z[xk], z[yk]] + ([z["X_test"], z["y_test"]] if {"X_test", "y_test"} <= keys else [])
     except NeurosalError:
         raise
     except ValueError as exc:
@@ -379,11 +385,15 @@ def _npz_arrays(path: Path):
     for a in arrays[::2]:
         if a.dtype.kind not in "biuf":
             raise NeurosalError(f"{path}: features must be numbers, got an array of dtype {a.dtype}")
-    return [np.asarray(a, dtype=np.float64) if i % 2 == 0 else np.asarray(a) for i, a in enumerate(arrays)]
+    # 8-bit images (more than one axis per sample) to [0, 1], as the built-in image sets; tables are
+    # standardised later whatever their type
+    return [(np.asarray(a, dtype=np.float64) / (255.0 if a.dtype == np.uint8 and a.ndim > 2 else 1.0))
+            if i % 2 == 0 else np.asarray(a) for i, a in enumerate(arrays)]
 
 
 def load_file(path: str | os.PathLike, label_column: str | int | None = None) -> Dataset:
-    """A user's own features + labels: ``.npz`` (X, y[, X_test, y_test]) or ``.csv`` (see :func:`read_csv`)."""
+    """A user's own features + labels: ``.npz`` (X, y[, X_test, y_test], or Keras' x_train, y_train, x_test,
+    y_test; 8-bit images are scaled to [0, 1]) or ``.csv`` (see :func:`read_csv`)."""
     path = Path(path)
     if not path.exists():
         raise NeurosalError(f"data file {path} does not exist")

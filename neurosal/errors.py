@@ -12,3 +12,7 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (library errors can run to many lines)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+#: what a conv model's refusal of (N, H, W) data adds: greyscale images without their channel axis
+GREY_HINT = " (greyscale images (N, H, W)? save them with a channel axis: x[:, None], shape (N, 1, H, W))"

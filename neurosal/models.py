@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .errors import NeurosalError
+from .errors import GREY_HINT, NeurosalError
 from .layers import post_kind
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -136,7 +136,7 @@ def build_model(spec: str, input_shape: tuple[int, ...], n_classes: int,
             n_in *= d
     else:
         if len(input_shape) != 3:
-            raise NeurosalError(f"model {spec!r} needs image inputs (C, H, W); data has shape {input_shape}")
+            raise NeurosalError(f"model {spec!r} needs image inputs (C, H, W); data has shape {input_shape}{GREY_HINT if len(input_shape) == 2 else ''}")
         stem = nn.Identity()
         c, hgt, wid = input_shape
         for ch in s.conv:

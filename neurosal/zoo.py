@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import NeurosalError
+from .errors import GREY_HINT, NeurosalError
 
 KINDS = ("resnet", "vit", "gpt")
 
@@ -259,7 +259,7 @@ def build_zoo(spec: str, input_shape: tuple[int, ...], n_classes: int) -> nn.Mod
                                 f"(--data austen or a .txt file); the data has shape {tuple(input_shape)}")
         return GPT(n_classes, **o)
     if len(input_shape) != 3:
-        raise NeurosalError(f"model {spec!r} needs image inputs (C, H, W); the data has shape {tuple(input_shape)}")
+        raise NeurosalError(f"model {spec!r} needs image inputs (C, H, W); the data has shape {tuple(input_shape)}{GREY_HINT if len(input_shape) == 2 else ''}")
     if kind == "resnet":
         depth_text, _, opts = rest.partition(":")
         try:

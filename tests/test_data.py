@@ -165,3 +165,24 @@ def test_grayscale_turns_colour_images_into_luminance(tmp_path):
     assert ds.x_train.shape[1] == 1 and torch.allclose(ds.x_train, lum, rtol=0, atol=1e-6)
     digits = load_dataset("digits", gray=True)  # one channel already: unchanged
     assert digits.x_train.shape[1:] == (1, 8, 8)
+
+
+def test_keras_style_npz_keeps_its_split_and_scales_8_bit_images(tmp_path):
+    """Keras' ``mnist.npz`` layout (x_train, y_train, x_test, y_test) was refused ("expected arrays 'X'
+    and 'y'"). It loads with its own split; 8-bit images go to [0, 1] like the built-in image sets
+    (a table is standardised whatever its type); a conv model refusing (N, H, W) says how to add the axis."""
+    from neurosal.zoo import build_zoo
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(30, 6, 6), dtype=np.uint8)
+    y = (np.arange(30) % 3).astype(np.uint8)
+    np.savez(tmp_path / "k.npz", x_train=x[:20], y_train=y[:20], x_test=x[20:], y_test=y[20:])
+    ds = load_dataset(str(tmp_path / "k.npz"))
+    assert ds.x_train.shape == (20, 6, 6) and ds.x_test.shape == (10, 6, 6) and ds.n_classes == 3
+    assert torch.equal(ds.x_test, torch.as_tensor(x[20:] / 255.0, dtype=torch.float32))
+    assert torch.equal(ds.y_test, torch.as_tensor(y[20:], dtype=torch.int64))
+    with pytest.raises(NeurosalError, match=r"channel axis: x\[:, None\]"):
+        build_zoo("resnet:8", ds.input_shape, ds.n_classes)
+    np.savez(tmp_path / "other.npz", inputs=x, y=y)
+    with pytest.raises(NeurosalError, match="or 'x_train', 'y_train', 'x_test', 'y_test'"):
+        load_dataset(str(tmp_path / "other.npz"))
