@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
 from neurosal.layers import (check_materialised, conv_function, float_update, hook_kind, hooked_weight, keep_own_forward,
-                             replace_module, weight_hook)
+                             own_forward, replace_module, weight_hook)
 
 from .array import DifferentialArray, check_request, clip_fraction
 from .devices import DeviceConfig
@@ -585,6 +585,11 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
         hook = weight_hook(m)
         if hook is not None:
             hooked.setdefault(hook_kind(hook), []).append(n)
+    custom = [n for n, m in named if own_forward(m)]
+    if custom:  # MaskedLinear, an equalised-learning-rate scale, QAT's fake quantisation
+        warnings.warn(f"convert: {custom[:3]}{' and more' if len(custom) > 3 else ''} compute their output their own "
+                      "way (a Linear/Conv subclass with its own forward); their analog layers compute the plain "
+                      "W x from the weight: that forward is dropped", stacklevel=2)
     for kind, names in hooked.items():  # prune / the older weight_norm, spectral_norm: hooks, not parametrize
         warnings.warn(f"convert: {names[:3]}{' and more' if len(names) > 3 else ''} are {kind} (a forward "
                       "pre-hook computes the weight); the devices hold the effective weight and learn it "

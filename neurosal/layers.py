@@ -110,6 +110,17 @@ def feedback(op: nn.Module, delta: torch.Tensor, weight: torch.Tensor, input_sha
     raise NeurosalError(f"no feedback pathway defined for layer type {type(op).__name__}")
 
 
+def own_forward(op: nn.Module) -> bool:
+    """Whether ``op`` -- a subclass of ``nn.Linear``/``nn.Conv*`` -- computes its output its own way (a
+    mask on the weight, a weight scale, fake quantisation) rather than by its torch base class's forward.
+    Its weight's gradient is then not the plain layer's ``delta^T x``; substrates and area layers, which
+    own their forward on purpose, are not counted."""
+    base = next((c for c in PARAM_LAYERS if isinstance(op, c)), None)
+    if base is None or implements(op, LocalUpdate) or implements(op, RoutedFeedback):
+        return False
+    return type(op).forward is not base.forward
+
+
 def weight_hook(layer: nn.Module, name: str = "weight"):
     """The forward pre-hook that recomputes ``layer.<name>`` from other tensors at every call --
     ``torch.nn.utils.prune`` (``weight_orig * weight_mask``), the older ``torch.nn.utils.weight_norm``

@@ -62,8 +62,8 @@ from .areas import AreaLinear
 from .engine import MEMORY_MODES, ChainStep, block_output_shapes
 from .errors import NeurosalError
 from .layers import (NORMS, PARAM_LAYERS, ReplayLedger, _conv_args, check_materialised, feedback, in_backward,
-                     hook_kind, keep_own_forward, norm_vjp, preserved_draws, replace_module, weight_hook,
-                     weight_update)
+                     hook_kind, keep_own_forward, norm_vjp, own_forward, preserved_draws, replace_module,
+                     weight_hook, weight_update)
 from .models import Net
 from .protocols import DirectFeedback, InProjection, LayerwiseFeedback, LocalUpdate, RoutedFeedback, implements
 from .rules import make_rule
@@ -169,6 +169,8 @@ class Site:
         self.local = implements(self.op, LocalUpdate)  # the layer's substrate writes its own .grad
         self.learns = type(self.rule).learn_feedback is not LayerwiseRule.learn_feedback
         self.linear = isinstance(self.op, nn.Linear) and not implements(self.op, RoutedFeedback)
+        #: a Linear/Conv subclass with a forward of its own (mask, weight scale, fake quantisation)
+        self.custom = own_forward(self.op) and not isinstance(self.op, _InProjection)
 
 
 class _FeedbackLayer(torch.autograd.Function):
@@ -225,6 +227,42 @@ class _FeedbackLayer(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
+class _OwnForwardLayer(torch.autograd.Function):
+    """A Linear/Conv subclass that computes its output its own way (``F.linear(x, W * mask)``, an
+    equalised-learning-rate scale, fake quantisation). Backward: the input's signal is the rule's
+    feedback, as for any layer; the parameters' gradients are the layer's own local derivative --
+    autograd of its forward, whose graph the forward keeps (no weight transport: it stays in the layer).
+    The plain layer's ``delta^T x`` would be the wrong gradient for such a weight."""
+
+    @staticmethod
+    def forward(ctx, x, site: Site, run, *params):
+        ctx.site, ctx.shape = site, x.shape
+        ctx.save_for_backward(x)
+        with torch.enable_grad():
+            out = run(x.detach())
+        ctx.out = out
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        site, out = ctx.site, ctx.out
+        ctx.out = None
+        op, rule = site.op, site.rule
+        params = ctx.needs_input_grad[3:]
+        own = [p for p, need in zip(site.params, params) if need]
+        got = iter(torch.autograd.grad(out, own, g, allow_unused=True) if own and out.requires_grad else
+                   [None] * len(own))
+        grads = [next(got) if need else None for need in params]
+        gx = None
+        if ctx.needs_input_grad[0]:
+            b = rule.feedback_weight(site.slot, op.weight).to(g.dtype)
+            gx = feedback(op, g, b, ctx.shape).to(x.dtype)
+        if site.learns:  # kp / ldef learn their feedback from the plain layer's update
+            rule.learn_feedback(site.slot, op, x.to(g.dtype), g)
+        return (gx, None, None, *grads)
+
+
 class _LayerForward:
     """A layer's forward through :class:`_FeedbackLayer` (an object, not a closure, so ``copy.deepcopy``
     of a wrapped model gives a copy whose layers point at their own parameters)."""
@@ -235,8 +273,12 @@ class _LayerForward:
     def __call__(self, x):
         if self.bypass[0] or not torch.is_grad_enabled():
             return self.original(x)
-        op = self.site.op
-        return _FeedbackLayer.apply(x, op.weight, op.bias, self.site, self.original)
+        site = self.site
+        if site.custom:
+            site.params = [p for p in site.op.parameters() if p.requires_grad]
+            return _OwnForwardLayer.apply(x, site, self.original, *site.params)
+        op = site.op
+        return _FeedbackLayer.apply(x, op.weight, op.bias, site, self.original)
 
 
 class _Recomputed:
