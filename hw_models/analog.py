@@ -564,6 +564,10 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
                                 "(wrapping patches the layers it finds)")
         target = net.model
     check_materialised(target, "putting it on devices (its weights are programmed into them)")
+    lazy = [n for n, p in target.named_parameters() if nn.parameter.is_lazy(p)]
+    if lazy:
+        raise NeurosalError(f"convert: {lazy[0]!r}{' and more' if len(lazy) > 1 else ''} belongs to a lazy layer "
+                            "(LazyLinear/LazyConv) with no weight yet to program: run one forward with a batch first")
     named = [(n, m) for n, m in target.named_modules()
              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, AreaLinear, nn.MultiheadAttention))
              and not isinstance(m, _AnalogMixin)]

@@ -1026,6 +1026,11 @@ class Wrapped(nn.Module):
         if self.rule.autograd:
             return  # bp: plain autograd
         sites = layer_sites(self.model)
+        lazy = [n for n, m in sites if any(nn.parameter.is_lazy(p) for p in m.parameters(recurse=False))]
+        if lazy:  # B is shaped like the weight, which a lazy layer has not yet
+            raise NeurosalError(f"{self.rule.name}: {lazy[0]!r}{' and more' if len(lazy) > 1 else ''} is a lazy layer "
+                                "(LazyLinear/LazyConv) whose weight has no shape yet: run one forward with a batch "
+                                "before wrapping")
         if not sites and any(p.requires_grad for p in self.model.parameters()):
             warnings.warn(f"{self.rule.name}: this model has no nn.Linear/Conv1d/Conv2d/MultiheadAttention "
                           "layer, so its parameters learn by backprop", stacklevel=4)

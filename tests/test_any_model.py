@@ -1193,6 +1193,35 @@ def _own_forward_net() -> nn.Module:
                          _EqualLinear(16, 16), nn.Tanh(), nn.Linear(16, 3)).double()
 
 
+def test_lazy_layers_are_refused_where_their_shape_is_needed_at_wrap():
+    """LazyLinear has no weight shape until its first forward: the layerwise rules (B shaped like W) and
+    convert (conductances programmed from W) failed with torch's 'uninitialized parameter' error. One
+    line each, naming the fix; the direct rules, which plan at the first forward, train such a model."""
+    from hw_models.analog import convert
+
+    def lazy():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    for rule in ("fa", "kp"):
+        with pytest.raises(NeurosalError, match=rf"{rule}: '0' is a lazy layer .* run one forward"):
+            neurosal.wrap(lazy(), rule)
+    with pytest.raises(NeurosalError, match="convert: '0.weight' .* lazy layer"):
+        convert(lazy(), "ideal")
+    x, y = torch.randn(30, 8), torch.randint(0, 3, (30,))
+    w = neurosal.wrap(lazy(), "dfa")
+    w(x[:2])  # the dry run that gives the lazy layer its shape, before the optimiser is built
+    opt = torch.optim.Adam(w.parameters(), 1e-2)
+    first = None
+    for _ in range(50):
+        opt.zero_grad()
+        loss = F.cross_entropy(w(x), y)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else float(loss.detach())
+    assert w.point_names == ["1", "3"] and float(loss.detach()) < 0.5 * first
+
+
 def test_layers_with_their_own_forward_get_their_own_weight_gradient():
     """A Linear/Conv subclass computing its output its own way (a mask on the weight, an equalised-
     learning-rate scale, weight standardisation) got the plain layer's ``delta^T x`` as its weight's
