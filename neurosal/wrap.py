@@ -599,6 +599,20 @@ def channels_first(modules: dict, points: list[str], finished: list[str]) -> lis
     return [found.get(name, False) for name in points]
 
 
+def dense_output(sel: torch.Tensor, modules: dict, finished: list[str]) -> bool:
+    """Whether the output is dense and channels-first, (B, K, *S): one prediction per position, classes
+    on axis 1 as ``F.cross_entropy`` takes them (segmentation maps, volumes, per-step Conv1d heads).
+    Four or more axes always; three when the last layer to run is a Conv1d / ConvTranspose1d -- after a
+    Linear, (B, T, V) are tokens with the classes last."""
+    if sel.dim() >= 4:
+        return True
+    if sel.dim() != 3:
+        return False
+    last = next((modules[n] for n in reversed(finished) if isinstance(modules[n], PARAM_LAYERS + (AreaLinear,))),
+                None)
+    return isinstance(last, (nn.Conv1d, nn.ConvTranspose1d))
+
+
 def output_module(modules: dict, sel: torch.Tensor, points: list[str], finished: list[str],
                   outputs: list) -> str | None:
     """The module whose output is ``sel`` (the innermost, called once per forward, after every feedback
@@ -815,6 +829,8 @@ class Wrapped(nn.Module):
         self._readout: list[nn.Module] = []  # that module (a list: not registered as a submodule)
         self.widths: list[int] = []
         self._channels_first: list[bool] = []  # per point (index into point_names)
+        #: a dense channels-first output (B, K, *S): segmentation, per-position prediction (:func:`dense_output`)
+        self._dense = False
         #: per point that ran at the first step, in the order their outputs arrived: its columns of the
         #: projection (``widths``: how many); a point called several times per forward (a layer in a
         #: time-step loop) has one block, its neurons' feedback the same at every call
@@ -1103,6 +1119,7 @@ class Wrapped(nn.Module):
         for name in self.point_names:
             self._hooks.append(modules[name].register_forward_hook(self._at_point))
         self._channels_first = channels_first(modules, self.point_names, finished)
+        self._dense = dense_output(sel, modules, finished)
         if not torch.is_tensor(out):  # a tuple/dict: join at the module that made the output, if one did
             self.output_name = output_module(modules, sel, self.point_names, finished, outputs)
             if self.output_name is not None:
@@ -1136,7 +1153,7 @@ class Wrapped(nn.Module):
                     keys.append(index[name])
                     shapes.append(tuple(o.shape))
         if keys:
-            self._materialise(tuple(sel.shape), shapes, keys)
+            self._materialise(self._error_shape(sel.shape), shapes, keys)
 
     def _join(self, out: torch.Tensor, entries: list, keys: list) -> torch.Tensor:
         return _Hub.apply(self, out, entries, keys, *[p for p in entries if not isinstance(p, _Deferred)])
@@ -1210,6 +1227,14 @@ class Wrapped(nn.Module):
         lead = len(e_shape) - 1
         mode = self.rule.config.positions
         out = []
+        if self._dense:  # e_shape channels-last (B, *S, K); every point a feature map (B, C, *S_p)
+            for s in map(tuple, shapes):
+                if len(s) != len(e_shape) or s[0] != e_shape[0]:
+                    raise NeurosalError(f"a feedback point of shape {s} does not line up with the dense output "
+                                        f"(B, K, *S) = {(e_shape[0], e_shape[-1], *e_shape[1:-1])}: a point must be "
+                                        "a feature map (B, C, ...) with as many spatial axes")
+                out.append((0, s[1], 1, True))
+            return out
         for key, s in zip(keys, map(tuple, shapes)):
             if s[:lead] == tuple(e_shape[:lead]):
                 axis = 0
@@ -1299,22 +1324,25 @@ class Wrapped(nn.Module):
         (default: the points in the order of the first step, each once)."""
         if keys is None:
             keys = list(self._slots)[:len(shapes)] if self.has_projection else list(range(len(shapes)))
+        e_shape = self._error_shape(e.shape)
         if not self.has_projection:
-            self._materialise(tuple(e.shape), shapes, keys)
-        layout = self._layout(tuple(e.shape), shapes, keys)
+            self._materialise(e_shape, shapes, keys)
+        layout = self._layout(e_shape, shapes, keys)
         for key, (_, w, _, _) in zip(keys, layout):
             if key not in self._slots:  # a point that had not run yet (a block LayerDrop skipped then)
-                self._add_point(key, w, e.shape[-1])
+                self._add_point(key, w, e_shape[-1])
         slots = [self._slots.get(k) for k in keys]
         if any(sl is None or self.widths[sl] != w for sl, (_, w, _, _) in zip(slots, layout)):
             widths = [w for _, w, _, _ in layout]
             raise NeurosalError(f"the feedback points changed shape ({widths} vs {self.widths} at the first "
                                 "step): mark fixed points with neurosal.Point")
         b = self.projection
+        columns = [self._columns[sl] for sl in slots]
+        if self._dense:
+            return self._dense_signals(e, shapes, dtypes, target, columns)
         target = self.take_target(e, target)
         g = self.rule.project(self.rule.source(e, target).to(b.dtype), b).to(e.dtype)
         out = []
-        columns = [self._columns[sl] for sl in slots]
         parts = [g[..., a:b] for a, b in columns]
         norm = self._readout[0] if values is not None else None
         first = {c: i for i, c in reversed(list(enumerate(columns)))}  # columns -> first point using them
@@ -1342,6 +1370,35 @@ class Wrapped(nn.Module):
             elif first[columns[i]] < i and part.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
                 part = part.clone()  # columns shared with an earlier point: each point gets its own tensor
             out.append(part.to(dt))
+        if self._watch is not None:
+            self._watch["ours"] = [o.detach().clone() for o in out]
+        return out
+
+    def _error_shape(self, shape) -> tuple:
+        """The output's shape as the projection reads it: classes last ((B, K, *S) -> (B, *S, K) when dense)."""
+        shape = tuple(shape)
+        return (shape[0], *shape[2:], shape[1]) if self._dense else shape
+
+    def _dense_signals(self, e: torch.Tensor, shapes, dtypes, target, columns) -> list[torch.Tensor]:
+        """Dense output (B, K, *S) -- segmentation, per-position prediction: each point (B, C, *S_p) gets,
+        position by position, the projection of the teaching source summed over the output positions its
+        position covers (adaptive average pooling to S_p times |S| / |S_p|: the error's total is kept at
+        every resolution, down- or upsampled). One projection per resolution."""
+        b = self.projection
+        e_cl = e.movedim(1, -1)  # (B, *S, K)
+        source = self.rule.source(e_cl, self.take_target(e_cl, target)).to(b.dtype)
+        size = tuple(e.shape[2:])
+        by_size: dict[tuple, torch.Tensor] = {}
+        out = []
+        for s, dt, (a, c) in zip(map(tuple, shapes), dtypes, columns):
+            grid = s[2:]
+            if grid not in by_size:
+                src = source
+                if grid != size:
+                    pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(grid) - 1]
+                    src = pool(source.movedim(-1, 1), grid).movedim(1, -1) * (math.prod(size) / math.prod(grid))
+                by_size[grid] = self.rule.project(src, b)
+            out.append(by_size[grid][..., a:c].movedim(-1, 1).contiguous().to(dt))
         if self._watch is not None:
             self._watch["ours"] = [o.detach().clone() for o in out]
         return out
