@@ -93,6 +93,72 @@ _MIXING = {F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1
            torch.Tensor.__rmatmul__, torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.addmm}
 
 
+#: elementwise activation functions a layer's output may go through in a user's forward (``F.relu(fc(x))``):
+#: a feedback point at such a layer's own output takes their derivative, as a module activation's point
+#: after it would (DFA's ``(B e) * f'(a)``)
+FUNCTIONAL_ACTIVATIONS = {F.relu, torch.relu, torch.Tensor.relu, F.relu6, F.gelu, torch.tanh, torch.Tensor.tanh,
+                          F.tanh, torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid, F.silu, F.mish, F.leaky_relu,
+                          F.elu, F.selu, F.celu, F.softplus, F.hardtanh, F.hardswish, F.hardsigmoid, F.softsign,
+                          F.logsigmoid, F.tanhshrink, F.softshrink, F.hardshrink}
+
+#: their in-place forms (``x.relu_()``): the derivative cannot be replayed from a value they overwrote
+INPLACE_ACTIVATIONS = {f for f in (getattr(torch, n, None) for n in ("relu_", "tanh_", "sigmoid_", "selu_", "celu_"))
+                       if f is not None} | {torch.Tensor.relu_, torch.Tensor.tanh_, torch.Tensor.sigmoid_,
+                                            F.relu_, F.leaky_relu_, F.elu_, F.hardtanh_}
+
+
+class _ConsumerWatch(torch.overrides.TorchFunctionMode):
+    """During the planning pass: which torch functions consume each watched tensor (the outputs of the
+    parametrised layers, added as they are made) -- how the direct rules tell ``F.relu(fc(x))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.watched: dict[int, torch.Tensor] = {}  # id -> tensor (kept alive: ids are not reused)
+        self.consumers: dict[int, list] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat = [b for a in (*args, *kwargs.values()) for b in (a if isinstance(a, (list, tuple)) else (a,))]
+        for a in flat:
+            if torch.is_tensor(a) and id(a) in self.watched:
+                self.consumers.setdefault(id(a), []).append((func, args, kwargs, out))
+                if func in FUNCTIONAL_ACTIVATIONS and torch.is_tensor(out):  # a chain: tanh(relu(.))
+                    self.watched[id(out)] = out
+        return out
+
+
+def activation_chain(watch: _ConsumerWatch, o: torch.Tensor) -> tuple[list, str | None]:
+    """The elementwise activations ``o`` goes through, each the only consumer of the one before
+    (``torch.tanh(F.relu(o))``: two), as ``(func, extra args, kwargs)``; and why the chain stops early
+    when an in-place activation is what follows (its derivative cannot be replayed from the value)."""
+    chain: list = []
+    t = o
+    while True:
+        used = watch.consumers.get(id(t), [])
+        if not used:
+            return chain, None
+        func, args, kwargs, out = used[0]
+        if (func in FUNCTIONAL_ACTIVATIONS and out is t) or func in INPLACE_ACTIVATIONS:  # in place
+            return chain, getattr(func, "__name__", str(func))
+        if len(used) != 1 or func not in FUNCTIONAL_ACTIVATIONS or not args or args[0] is not t \
+                or not torch.is_tensor(out) or out.shape != t.shape \
+                or any(torch.is_tensor(a) for a in (*args[1:], *kwargs.values())):
+            return chain, None
+        chain.append((func, tuple(args[1:]), dict(kwargs)))
+        t = out
+
+
+def chain_vjp(chain: list, value: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+    """``signal`` (on the chain's output) taken back through its derivative at ``value`` (its input)."""
+    with torch.enable_grad():
+        a = value.detach().requires_grad_(True)
+        h = a
+        for func, extra, kwargs in chain:
+            h = func(h, *extra, **kwargs)
+        return torch.autograd.grad(h, a, signal.to(h.dtype))[0]
+
+
 class _MixingWatch(torch.overrides.TorchFunctionMode):
     """During one forward: which of the ``watched`` parameters -- or tensors made from one alone (a
     transpose, a cast, a view) -- enter a matrix product (:data:`_MIXING`).
@@ -448,17 +514,21 @@ class _Hub(torch.autograd.Function):
         ctx.deferred = [p if isinstance(p, _Deferred) else None for p in entries]
         ctx.shapes = [p.shape for p in entries]
         ctx.dtypes = [p.dtype for p in entries]
-        if wrapped._readout:  # the readout norm's derivative is taken at the points' values
-            ctx.save_for_backward(*points)
+        # the readout norm's derivative is taken at every point's value, a functional activation's at
+        # its own point's
+        ctx.keep = [bool(wrapped._readout) or k in wrapped._gates for k in keys]
+        live = iter(points)
+        ctx.save_for_backward(*[t for t, k in [(next(live), k) for p, k in zip(entries, ctx.keep)
+                                               if not isinstance(p, _Deferred)] if k])
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, e):
         wrapped = ctx.wrapped
         values = None
-        if wrapped._readout:
+        if any(ctx.keep):
             live = iter(ctx.saved_tensors)
-            values = [next(live) if d is None else d.value for d in ctx.deferred]
+            values = [(next(live) if k else None) if d is None else d.value for d, k in zip(ctx.deferred, ctx.keep)]
         signals = wrapped._signals(e, ctx.shapes, ctx.dtypes, values, ctx.target, ctx.keys)
         out = []
         for d, s in zip(ctx.deferred, signals):
@@ -495,9 +565,10 @@ def find_blocks(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def probe(model: nn.Module, args, kwargs) -> tuple[list, object, list[str], list]:
+def probe(model: nn.Module, args, kwargs, watch: _ConsumerWatch | None = None) -> tuple[list, object, list[str], list]:
     """One forward pass: every leaf-module call in order, ``(name, module, input, output)``; the output;
-    the names of all modules, composite ones too, in the order their calls finished; and their outputs."""
+    the names of all modules, composite ones too, in the order their calls finished; and their outputs.
+    With ``watch``, the functions consuming each parametrised layer's output are recorded too."""
     calls: list = []
     finished: list[str] = []
     outputs: list = []  # each finished call's output, beside ``finished``
@@ -510,6 +581,8 @@ def probe(model: nn.Module, args, kwargs) -> tuple[list, object, list[str], list
         # gives it a `parametrizations` child, which left it out and let it learn by backprop
         if next(mod.children(), None) is None or isinstance(mod, (nn.MultiheadAttention, AreaLinear) + PARAM_LAYERS):
             calls.append((names[mod], mod, inp[0] if inp else None, out))
+        if watch is not None and isinstance(mod, PARAM_LAYERS + (AreaLinear,)) and torch.is_tensor(out):
+            watch.watched[id(out)] = out
 
     handles = [m.register_forward_hook(record) for m in model.modules()]
     was = model.training
@@ -518,7 +591,11 @@ def probe(model: nn.Module, args, kwargs) -> tuple[list, object, list[str], list
         with torch.random.fork_rng(devices=[]), preserved_draws(model), warnings.catch_warnings():
             # a reentrant torch.utils.checkpoint in the model warns that nothing here requires grad
             warnings.filterwarnings("ignore", "None of the inputs have requires_grad", UserWarning)
-            out = model(*args, **kwargs)
+            if watch is not None:
+                with watch:
+                    out = model(*args, **kwargs)
+            else:
+                out = model(*args, **kwargs)
     finally:
         model.train(was)
         for h in handles:
@@ -831,6 +908,8 @@ class Wrapped(nn.Module):
         self._channels_first: list[bool] = []  # per point (index into point_names)
         #: a dense channels-first output (B, K, *S): segmentation, per-position prediction (:func:`dense_output`)
         self._dense = False
+        #: per point key: the functional activations after a layer's own output (:func:`activation_chain`)
+        self._gates: dict[int, list] = {}
         #: per point that ran at the first step, in the order their outputs arrived: its columns of the
         #: projection (``widths``: how many); a point called several times per forward (a layer in a
         #: time-step loop) has one block, its neurons' feedback the same at every call
@@ -1082,8 +1161,10 @@ class Wrapped(nn.Module):
         blocks = find_blocks(self.model)
         plain = self.point_names is None and not blocks and not any(isinstance(m, Point) for m in self.model.modules())
 
+        watch = _ConsumerWatch()
+
         def run():
-            found.append(probe(self.model, args, kwargs))
+            found.append(probe(self.model, args, kwargs, watch))
         if plain:
             mixing = unknown_mixing(self.model, [m for m in self.model.modules() if isinstance(m, PARAM_LAYERS)], run)
         else:
@@ -1120,6 +1201,23 @@ class Wrapped(nn.Module):
             self._hooks.append(modules[name].register_forward_hook(self._at_point))
         self._channels_first = channels_first(modules, self.point_names, finished)
         self._dense = dense_output(sel, modules, finished)
+        self._gates = {}
+        first_out = {}
+        for name, _, _, o in calls:
+            first_out.setdefault(name, o)
+        inplace = []
+        for key, name in enumerate(self.point_names):
+            o = first_out.get(name)
+            if isinstance(modules[name], PARAM_LAYERS + (AreaLinear,)) and torch.is_tensor(o):
+                chain, stop = activation_chain(watch, o)
+                if chain:
+                    self._gates[key] = chain
+                if stop and not chain:
+                    inplace.append(f"{name} ({stop})")
+        if inplace:
+            warnings.warn(f"{self.rule.name}: the outputs of {inplace[:3]} go through an in-place functional "
+                          "activation: the signal arrives before it, without its derivative; use inplace=False "
+                          "or an activation module", stacklevel=4)
         if not torch.is_tensor(out):  # a tuple/dict: join at the module that made the output, if one did
             self.output_name = output_module(modules, sel, self.point_names, finished, outputs)
             if self.output_name is not None:
@@ -1190,8 +1288,8 @@ class Wrapped(nn.Module):
                 return _Inject.apply(output, waiting.pop())
         if self._collect is not None and not output.requires_grad and not torch.is_grad_enabled() \
                 and _may_learn(module):
-            self._collect.append(_Deferred(module, output.shape, output.dtype,
-                                           output.detach() if self._readout else None))
+            keep = self._readout or self._point_index[module] in self._gates
+            self._collect.append(_Deferred(module, output.shape, output.dtype, output.detach() if keep else None))
             self._keys.append(self._point_index[module])
             return None
         if self._collect is None and self._watch is not None and output.requires_grad:
@@ -1339,12 +1437,12 @@ class Wrapped(nn.Module):
         b = self.projection
         columns = [self._columns[sl] for sl in slots]
         if self._dense:
-            return self._dense_signals(e, shapes, dtypes, target, columns)
+            return self._dense_signals(e, shapes, dtypes, target, columns, values, keys)
         target = self.take_target(e, target)
         g = self.rule.project(self.rule.source(e, target).to(b.dtype), b).to(e.dtype)
         out = []
         parts = [g[..., a:b] for a, b in columns]
-        norm = self._readout[0] if values is not None else None
+        norm = self._readout[0] if values is not None and self._readout else None
         first = {c: i for i, c in reversed(list(enumerate(columns)))}  # columns -> first point using them
         for i, (part, s, dt, (axis, _, positions, chan_first)) in enumerate(zip(parts, shapes, dtypes, layout)):
             s = tuple(s)
@@ -1369,6 +1467,8 @@ class Wrapped(nn.Module):
                 part = norm_vjp(norm, values[i], part)
             elif first[columns[i]] < i and part.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
                 part = part.clone()  # columns shared with an earlier point: each point gets its own tensor
+            if keys[i] in self._gates and values is not None and values[i] is not None:
+                part = chain_vjp(self._gates[keys[i]], values[i], part)  # F.relu(fc(x)): (B e) * f'(a)
             out.append(part.to(dt))
         if self._watch is not None:
             self._watch["ours"] = [o.detach().clone() for o in out]
@@ -1379,7 +1479,8 @@ class Wrapped(nn.Module):
         shape = tuple(shape)
         return (shape[0], *shape[2:], shape[1]) if self._dense else shape
 
-    def _dense_signals(self, e: torch.Tensor, shapes, dtypes, target, columns) -> list[torch.Tensor]:
+    def _dense_signals(self, e: torch.Tensor, shapes, dtypes, target, columns, values=None,
+                       keys=()) -> list[torch.Tensor]:
         """Dense output (B, K, *S) -- segmentation, per-position prediction: each point (B, C, *S_p) gets,
         position by position, the projection of the teaching source summed over the output positions its
         position covers (adaptive average pooling to S_p times |S| / |S_p|: the error's total is kept at
@@ -1398,7 +1499,11 @@ class Wrapped(nn.Module):
                     pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(grid) - 1]
                     src = pool(source.movedim(-1, 1), grid).movedim(1, -1) * (math.prod(size) / math.prod(grid))
                 by_size[grid] = self.rule.project(src, b)
-            out.append(by_size[grid][..., a:c].movedim(-1, 1).contiguous().to(dt))
+            part = by_size[grid][..., a:c].movedim(-1, 1).contiguous()
+            i = len(out)
+            if keys and keys[i] in self._gates and values is not None and values[i] is not None:
+                part = chain_vjp(self._gates[keys[i]], values[i], part)
+            out.append(part.to(dt))
         if self._watch is not None:
             self._watch["ours"] = [o.detach().clone() for o in out]
         return out

@@ -337,6 +337,57 @@ def test_dense_outputs_get_the_error_position_by_position():
     assert steps._dense and steps.widths == [8]  # a Conv1d head: (B, K, L), one prediction per step
 
 
+class _Functional(nn.Module):
+    """``x = act(fc1(x))`` with a functional activation (the PyTorch examples' style)."""
+
+    def __init__(self, act, checkpointed=False):
+        super().__init__()
+        self.fc1, self.fc2, self.act, self.checkpointed = nn.Linear(8, 16), nn.Linear(16, 3), act, checkpointed
+
+    def forward(self, x):
+        if self.checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            return self.fc2(checkpoint(lambda v: self.act(self.fc1(v)), x, use_reentrant=True))
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu-tanh", "tanh-of-leaky", "relu-checkpointed"])
+def test_a_point_before_a_functional_activation_takes_its_derivative(act):
+    """``F.relu(fc1(x))``: the point is fc1's own output (no module to hang it after), and the signal
+    arrived there without the activation's derivative -- not DFA's (B e) * f'(a): with B = W_2^T the
+    hidden update was not backprop's. The planning pass now records the functional activations a
+    layer's output goes through (its only consumers) and the signal is taken back through their
+    derivative at the point's value: DFA with one hidden layer and B = W_2^T equals backprop."""
+    fn = {"relu": F.relu, "relu-checkpointed": F.relu, "gelu-tanh": lambda v: F.gelu(v, approximate="tanh"),
+          "tanh-of-leaky": lambda v: torch.tanh(F.leaky_relu(v, 0.2))}[act]
+    torch.manual_seed(0)
+    model = _Functional(fn, checkpointed=act.endswith("checkpointed")).double()
+    x, y = torch.randn(7, 8, dtype=torch.float64, requires_grad=act.endswith("checkpointed")), torch.randint(0, 3, (7,))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    w = neurosal.wrap(model, "dfa").materialise(x)
+    assert w.point_names == ["fc1"] and len(w._gates[0]) == (2 if act == "tanh-of-leaky" else 1)
+    w.projection.copy_(model.fc2.weight.detach())
+    F.cross_entropy(w(x), y).backward()
+    got, want = _grads(w.model), _grads(ref)
+    for k in want:
+        assert_close(got[k], want[k], msg=k)
+
+
+def test_an_in_place_functional_activation_after_a_point_is_said():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x).relu_())
+
+    with pytest.warns(UserWarning, match=r"\['fc1 \(relu_\)'\] go through an in-place functional activation"):
+        neurosal.wrap(InPlace(), "dfa").materialise(torch.randn(3, 8))
+
+
 def test_conv1d_feature_maps_are_channels_first_tokens_are_not():
     """A 3-d point is a (B, C, L) feature map after a Conv1d (one signal per channel, shared by the L
     positions: it used to be read as L tokens of C features), a (B, T, D) token sequence after a Linear."""
