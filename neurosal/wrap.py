@@ -79,6 +79,12 @@ PASS_THROUGH = ACTIVATIONS + (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPo
                               nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
                               nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten,
                               nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+#: normalisation layers a plain stack's point moves through too (Conv -> BatchNorm -> ReLU, Linear ->
+#: LayerNorm -> GELU): their affine parameters and derivatives belong to the layer they follow, so they learn
+#: from its point's signal through their local derivative (left below the next point, they learnt through
+#: the next layer's true weights, and the signal skipped their derivative)
+NORM_TAIL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm,
+             nn.LocalResponseNorm, nn.RMSNorm)
 #: parametrised layers the layerwise rules have no feedback matrix for (their true derivative is kept)
 UNTREATED = (nn.RNNBase, nn.Bilinear)
 #: torch's own composite layers that count as blocks
@@ -108,8 +114,8 @@ INPLACE_ACTIVATIONS = {f for f in (getattr(torch, n, None) for n in ("relu_", "t
 
 
 class _ConsumerWatch(torch.overrides.TorchFunctionMode):
-    """During the planning pass: which torch functions consume each watched tensor (the outputs of the
-    parametrised layers, added as they are made) -- how the direct rules tell ``F.relu(fc(x))``."""
+    """During the planning pass: which torch functions consume each watched tensor (the modules' outputs,
+    added as they are made) -- how the direct rules tell ``F.relu(fc(x))``."""
 
     def __init__(self):
         super().__init__()
@@ -551,7 +557,8 @@ def _is_block(m: nn.Module) -> bool:
 
 def find_blocks(model: nn.Module) -> list[str]:
     """Repeated blocks: parametrised composite children of an ``nn.Sequential``/``nn.ModuleList`` with at
-    least two such children (ResNet stages' blocks, transformer layers), outermost first."""
+    least two such children (ResNet stages' blocks, transformer layers), or the one block of each of two or
+    more such containers of a module, all of one type (ResNet stages of one block), outermost first."""
     found: list[str] = []
     for name, m in model.named_modules():
         if isinstance(m, TORCH_BLOCKS) and name and name not in found and not any(name.startswith(f + ".") for f in found):
@@ -561,6 +568,15 @@ def find_blocks(model: nn.Module) -> list[str]:
         kids = [(f"{name}.{c}" if name else c) for c, sub in m.named_children() if _is_block(sub)]
         if len(kids) >= 2:
             found += [k for k in kids if k not in found and not any(k.startswith(f + ".") for f in found)]
+    for name, m in model.named_modules():  # stages of one block each (a 6n+2 ResNet with n = 1): two or
+        # more containers of a module, each holding just one block, all blocks of one type
+        singles = []
+        for c, sub in m.named_children():
+            kids = list(sub.named_children()) if isinstance(sub, (nn.Sequential, nn.ModuleList)) else []
+            if len(kids) == 1 and _is_block(kids[0][1]):
+                singles.append((f"{name}.{c}.{kids[0][0]}" if name else f"{c}.{kids[0][0]}", type(kids[0][1])))
+        if len(singles) >= 2 and len({t for _, t in singles}) == 1:
+            found += [k for k, _ in singles if k not in found and not any(k.startswith(f + ".") for f in found)]
     return [f for f in found if not any(f != g and f.startswith(g + ".") for g in found)]
 
 
@@ -581,7 +597,7 @@ def probe(model: nn.Module, args, kwargs, watch: _ConsumerWatch | None = None) -
         # gives it a `parametrizations` child, which left it out and let it learn by backprop
         if next(mod.children(), None) is None or isinstance(mod, (nn.MultiheadAttention, AreaLinear) + PARAM_LAYERS):
             calls.append((names[mod], mod, inp[0] if inp else None, out))
-        if watch is not None and isinstance(mod, PARAM_LAYERS + (AreaLinear,)) and torch.is_tensor(out):
+        if watch is not None and torch.is_tensor(out):  # any module's output may be a feedback point
             watch.watched[id(out)] = out
 
     handles = [m.register_forward_hook(record) for m in model.modules()]
@@ -711,9 +727,9 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor, blocks: list[s
     1. the :class:`Point` modules, if the model has any;
     2. else every repeated block (:func:`find_blocks`): residual blocks, transformer layers;
     3. else, in a plain stack, every Linear/Conv but the head (the one whose output is the model's, else
-       the last one called): after the run of
-       activation/pooling/reshape modules applied to its output (where the next layer reads), or at its
-       own output when the activation is functional.
+       the last one called): after the run of normalisation/activation/pooling/reshape modules applied
+       to its output (where the next layer reads), or at its own output when the activation is
+       functional.
 
     A candidate whose output is the model's output is dropped (the output learns from ``e`` itself).
     """
@@ -739,7 +755,7 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor, blocks: list[s
             if nxt is None:
                 break
             k, (nxt_name, mod, _, out) = nxt
-            if isinstance(mod, PASS_THROUGH):
+            if isinstance(mod, PASS_THROUGH + NORM_TAIL):
                 o = out
             elif is_neuron(mod, o, out):
                 o = out[0]
@@ -1203,12 +1219,12 @@ class Wrapped(nn.Module):
         self._dense = dense_output(sel, modules, finished)
         self._gates = {}
         first_out = {}
-        for name, _, _, o in calls:
+        for name, o in zip(finished, outputs):
             first_out.setdefault(name, o)
         inplace = []
         for key, name in enumerate(self.point_names):
             o = first_out.get(name)
-            if isinstance(modules[name], PARAM_LAYERS + (AreaLinear,)) and torch.is_tensor(o):
+            if torch.is_tensor(o):
                 chain, stop = activation_chain(watch, o)
                 if chain:
                     self._gates[key] = chain
@@ -1225,8 +1241,9 @@ class Wrapped(nn.Module):
         if self.rule.config.readout_norm:
             self.readout_name = readout_norm(modules, self.point_names, finished)
             self._readout = [modules[self.readout_name]] if self.readout_name is not None else []
-        if self.memory == "recompute":
-            blocks = [modules[n] for n in self.point_names if any(True for _ in modules[n].parameters())]
+        if self.memory == "recompute":  # (a lone normalisation a point follows is no block worth it)
+            blocks = [modules[n] for n in self.point_names if any(True for _ in modules[n].parameters())
+                      and not isinstance(modules[n], NORM_TAIL)]
             if not blocks:
                 raise NeurosalError("memory='recompute' recomputes each feedback block in the backward pass; "
                                     "this model's points are not blocks with parameters (mark blocks with "

@@ -375,6 +375,36 @@ def test_a_point_before_a_functional_activation_takes_its_derivative(act):
         assert_close(got[k], want[k], msg=k)
 
 
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_a_plain_stacks_point_follows_the_layers_normalisation(norm):
+    """Linear -> BatchNorm/LayerNorm -> ReLU (VGG-style stacks): the point sat at the Linear's output, so
+    the signal skipped the norm's and the activation's derivatives, and the norm's own parameters learnt
+    below the next point -- through the next layer's true weights (weight transport). The point follows
+    the normalisation like an activation: DFA with one hidden layer and B = W_2^T equals backprop,
+    the norm's affine parameters included; a Conv -> BatchNorm2d -> ReLU stack's points sit after them."""
+    torch.manual_seed(0)
+    make = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}[norm]
+    model = nn.Sequential(nn.Linear(8, 16), make(16), nn.ReLU(), nn.Linear(16, 3)).double()
+    x, y = torch.randn(9, 8, dtype=torch.float64), torch.randint(0, 3, (9,))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    w = neurosal.wrap(model, "dfa").materialise(x)
+    assert w.point_names == ["2"]
+    w.projection.copy_(model[3].weight.detach())
+    F.cross_entropy(w(x), y).backward()
+    got, want = _grads(w.model), _grads(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert_close(got[k], want[k], msg=k)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    assert neurosal.wrap(cnn, "dfa").materialise(torch.randn(2, 1, 8, 8)).point_names == ["2", "7"]
+    # a ResNet whose stages hold one block each (resnet:8) was taken for a plain stack -- points inside
+    # its residual blocks, before the adds; its blocks are blocks
+    res = neurosal.wrap(build_zoo("resnet:8", (1, 8, 8), 10), "dfa").materialise(torch.randn(2, 1, 8, 8))
+    assert res.point_names == ["layer1.0", "layer2.0", "layer3.0"]
+
+
 def test_an_in_place_functional_activation_after_a_point_is_said():
     class InPlace(nn.Module):
         def __init__(self):
