@@ -21,6 +21,20 @@ def assert_close(actual, expected, ulps: float = 1e4, msg=None):
     torch.testing.assert_close(actual, expected, rtol=ulps * eps, atol=ulps * eps * max(scale, 1e-30), msg=msg)
 
 
+def sgd_step(wrapped, opt, x, y):
+    """One step of a user's loop on a wrapped model: cross-entropy, the target for rules that need it."""
+    import torch.nn.functional as F
+
+    opt.zero_grad()
+    out = wrapped(x)
+    if wrapped.rule.needs_target:
+        wrapped.set_target(y)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def setup_rule(name, net, input_shape, n_classes=10, seed=1, **options):
     rule = make_rule(name, **options)
     rule.setup(net, block_output_shapes(net, input_shape), n_classes, torch.Generator().manual_seed(seed))

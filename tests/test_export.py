@@ -154,7 +154,7 @@ def test_a_wrapped_model_never_run_exports(tmp_path, rule):
     planning into the graph and failed (torch.export could not decompose it). The export twin is the
     unwrapped model: parity with the trained one."""
     import torch.nn as nn
-    import torch.nn.functional as F
+    from conftest import sgd_step
 
     import neurosal
 
@@ -167,12 +167,7 @@ def test_a_wrapped_model_never_run_exports(tmp_path, rule):
     trained = neurosal.wrap(make(), rule, **opts)
     opt = torch.optim.Adam(trained.parameters(), lr=1e-2)
     for _ in range(4):
-        opt.zero_grad()
-        out = trained(x)
-        if trained.rule.needs_target:
-            trained.set_target(y)
-        F.cross_entropy(out, y).backward()
-        opt.step()
+        sgd_step(trained, opt, x, y)
     fresh = neurosal.wrap(make(), rule, **opts)
     fresh.load_state_dict(trained.state_dict())
     export_onnx(fresh, x[:4], tmp_path / "m.onnx")
