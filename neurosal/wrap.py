@@ -107,6 +107,14 @@ FUNCTIONAL_ACTIVATIONS = {F.relu, torch.relu, torch.Tensor.relu, F.relu6, F.gelu
                           F.elu, F.selu, F.celu, F.softplus, F.hardtanh, F.hardswish, F.hardsigmoid, F.softsign,
                           F.logsigmoid, F.tanhshrink, F.softshrink, F.hardshrink}
 
+#: deterministic functions that reshape rather than compute, which a functional stack applies between an
+#: activation and the next layer (``F.max_pool2d(F.relu(conv(x)), 2)``, ``torch.flatten(x, 1)``): a point
+#: followed by them takes its signal where the next layer reads, as after ``nn.MaxPool2d``/``nn.Flatten``
+FUNCTIONAL_RESHAPES = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                       F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+                       F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.flatten, torch.Tensor.flatten,
+                       torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+
 #: their in-place forms (``x.relu_()``): the derivative cannot be replayed from a value they overwrote
 INPLACE_ACTIVATIONS = {f for f in (getattr(torch, n, None) for n in ("relu_", "tanh_", "sigmoid_", "selu_", "celu_"))
                        if f is not None} | {torch.Tensor.relu_, torch.Tensor.tanh_, torch.Tensor.sigmoid_,
@@ -129,40 +137,51 @@ class _ConsumerWatch(torch.overrides.TorchFunctionMode):
         for a in flat:
             if torch.is_tensor(a) and id(a) in self.watched:
                 self.consumers.setdefault(id(a), []).append((func, args, kwargs, out))
-                if func in FUNCTIONAL_ACTIVATIONS and torch.is_tensor(out):  # a chain: tanh(relu(.))
-                    self.watched[id(out)] = out
+                if (func in FUNCTIONAL_ACTIVATIONS or func in FUNCTIONAL_RESHAPES) and torch.is_tensor(out):
+                    self.watched[id(out)] = out  # a chain: max_pool2d(relu(.))
         return out
 
 
 def activation_chain(watch: _ConsumerWatch, o: torch.Tensor) -> tuple[list, str | None]:
-    """The elementwise activations ``o`` goes through, each the only consumer of the one before
-    (``torch.tanh(F.relu(o))``: two), as ``(func, extra args, kwargs)``; and why the chain stops early
-    when an in-place activation is what follows (its derivative cannot be replayed from the value)."""
+    """The functional activations, pooling and flattening ``o`` goes through before the next layer reads
+    it, each the only consumer of the one before (``torch.flatten(F.max_pool2d(F.relu(o), 2), 1)``:
+    three), as ``(func, extra args, kwargs)``; and why the chain stops early when an in-place activation
+    is what follows (its derivative cannot be replayed from the value)."""
     chain: list = []
     t = o
-    while True:
-        used = watch.consumers.get(id(t), [])
+    while True:  # (x.size(0), x.dim(): reads of its metadata are no consumers)
+        used = [u for u in watch.consumers.get(id(t), [])
+                if torch.is_tensor(u[3]) or (isinstance(u[3], (tuple, list)) and any(map(torch.is_tensor, u[3])))]
         if not used:
             return chain, None
         func, args, kwargs, out = used[0]
         if (func in FUNCTIONAL_ACTIVATIONS and out is t) or func in INPLACE_ACTIVATIONS:  # in place
             return chain, getattr(func, "__name__", str(func))
-        if len(used) != 1 or func not in FUNCTIONAL_ACTIVATIONS or not args or args[0] is not t \
-                or not torch.is_tensor(out) or out.shape != t.shape \
+        if len(used) != 1 or not args or args[0] is not t or not torch.is_tensor(out) or out is t \
                 or any(torch.is_tensor(a) for a in (*args[1:], *kwargs.values())):
             return chain, None
-        chain.append((func, tuple(args[1:]), dict(kwargs)))
+        if func in FUNCTIONAL_ACTIVATIONS and out.shape == t.shape:
+            chain.append((func, tuple(args[1:]), dict(kwargs)))
+        elif func in (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.flatten, torch.Tensor.flatten):
+            if out.dim() != 2 or out.shape[0] != t.shape[0] or t.dim() < 2:
+                return chain, None  # only (B, ...) -> (B, features): a view's sizes are this batch's
+            chain.append((torch.flatten, (1,), {}))
+        elif func in FUNCTIONAL_RESHAPES and not kwargs.get("return_indices") and out.shape[:2] == t.shape[:2]:
+            chain.append((func, tuple(args[1:]), dict(kwargs)))  # pooling: batch and channels kept
+        else:
+            return chain, None
         t = out
 
 
-def chain_vjp(chain: list, value: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
-    """``signal`` (on the chain's output) taken back through its derivative at ``value`` (its input)."""
+def chain_replay(chain: list, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, output) of the chain run again from ``value``, with autograd: the output's shape is where
+    the signal is made, its derivative takes it back to the point."""
     with torch.enable_grad():
         a = value.detach().requires_grad_(True)
         h = a
         for func, extra, kwargs in chain:
             h = func(h, *extra, **kwargs)
-        return torch.autograd.grad(h, a, signal.to(h.dtype))[0]
+    return a, h
 
 
 class _MixingWatch(torch.overrides.TorchFunctionMode):
@@ -1266,7 +1285,8 @@ class Wrapped(nn.Module):
                 o = point_tensor(o)[0] if isinstance(o, (tuple, Mapping)) else o
                 if torch.is_tensor(o):
                     keys.append(index[name])
-                    shapes.append(tuple(o.shape))
+                    gate = self._gates.get(index[name])
+                    shapes.append(tuple((chain_replay(gate, o)[1] if gate else o).shape))
         if keys:
             self._materialise(self._error_shape(sel.shape), shapes, keys)
 
@@ -1439,6 +1459,13 @@ class Wrapped(nn.Module):
         (default: the points in the order of the first step, each once)."""
         if keys is None:
             keys = list(self._slots)[:len(shapes)] if self.has_projection else list(range(len(shapes)))
+        replays = {}  # a point followed by functional activations/pooling: the signal is made at their output
+        if values is not None and self._gates:
+            shapes = list(shapes)
+            for i, k in enumerate(keys):
+                if k in self._gates and values[i] is not None:
+                    replays[i] = chain_replay(self._gates[k], values[i])
+                    shapes[i] = replays[i][1].shape
         e_shape = self._error_shape(e.shape)
         if not self.has_projection:
             self._materialise(e_shape, shapes, keys)
@@ -1454,7 +1481,7 @@ class Wrapped(nn.Module):
         b = self.projection
         columns = [self._columns[sl] for sl in slots]
         if self._dense:
-            return self._dense_signals(e, shapes, dtypes, target, columns, values, keys)
+            return self._dense_signals(e, shapes, dtypes, target, columns, replays)
         target = self.take_target(e, target)
         g = self.rule.project(self.rule.source(e, target).to(b.dtype), b).to(e.dtype)
         out = []
@@ -1480,12 +1507,14 @@ class Wrapped(nn.Module):
             # other parts stay views of their columns of the one row-major projection (no copy); an
             # in-place accumulation into one touches only that point's columns
             part = part.reshape(s)
-            if norm is not None and s[len(s) - len(norm.normalized_shape):] == tuple(norm.normalized_shape):
+            if norm is not None and i not in replays \
+                    and s[len(s) - len(norm.normalized_shape):] == tuple(norm.normalized_shape):
                 part = norm_vjp(norm, values[i], part)
             elif first[columns[i]] < i and part.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
                 part = part.clone()  # columns shared with an earlier point: each point gets its own tensor
-            if keys[i] in self._gates and values is not None and values[i] is not None:
-                part = chain_vjp(self._gates[keys[i]], values[i], part)  # F.relu(fc(x)): (B e) * f'(a)
+            if i in replays:  # F.relu(fc(x)): (B e) * f'(a); through a functional pool: its routing
+                a, h = replays[i]
+                part = torch.autograd.grad(h, a, part.to(h.dtype))[0]
             out.append(part.to(dt))
         if self._watch is not None:
             self._watch["ours"] = [o.detach().clone() for o in out]
@@ -1496,8 +1525,7 @@ class Wrapped(nn.Module):
         shape = tuple(shape)
         return (shape[0], *shape[2:], shape[1]) if self._dense else shape
 
-    def _dense_signals(self, e: torch.Tensor, shapes, dtypes, target, columns, values=None,
-                       keys=()) -> list[torch.Tensor]:
+    def _dense_signals(self, e: torch.Tensor, shapes, dtypes, target, columns, replays=None) -> list[torch.Tensor]:
         """Dense output (B, K, *S) -- segmentation, per-position prediction: each point (B, C, *S_p) gets,
         position by position, the projection of the teaching source summed over the output positions its
         position covers (adaptive average pooling to S_p times |S| / |S_p|: the error's total is kept at
@@ -1518,8 +1546,9 @@ class Wrapped(nn.Module):
                 by_size[grid] = self.rule.project(src, b)
             part = by_size[grid][..., a:c].movedim(-1, 1).contiguous()
             i = len(out)
-            if keys and keys[i] in self._gates and values is not None and values[i] is not None:
-                part = chain_vjp(self._gates[keys[i]], values[i], part)
+            if replays and i in replays:
+                a, h = replays[i]
+                part = torch.autograd.grad(h, a, part.to(h.dtype))[0]
             out.append(part.to(dt))
         if self._watch is not None:
             self._watch["ours"] = [o.detach().clone() for o in out]

@@ -403,6 +403,47 @@ def test_a_plain_stacks_point_follows_the_layers_normalisation(norm):
     assert res.point_names == ["layer1.0", "layer2.0", "layer3.0"]
 
 
+class _FunctionalCNN(nn.Module):
+    """PyTorch's MNIST example style: activations, pooling and flattening as functions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3)
+        self.fc1, self.fc2 = nn.Linear(6 * 2 * 2, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(x.size(0), -1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("rule", ["dfa", "drtp"])
+def test_a_functional_stack_learns_as_its_module_twin(rule):
+    """The same CNN written with functions (F.relu, F.max_pool2d, x.view(B, -1)) and with modules: the
+    functional one's points sat at the layers' own outputs, before the activation, the pooling and the
+    flattening -- a per-channel signal where the module twin's last conv gets one per unit, routed by
+    the pool. The functions after a point are followed now (replayed for their derivative): same
+    widths, and with the same B the same gradients, at another batch size than the planning pass's."""
+    torch.manual_seed(0)
+    fun = _FunctionalCNN().double()
+    mod = nn.Sequential(copy.deepcopy(fun.conv1), nn.ReLU(), copy.deepcopy(fun.conv2), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten(), copy.deepcopy(fun.fc1), nn.ReLU(), copy.deepcopy(fun.fc2))
+    a = neurosal.wrap(fun, rule).materialise(torch.randn(2, 1, 8, 8, dtype=torch.float64))
+    b = neurosal.wrap(mod, rule).materialise(torch.randn(2, 1, 8, 8, dtype=torch.float64))
+    assert a.point_names == ["conv1", "conv2", "fc1"] and b.point_names == ["1", "5", "7"]
+    assert a.widths == b.widths == [4, 24, 16]
+    b.projection.copy_(a.projection)
+    x, y = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for w in (a, b):
+        out = w(x)
+        if w.rule.needs_target:
+            w.set_target(y)
+        F.cross_entropy(out, y).backward()
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert_close(p.grad, q.grad, msg=n)
+
+
 def test_an_in_place_functional_activation_after_a_point_is_said():
     class InPlace(nn.Module):
         def __init__(self):
