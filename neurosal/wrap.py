@@ -121,56 +121,76 @@ INPLACE_ACTIVATIONS = {f for f in (getattr(torch, n, None) for n in ("relu_", "t
                                             F.relu_, F.leaky_relu_, F.elu_, F.hardtanh_}
 
 
+@dataclass
+class _Use:
+    """One use of a watched tensor ``t`` by a torch function, as :func:`activation_chain` reads it (small:
+    no large intermediate is kept alive through the planning pass)."""
+    func: object
+    first: bool  # t is the function's first argument
+    extra: tuple | None  # the other arguments, None when one is a tensor
+    kwargs: dict | None
+    out: torch.Tensor | None  # kept only for activations and reshapes (a chain goes on from them)
+    in_place: bool  # the function returned t itself
+    same_shape: bool
+    out_shape: tuple
+
+
 class _ConsumerWatch(torch.overrides.TorchFunctionMode):
-    """During the planning pass: which torch functions consume each watched tensor (the modules' outputs,
-    added as they are made) -- how the direct rules tell ``F.relu(fc(x))``."""
+    """During the planning pass: which torch functions use each watched tensor (the modules' outputs,
+    added as they are made; then the activations' and reshapes' outputs after them) -- how the direct
+    rules tell ``F.relu(fc(x))``. Reads of metadata (``x.size(0)``: no tensor out) are no uses."""
 
     def __init__(self):
         super().__init__()
         self.watched: dict[int, torch.Tensor] = {}  # id -> tensor (kept alive: ids are not reused)
-        self.consumers: dict[int, list] = {}
+        self.consumers: dict[int, list[_Use]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         flat = [b for a in (*args, *kwargs.values()) for b in (a if isinstance(a, (list, tuple)) else (a,))]
-        for a in flat:
-            if torch.is_tensor(a) and id(a) in self.watched:
-                self.consumers.setdefault(id(a), []).append((func, args, kwargs, out))
-                if (func in FUNCTIONAL_ACTIVATIONS or func in FUNCTIONAL_RESHAPES) and torch.is_tensor(out):
-                    self.watched[id(out)] = out  # a chain: max_pool2d(relu(.))
+        hits = [a for a in flat if torch.is_tensor(a) and id(a) in self.watched]
+        if not hits or not (torch.is_tensor(out) or (isinstance(out, (tuple, list)) and any(map(torch.is_tensor, out)))):
+            return out
+        chainable = torch.is_tensor(out) and (func in FUNCTIONAL_ACTIVATIONS or func in FUNCTIONAL_RESHAPES)
+        clean = not any(torch.is_tensor(a) for a in (*args[1:], *kwargs.values()))
+        for a in hits:
+            self.consumers.setdefault(id(a), []).append(_Use(
+                func, bool(args) and args[0] is a, tuple(args[1:]) if clean else None, dict(kwargs) if clean else None,
+                out if chainable else None, out is a, torch.is_tensor(out) and out.shape == a.shape,
+                tuple(out.shape) if torch.is_tensor(out) else ()))
+        if chainable:
+            self.watched[id(out)] = out
         return out
 
 
 def activation_chain(watch: _ConsumerWatch, o: torch.Tensor) -> tuple[list, str | None]:
     """The functional activations, pooling and flattening ``o`` goes through before the next layer reads
-    it, each the only consumer of the one before (``torch.flatten(F.max_pool2d(F.relu(o), 2), 1)``:
-    three), as ``(func, extra args, kwargs)``; and why the chain stops early when an in-place activation
-    is what follows (its derivative cannot be replayed from the value)."""
+    it, each the only use of the one before (``torch.flatten(F.max_pool2d(F.relu(o), 2), 1)``: three),
+    as ``(func, extra args, kwargs)``; and why the chain stops early when an in-place activation is what
+    follows (its derivative cannot be replayed from the value)."""
     chain: list = []
     t = o
-    while True:  # (x.size(0), x.dim(): reads of its metadata are no consumers)
-        used = [u for u in watch.consumers.get(id(t), [])
-                if torch.is_tensor(u[3]) or (isinstance(u[3], (tuple, list)) and any(map(torch.is_tensor, u[3])))]
+    while True:
+        used = watch.consumers.get(id(t), [])
         if not used:
             return chain, None
-        func, args, kwargs, out = used[0]
-        if (func in FUNCTIONAL_ACTIVATIONS and out is t) or func in INPLACE_ACTIVATIONS:  # in place
-            return chain, getattr(func, "__name__", str(func))
-        if len(used) != 1 or not args or args[0] is not t or not torch.is_tensor(out) or out is t \
-                or any(torch.is_tensor(a) for a in (*args[1:], *kwargs.values())):
+        u = used[0]
+        if (u.func in FUNCTIONAL_ACTIVATIONS and u.in_place) or u.func in INPLACE_ACTIVATIONS:
+            return chain, getattr(u.func, "__name__", str(u.func))
+        if len(used) != 1 or not u.first or u.out is None or u.extra is None:
             return chain, None
-        if func in FUNCTIONAL_ACTIVATIONS and out.shape == t.shape:
-            chain.append((func, tuple(args[1:]), dict(kwargs)))
-        elif func in (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.flatten, torch.Tensor.flatten):
-            if out.dim() != 2 or out.shape[0] != t.shape[0] or t.dim() < 2:
+        if u.func in FUNCTIONAL_ACTIVATIONS and u.same_shape:
+            chain.append((u.func, u.extra, u.kwargs))
+        elif u.func in (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.flatten, torch.Tensor.flatten):
+            if len(u.out_shape) != 2 or u.out_shape[0] != t.shape[0] or t.dim() < 2:
                 return chain, None  # only (B, ...) -> (B, features): a view's sizes are this batch's
             chain.append((torch.flatten, (1,), {}))
-        elif func in FUNCTIONAL_RESHAPES and not kwargs.get("return_indices") and out.shape[:2] == t.shape[:2]:
-            chain.append((func, tuple(args[1:]), dict(kwargs)))  # pooling: batch and channels kept
+        elif u.func in FUNCTIONAL_RESHAPES and not u.kwargs.get("return_indices") and u.out_shape[:2] == t.shape[:2]:
+            chain.append((u.func, u.extra, u.kwargs))  # pooling: batch and channels kept
         else:
             return chain, None
-        t = out
+        t = u.out
 
 
 def chain_replay(chain: list, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
