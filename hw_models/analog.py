@@ -27,8 +27,8 @@ from torch.nn.utils import parametrize
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import (check_materialised, conv_function, float_update, hook_kind, hooked_weight, keep_own_forward,
-                             own_forward, replace_module, weight_hook)
+from neurosal.layers import (check_materialised, conv_function, float_update, hook_kind, hooked_weight,
+                             keep_own_forward, own_forward, replace_module, weight_hook)
 
 from .array import DifferentialArray, check_request, clip_fraction
 from .devices import DeviceConfig

@@ -150,7 +150,8 @@ class _ConsumerWatch(torch.overrides.TorchFunctionMode):
         out = func(*args, **kwargs)
         flat = [b for a in (*args, *kwargs.values()) for b in (a if isinstance(a, (list, tuple)) else (a,))]
         hits = [a for a in flat if torch.is_tensor(a) and id(a) in self.watched]
-        if not hits or not (torch.is_tensor(out) or (isinstance(out, (tuple, list)) and any(map(torch.is_tensor, out)))):
+        tensor_out = torch.is_tensor(out) or (isinstance(out, (tuple, list)) and any(map(torch.is_tensor, out)))
+        if not hits or not tensor_out:
             return out
         chainable = torch.is_tensor(out) and (func in FUNCTIONAL_ACTIVATIONS or func in FUNCTIONAL_RESHAPES)
         clean = not any(torch.is_tensor(a) for a in (*args[1:], *kwargs.values()))
@@ -347,7 +348,7 @@ class _OwnForwardLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, site: Site, run, *params):
-        ctx.site, ctx.shape = site, x.shape
+        ctx.site, ctx.shape, ctx.params = site, x.shape, params
         ctx.save_for_backward(x)
         with torch.enable_grad():
             out = run(x.detach())
@@ -361,7 +362,7 @@ class _OwnForwardLayer(torch.autograd.Function):
         ctx.out = None
         op, rule = site.op, site.rule
         params = ctx.needs_input_grad[3:]
-        own = [p for p, need in zip(site.params, params) if need]
+        own = [p for p, need in zip(ctx.params, params) if need]
         got = iter(torch.autograd.grad(out, own, g, allow_unused=True) if own and out.requires_grad else
                    [None] * len(own))
         grads = [next(got) if need else None for need in params]
@@ -386,8 +387,7 @@ class _LayerForward:
             return self.original(x)
         site = self.site
         if site.custom:
-            site.params = [p for p in site.op.parameters() if p.requires_grad]
-            return _OwnForwardLayer.apply(x, site, self.original, *site.params)
+            return _OwnForwardLayer.apply(x, site, self.original, *[p for p in site.op.parameters() if p.requires_grad])
         op = site.op
         return _FeedbackLayer.apply(x, op.weight, op.bias, site, self.original)
 
