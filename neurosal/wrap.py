@@ -194,6 +194,12 @@ def activation_chain(watch: _ConsumerWatch, o: torch.Tensor) -> tuple[list, str 
         t = u.out
 
 
+def _back_through(replay: tuple[torch.Tensor, torch.Tensor], signal: torch.Tensor) -> torch.Tensor:
+    """A signal made at the output of a :func:`chain_replay`, taken back through its derivative."""
+    a, h = replay
+    return torch.autograd.grad(h, a, signal.to(h.dtype))[0]
+
+
 def chain_replay(chain: list, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(input, output) of the chain run again from ``value``, with autograd: the output's shape is where
     the signal is made, its derivative takes it back to the point."""
@@ -1533,10 +1539,12 @@ class Wrapped(nn.Module):
             elif first[columns[i]] < i and part.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
                 part = part.clone()  # columns shared with an earlier point: each point gets its own tensor
             if i in replays:  # F.relu(fc(x)): (B e) * f'(a); through a functional pool: its routing
-                a, h = replays[i]
-                part = torch.autograd.grad(h, a, part.to(h.dtype))[0]
+                part = _back_through(replays[i], part)
             out.append(part.to(dt))
-        if self._watch is not None:
+        return self._signals_made(out)
+
+    def _signals_made(self, out: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self._watch is not None:  # an alignment probe: what the rule gave each point
             self._watch["ours"] = [o.detach().clone() for o in out]
         return out
 
@@ -1565,14 +1573,10 @@ class Wrapped(nn.Module):
                     src = pool(source.movedim(-1, 1), grid).movedim(1, -1) * (math.prod(size) / math.prod(grid))
                 by_size[grid] = self.rule.project(src, b)
             part = by_size[grid][..., a:c].movedim(-1, 1).contiguous()
-            i = len(out)
-            if replays and i in replays:
-                a, h = replays[i]
-                part = torch.autograd.grad(h, a, part.to(h.dtype))[0]
+            if replays and len(out) in replays:
+                part = _back_through(replays[len(out)], part)
             out.append(part.to(dt))
-        if self._watch is not None:
-            self._watch["ours"] = [o.detach().clone() for o in out]
-        return out
+        return self._signals_made(out)
 
     def set_target(self, y: torch.Tensor) -> None:
         """This batch's targets (drtp teaches from them): integer class indices, or a float tensor shaped
