@@ -421,9 +421,10 @@ class _AnalogConv(_AnalogMixin):
 
     @classmethod
     def from_float(cls, layer, cfg: DeviceConfig, seed: int):
+        w = _float_weight(layer)
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
-                  device=_float_weight(layer).device, dtype=_float_weight(layer).dtype)
+                  device=w.device, dtype=w.dtype)
         _load_float(new, layer)
         new.tiles = AnalogTiles(cfg, [new.weight], layer.weight[0].numel(), seed)
         return new
