@@ -593,36 +593,85 @@ class _Hub(torch.autograd.Function):
 def _is_block(m: nn.Module) -> bool:
     if isinstance(m, TORCH_BLOCKS):
         return True
-    if isinstance(m, PARAM_LAYERS):  # a layer with children of its own (weight_norm's parametrizations)
-        return False
+    if isinstance(m, PARAM_LAYERS + (AreaLinear,)):  # a layer with children of its own (weight_norm's
+        return False  # parametrizations, an area layer's parameter lists)
     has_params = any(True for _ in m.parameters())
     has_children = any(True for _ in m.children())
     return has_params and has_children
 
 
+def _weight_layers(m: nn.Module) -> list[nn.Module]:
+    """The modules under ``m`` (itself included) that multiply by a weight: Linear/Conv layers, attention,
+    and any module holding a matrix or kernel of its own (Hugging Face's ``Conv1D``, a layer scale);
+    not normalisations (vectors) and not embeddings (a lookup)."""
+    if isinstance(m, PARAM_LAYERS + (nn.MultiheadAttention, AreaLinear)):
+        return [m]  # one layer, whatever it holds (an area layer's lists, weight_norm's parametrizations)
+    own = not isinstance(m, nn.Embedding) and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+    return [m] * own + [w for c in m.children() for w in _weight_layers(c)]
+
+
+def _units(m: nn.Module) -> dict[str, nn.Module]:
+    """The blocks among ``m``'s children (by child name; a single-block container: ``"child.inner"``): its
+    parametrised composite children when it is an ``nn.Sequential``/``nn.ModuleList`` holding two or more
+    (ResNet stages, transformer layers, a stem and stages in one Sequential); else its children of one
+    type, two or more of them, each with two or more weight layers (GoogLeNet's Inception modules, a
+    U-Net's Down blocks, DenseNet's dense layers), and the one block of each of two or more single-block
+    containers, all of one type (ResNet stages of one block)."""
+    kids = list(m.named_children())
+    containers = (nn.Sequential, nn.ModuleList)
+    if isinstance(m, containers):
+        blocks = {c: s for c, s in kids if _is_block(s)}
+        return blocks if len(blocks) >= 2 else {}
+    same: dict[type, dict] = {}
+    for c, s in kids:
+        if _is_block(s) and not isinstance(s, containers) and len(_weight_layers(s)) >= 2:
+            same.setdefault(type(s), {})[c] = s
+    units = {c: s for group in same.values() if len(group) >= 2 for c, s in group.items()}
+    singles = {}
+    for c, s in kids:
+        inner = list(s.named_children()) if isinstance(s, containers) else []
+        if len(inner) == 1 and _is_block(inner[0][1]):
+            singles[f"{c}.{inner[0][0]}"] = inner[0][1]
+    if len(singles) >= 2 and len({type(s) for s in singles.values()}) == 1:
+        units.update(singles)
+    return units
+
+
+def _blocks_in(m: nn.Module, prefix: str) -> list[str]:
+    if prefix and isinstance(m, TORCH_BLOCKS):  # torch's transformer layers are blocks even alone
+        return [prefix]
+    units = _units(m)
+    found = []
+    for c, s in m.named_children():  # in the order of the children: a unit, or the blocks inside one
+        name = f"{prefix}.{c}" if prefix else c
+        unit = next(((u, b) for u, b in units.items() if u == c or u.startswith(c + ".")), None)
+        if unit is not None:
+            found += _finer(unit[1], f"{prefix}.{unit[0]}" if prefix else unit[0])
+        elif not isinstance(m, (nn.Sequential, nn.ModuleList)) or not units:
+            found += _blocks_in(s, name)
+    return found
+
+
+def _finer(unit: nn.Module, name: str) -> list[str]:
+    """A block, or the finer blocks it merely holds: a unit whose weight layers all lie in inner blocks of
+    two or more weight layers each (a ConvNeXt/RegNet/Swin stage, a T5 stack, DenseNet's dense block) is
+    replaced by them -- the feedback points go where the residual blocks end, not at the end of a stage."""
+    if isinstance(unit, TORCH_BLOCKS):
+        return [name]
+    inner = _blocks_in(unit, name)
+    if not inner:
+        return [name]
+    modules = [unit.get_submodule(n[len(name) + 1:]) for n in inner]
+    covered = {id(w) for b in modules for w in _weight_layers(b)}
+    if all(len(_weight_layers(b)) >= 2 for b in modules) and all(id(w) in covered for w in _weight_layers(unit)):
+        return inner
+    return [name]
+
+
 def find_blocks(model: nn.Module) -> list[str]:
-    """Repeated blocks: parametrised composite children of an ``nn.Sequential``/``nn.ModuleList`` with at
-    least two such children (ResNet stages' blocks, transformer layers), or the one block of each of two or
-    more such containers of a module, all of one type (ResNet stages of one block), outermost first."""
-    found: list[str] = []
-    for name, m in model.named_modules():
-        if isinstance(m, TORCH_BLOCKS) and name and name not in found and not any(name.startswith(f + ".") for f in found):
-            found.append(name)  # torch's transformer layers are blocks even alone
-        if not isinstance(m, (nn.Sequential, nn.ModuleList)):
-            continue
-        kids = [(f"{name}.{c}" if name else c) for c, sub in m.named_children() if _is_block(sub)]
-        if len(kids) >= 2:
-            found += [k for k in kids if k not in found and not any(k.startswith(f + ".") for f in found)]
-    for name, m in model.named_modules():  # stages of one block each (a 6n+2 ResNet with n = 1): two or
-        # more containers of a module, each holding just one block, all blocks of one type
-        singles = []
-        for c, sub in m.named_children():
-            kids = list(sub.named_children()) if isinstance(sub, (nn.Sequential, nn.ModuleList)) else []
-            if len(kids) == 1 and _is_block(kids[0][1]):
-                singles.append((f"{name}.{c}.{kids[0][0]}" if name else f"{c}.{kids[0][0]}", type(kids[0][1])))
-        if len(singles) >= 2 and len({t for _, t in singles}) == 1:
-            found += [k for k, _ in singles if k not in found and not any(k.startswith(f + ".") for f in found)]
-    return [f for f in found if not any(f != g and f.startswith(g + ".") for g in found)]
+    """Repeated blocks, outermost first (:func:`_units`), each replaced by the finer blocks it merely
+    holds (:func:`_finer`): ResNet and ConvNeXt blocks, transformer layers, Inception modules."""
+    return _blocks_in(model, "")
 
 
 @torch.no_grad()
@@ -643,6 +692,10 @@ def probe(model: nn.Module, args, kwargs, watch: _ConsumerWatch | None = None) -
         if next(mod.children(), None) is None or isinstance(mod, (nn.MultiheadAttention, AreaLinear) + PARAM_LAYERS):
             calls.append((names[mod], mod, inp[0] if inp else None, out))
         if watch is not None and torch.is_tensor(out):  # any module's output may be a feedback point
+            # uses before it was this module's output were inside the module: an in-place activation
+            # module (``ReLU6(inplace=True)`` ending torchvision's conv-norm-activation) returns the tensor
+            # it changed, whose in-place use came before the point, not after it
+            watch.consumers.pop(id(out), None)
             watch.watched[id(out)] = out
 
     handles = [m.register_forward_hook(record) for m in model.modules()]
@@ -719,13 +772,20 @@ def select_output(out, key=None):
 #: layers that work channels-first on (B, C, L) inputs: a 3-d point after one of them is a feature map
 CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm, nn.MaxPool1d,
                   nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
+#: and those of feature maps and volumes (B, C, H, W[, D])
+_CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.BatchNorm2d, nn.BatchNorm3d,
+          nn.InstanceNorm2d, nn.InstanceNorm3d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AvgPool3d,
+          nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
-def channels_first(modules: dict, points: list[str], finished: list[str]) -> list[bool]:
-    """Per point (in the order of ``points``; at its first call): whether a 3-d output is channels-first
-    (B, C, L) -- the last parametrised or pooling layer to run before it is a Conv1d, BatchNorm1d, ... --
-    rather than tokens (B, T, D) (after a Linear, a LayerNorm, attention)."""
-    found: dict[str, bool] = {}
+def channels_first(modules: dict, points: list[str], finished: list[str]) -> list[tuple[str, int] | None]:
+    """Per point (in the order of ``points``; at its first call): how the last parametrised or pooling layer
+    to run before it lays out channels -- ``("first", 0)`` when it works channels-first (a convolution,
+    BatchNorm, pooling), ``("last", width)`` when it works on a last axis of that width (a Linear, a plain
+    LayerNorm / RMSNorm, attention), None when it tells neither (a block's own layer scale, a normalisation
+    that permutes). A 4-d point is a feature map (B, C, H, W) unless a last-axis layer of its last axis's
+    width made it (Swin's (B, H, W, C); MaxViT's attention permutes back to channels first)."""
+    found: dict[str, tuple[str, int] | None] = {}
     for i, name in enumerate(finished):
         if name not in points or name in found:
             continue
@@ -733,8 +793,18 @@ def channels_first(modules: dict, points: list[str], finished: list[str]) -> lis
                      if isinstance(modules[n], CHANNELS_FIRST + PARAM_LAYERS)
                      or any(True for _ in modules[n].parameters(recurse=False))),
                     None)
-        found[name] = isinstance(last, CHANNELS_FIRST)
-    return [found.get(name, False) for name in points]
+        found[name] = None
+        if isinstance(last, CHANNELS_FIRST + _CONVS):
+            found[name] = ("first", 0)
+        elif isinstance(last, nn.Linear):
+            found[name] = ("last", last.out_features)
+        elif isinstance(last, nn.MultiheadAttention):
+            found[name] = ("last", last.embed_dim)
+        elif isinstance(last, (nn.LayerNorm, nn.RMSNorm)) and type(last).forward in (nn.LayerNorm.forward,
+                                                                                    nn.RMSNorm.forward):
+            shape = last.normalized_shape
+            found[name] = ("last", shape[-1]) if shape else None
+    return [found.get(name) for name in points]
 
 
 def dense_output(sel: torch.Tensor, modules: dict, finished: list[str]) -> bool:
@@ -966,7 +1036,7 @@ class Wrapped(nn.Module):
         self.readout_name: str | None = None
         self._readout: list[nn.Module] = []  # that module (a list: not registered as a submodule)
         self.widths: list[int] = []
-        self._channels_first: list[bool] = []  # per point (index into point_names)
+        self._channels_first: list = []  # per point: channels_first's hint (index into point_names)
         #: a dense channels-first output (B, K, *S): segmentation, per-position prediction (:func:`dense_output`)
         self._dense = False
         #: per point key: the functional activations after a layer's own output (:func:`activation_chain`)
@@ -1406,9 +1476,14 @@ class Wrapped(nn.Module):
                                     f"{tuple(e_shape)}: its batch (and position) dims must match")
             units = math.prod(s) // math.prod(e_shape[:lead])  # per sample (or per position)
             if lead == 1 and len(s) > 2 and mode != "flatten":
-                # channels first: feature maps and volumes (B, C, H, W[, D]); a 3-d point when a layer
-                # working channels-first made it (Conv1d: (B, C, L)), else tokens (B, T, D)
-                first = axis == 0 and (len(s) >= 4 or (key < len(self._channels_first) and self._channels_first[key]))
+                # channels first: feature maps and volumes (B, C, H, W[, D]) unless a layer working on the
+                # last axis made them (Swin's (B, H, W, C)); a 3-d point when a layer working channels-first
+                # made it (Conv1d: (B, C, L)), else tokens (B, T, D)
+                hint = self._channels_first[key] if key < len(self._channels_first) else None
+                if len(s) >= 4:
+                    first = axis == 0 and not (hint and hint[0] == "last" and s[-1] == hint[1] != s[1])
+                else:
+                    first = axis == 0 and bool(hint) and hint[0] == "first"
                 feat = s[1] if first else s[-1]
                 out.append((axis, feat, units // feat, first))
             else:

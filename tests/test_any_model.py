@@ -241,6 +241,150 @@ def test_feedback_points_are_chosen_sensibly():
     assert neurosal.wrap(marked, "dfa").materialise(torch.randn(2, 4)).point_names == ["2"]
 
 
+class _Res(nn.Module):
+    """A residual block of two 3x3 convolutions (BatchNorm, ReLU)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+
+
+def _conv_bn(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class _StagedNet(nn.Module):
+    """ConvNeXt/RegNet/EfficientNet layout: one Sequential of a stem, stages (Sequentials of residual
+    blocks) and downsampling layers between them; the stem ends in an in-place ReLU module."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(_conv_bn(1, 4), nn.Sequential(_Res(4), _Res(4)),
+                                      nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 8, 2, 2)),
+                                      nn.Sequential(_Res(8), _Res(8)))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class _Inception(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.branch1 = _conv_bn(c, c)
+        self.branch2 = nn.Sequential(_conv_bn(c, c), _conv_bn(c, c))  # a Sequential of two conv units
+
+    def forward(self, x):
+        return torch.cat([self.branch1(x), self.branch2(x)], 1)
+
+
+class _InceptionNet(nn.Module):
+    """GoogLeNet's layout: the repeated modules are attributes of the model, not in a container."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.inc1, self.inc2 = _Inception(4), _Inception(8)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.inc2(self.inc1(self.stem(x))).mean((2, 3)))
+
+
+def test_points_are_the_blocks_not_the_stages_that_hold_them():
+    """torchvision's ConvNeXt, RegNet, EfficientNet, Swin and ShuffleNet keep their stages in one
+    Sequential: the stages were taken for the blocks (ConvNeXt-T: 8 points for 18 residual blocks, the
+    blocks inside a stage trained by backprop between them), and the stem's in-place ReLU module was
+    reported as an in-place activation after the point. GoogLeNet's Inception modules are attributes of
+    the model: the points sat inside their branches, and every other layer learnt through true weights.
+    A block holding a finer stack keeps its own point when that stack does not cover it (a Conformer's two
+    feed-forward modules beside its attention)."""
+    staged = _StagedNet()
+    assert find_blocks(staged) == ["features.0", "features.1.0", "features.1.1", "features.2",
+                                   "features.3.0", "features.3.1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = neurosal.wrap(staged, "dfa").materialise(torch.randn(2, 1, 8, 8))
+    assert w.widths == [4, 4, 4, 8, 8, 8]
+    assert find_blocks(_InceptionNet()) == ["inc1", "inc2"]
+
+    class Stack(nn.Module):  # T5's encoder and decoder: two of one type, each a ModuleList of blocks
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) for _ in range(2))
+            self.norm = nn.LayerNorm(8)
+
+    class FF(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    class Conformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ff1, self.attn, self.ff2 = FF(), nn.MultiheadAttention(8, 2), FF()
+
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = Stack(), Stack()
+            self.layers = nn.ModuleList([Conformer(), Conformer()])
+
+    assert find_blocks(Seq2Seq()) == ["encoder.blocks.0", "encoder.blocks.1", "decoder.blocks.0",
+                                      "decoder.blocks.1", "layers.0", "layers.1"]
+
+
+def test_channels_last_feature_maps_get_one_signal_per_channel():
+    """Swin keeps its feature maps (B, H, W, C): a 4-d point was always read as (B, C, H, W), so each of
+    the H rows got one signal shared by its W positions and all C channels. After a layer working on the
+    last axis of that width the channels are last: with B = W_head DFA equals backprop, as for a
+    channels-first map. A block that permutes back after its Linear (MaxViT's attention) stays
+    channels-first."""
+    class Swinish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.act, self.head = nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4)
+
+        def forward(self, x):  # x: (B, H, W, 3)
+            return self.head(self.act(self.embed(x)).mean((1, 2)))
+
+    class Mix(nn.Module):  # channels-first in and out, a Linear over the channels inside
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return x + F.relu(self.fc(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+    class PermutesBack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks, self.head = nn.ModuleList([Mix(), Mix()]), nn.Linear(5, 4)
+
+        def forward(self, x):  # x: (B, 5, H, W)
+            for b in self.blocks:
+                x = b(x)
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Swinish().double()
+    x, y = torch.randn(3, 5, 7, 3, dtype=torch.float64), torch.tensor([0, 3, 1])
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    w = neurosal.wrap(model, "dfa").materialise(x)
+    assert w.point_names == ["act"] and w.widths == [6]
+    w.projection.copy_(model.head.weight.detach())
+    F.cross_entropy(w(x), y).backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, msg=n)
+    back = neurosal.wrap(PermutesBack(), "dfa").materialise(torch.randn(2, 5, 3, 3))
+    assert back.point_names == ["blocks.0", "blocks.1"] and back.widths == [5, 5]
+
+
 def test_direct_rules_cut_the_graph_between_points():
     """A point's signal trains only the layers up to the point below: with the projection zeroed, only
     the head (which learns from e) gets a non-zero update."""
