@@ -181,10 +181,9 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule ``name`` (dotted, as ``named_modules`` gives it) sits in ``root``."""
     parent, _, attr = name.rpartition(".")
     holder = root.get_submodule(parent) if parent else root
-    if isinstance(holder, (nn.Sequential, nn.ModuleList)):
-        holder[int(attr)] = new
-    else:
-        setattr(holder, attr, new)
+    # by name, also in a Sequential/ModuleList: a Sequential built from an OrderedDict names its children
+    # (torchvision's ViT: ``heads.head``), and an index is a name there too
+    setattr(holder, attr, new)
 
 
 def accumulate_grad(p: torch.Tensor | None, g: torch.Tensor | None) -> None:

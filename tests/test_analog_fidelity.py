@@ -617,3 +617,29 @@ def test_sal_area_layers_on_devices_learn_through_the_general_engine():
             if gf is not None:
                 torch.testing.assert_close(ge, gf, rtol=1e-3, atol=1e-5)
     assert all(any(g is not None for g in layer) for layer in grads["noisy"])
+
+
+def test_layers_in_a_sequential_with_named_children_are_replaced(tmp_path):
+    """A Sequential built from an OrderedDict names its children (torchvision's ViT keeps its head as
+    ``heads.head``): convert, sal's area layers and the export twin indexed it by int() and failed."""
+    from collections import OrderedDict
+
+    import neurosal
+    from export.onnx_export import export_onnx, verify
+    from hw_models.analog import AnalogLinear, convert
+    from neurosal.areas import AreaLinear
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(OrderedDict(body=nn.Linear(6, 16), act=nn.ReLU(),
+                                         heads=nn.Sequential(OrderedDict(head=nn.Linear(16, 3)))))
+
+    net = convert(model(), "linear-256")
+    assert isinstance(net.body, AnalogLinear) and isinstance(net.heads.head, AnalogLinear)
+    w = neurosal.wrap(model(), "sal", warmup=0)
+    assert isinstance(w.model.body, AreaLinear)
+    x = torch.randn(5, 6)
+    F.cross_entropy(w(x), torch.tensor([0, 1, 2, 0, 1])).backward()
+    w.eval()
+    export_onnx(w, x, tmp_path / "named.onnx")
+    assert verify(w, tmp_path / "named.onnx", x, tol=1e-5)["ok"]
