@@ -35,9 +35,10 @@ _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 
 
 
 def _conv_args(op: nn.Module):
+    """The convolution's arguments for torch.nn.grad; with a padding mode other than zeros, torch pads the
+    input itself (:func:`_padded`) and convolves without padding."""
     if op.padding_mode != "zeros":
-        raise NeurosalError(f"{type(op).__name__} feedback needs zero padding (padding_mode='zeros'), "
-                            f"not {op.padding_mode!r}")
+        return dict(stride=op.stride, padding=0, dilation=op.dilation, groups=op.groups)
     padding = op.padding
     if padding == "valid":
         padding = 0
@@ -50,8 +51,27 @@ def _conv_args(op: nn.Module):
     return dict(stride=op.stride, padding=padding, dilation=op.dilation, groups=op.groups)
 
 
+def _padded(op: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input as a convolution with ``padding_mode`` reflect / replicate / circular reads it (torch's
+    own forward pads it so, then convolves with no padding); a zero-padded convolution's input as it is."""
+    if getattr(op, "padding_mode", "zeros") == "zeros":
+        return x
+    return F.pad(x, op._reversed_padding_repeated_twice, mode=op.padding_mode)
+
+
+def _unpad(op: nn.Module, g: torch.Tensor, input_shape) -> torch.Tensor:
+    """A signal on the padded input taken back to the input: the padding's adjoint (a reflected or wrapped
+    border adds onto the pixels it copies)."""
+    with torch.enable_grad():
+        z = torch.zeros(tuple(input_shape), dtype=g.dtype, device=g.device, requires_grad=True)
+        (out,) = torch.autograd.grad(_padded(op, z), z, g)
+    return out
+
+
 def weight_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor):
     """(dW, db) for teaching signal ``delta`` on the output of ``op`` given its input ``x``."""
+    if not isinstance(op, nn.Linear):
+        x = _padded(op, x)
     if isinstance(op, nn.Linear):
         x2 = x.reshape(-1, x.shape[-1])
         d2 = delta.reshape(-1, delta.shape[-1])
@@ -98,12 +118,15 @@ def feedback(op: nn.Module, delta: torch.Tensor, weight: torch.Tensor, input_sha
         return op.feedback_input(delta, weight, ctx)
     if isinstance(op, nn.Linear):
         return delta @ weight
-    if isinstance(op, nn.Conv2d):
-        return torch.nn.grad.conv2d_input(tuple(input_shape), weight, delta, **_conv_args(op))
-    if isinstance(op, nn.Conv1d):
-        return torch.nn.grad.conv1d_input(tuple(input_shape), weight, delta, **_conv_args(op))
-    if isinstance(op, nn.Conv3d):
-        return torch.nn.grad.conv3d_input(tuple(input_shape), weight, delta, **_conv_args(op))
+    if isinstance(op, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        fn = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+        if op.padding_mode == "zeros":
+            return fn[weight.dim() - 2](tuple(input_shape), weight, delta, **_conv_args(op))
+        pads = op._reversed_padding_repeated_twice  # (last axis first, before/after)
+        shape = list(input_shape)
+        for i in range(len(pads) // 2):
+            shape[-1 - i] += pads[2 * i] + pads[2 * i + 1]
+        return _unpad(op, fn[weight.dim() - 2](tuple(shape), weight, delta, **_conv_args(op)), input_shape)
     n = _transposed_dims(op)
     if n:  # the adjoint of a transposed convolution is the convolution (it gives back the input's size)
         return _CONV_FN[n](delta, weight, None, **_conv_args(op))

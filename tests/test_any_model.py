@@ -1132,6 +1132,30 @@ def test_drtp_targets_with_ignored_positions():
         F.cross_entropy(w(t).reshape(-1, 11), t.reshape(-1)).backward()
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_convolutions_that_pad_their_own_way_get_feedback(mode):
+    """padding_mode reflect / replicate / circular (image-to-image nets, periodic domains): the layerwise
+    rules refused them. The input is padded as torch's forward pads it, the signal goes back through the
+    padding's adjoint: with B = W every gradient is autograd's (Conv1d/2d/3d, a 'same' even kernel, a
+    stride), and kp learns its feedback from the padded input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode), nn.ReLU(),
+                          nn.Conv2d(4, 4, 4, padding="same", padding_mode=mode), nn.Tanh(),
+                          nn.Conv2d(4, 3, 3, stride=2, padding=2, dilation=2, padding_mode=mode),
+                          nn.Flatten(1), nn.Unflatten(1, (3, 16)),
+                          nn.Conv1d(3, 2, 3, padding=1, padding_mode=mode), nn.Flatten(1),
+                          nn.Unflatten(1, (2, 4, 2, 2)), nn.Conv3d(2, 2, 3, padding=1, padding_mode=mode),
+                          nn.Flatten(1), nn.Linear(32, 5)).double()
+    x, y = torch.randn(3, 2, 8, 8, dtype=torch.float64), torch.tensor([0, 4, 2])
+    got, want = _true_feedback_grads(model, x, y)
+    assert got.keys() == want.keys() and len(want) == 12
+    for k in want:
+        assert_close(got[k], want[k], msg=k)
+    kp = neurosal.wrap(copy.deepcopy(model), "kp")
+    F.cross_entropy(kp(x), y).backward()
+    assert all(torch.isfinite(p.grad).all() for p in kp.parameters() if p.grad is not None)
+
+
 def test_wrap_refuses_bad_input():
     with pytest.raises(NeurosalError, match="unknown rule"):
         neurosal.wrap(nn.Linear(2, 2), "nope")
@@ -1149,8 +1173,6 @@ def test_wrap_refuses_bad_input():
     neurosal.wrap(first.unwrap(), "usf")  # unwrapped: fine
     with pytest.raises(NeurosalError, match="areas_on"):
         neurosal.wrap(nn.Linear(2, 2), "fa", areas_on=["x"])
-    with pytest.raises(NeurosalError, match="padding_mode"):
-        neurosal.wrap(nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular"), "fa")
     # built on the meta device (deferred init): fa's B drawn onto it, then to_empty(), trained with B ~ 1e36
     with torch.device("meta"):
         lazy = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
