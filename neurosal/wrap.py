@@ -836,7 +836,8 @@ def output_module(modules: dict, sel: torch.Tensor, points: list[str], finished:
     return None
 
 
-def find_points(model: nn.Module, calls: list, out: torch.Tensor, blocks: list[str] | None = None) -> list[str]:
+def find_points(model: nn.Module, calls: list, out: torch.Tensor, blocks: list[str] | None = None,
+                finished: list[str] | None = None) -> list[str]:
     """Where the direct rules' signal arrives (module names; the point is the module's output):
 
     1. the :class:`Point` modules, if the model has any;
@@ -855,6 +856,12 @@ def find_points(model: nn.Module, calls: list, out: torch.Tensor, blocks: list[s
     for name, _, _, o in calls:
         outputs.setdefault(name, o)
     blocks = find_blocks(model) if blocks is None else blocks  # (the caller may have found them already)
+    if finished is not None:  # blocks of a kind that never ran in the planning pass are training-only
+        # side branches -- GoogLeNet's auxiliary classifiers, whose outputs are logits with their own loss
+        # -- not stages of the trunk (a block skipped by LayerDrop while others of its kind ran stays one)
+        modules = dict(model.named_modules())
+        ran = {type(modules[n]) for n in finished}
+        blocks = [b for b in blocks if type(modules[b]) in ran]
     if blocks:
         return [b for b in blocks if outputs.get(b) is not out]
     layers = [(i, c) for i, c in enumerate(calls) if isinstance(c[1], PARAM_LAYERS + (AreaLinear,))]
@@ -1304,7 +1311,7 @@ class Wrapped(nn.Module):
         calls, out, finished, outputs = found[0]
         sel, _ = select_output(out, self.output)
         if self.point_names is None:
-            self.point_names = find_points(self.model, calls, sel, blocks)
+            self.point_names = find_points(self.model, calls, sel, blocks, finished)
             if not self.point_names:
                 self._warn_no_points(calls, sel)
         if mixing and self.point_names:  # (no points at all: _warn_no_points said it; what makes the

@@ -312,6 +312,32 @@ def test_points_are_the_blocks_not_the_stages_that_hold_them():
     assert w.widths == [4, 4, 4, 8, 8, 8]
     assert find_blocks(_InceptionNet()) == ["inc1", "inc2"]
 
+    class Aux(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(c, 4, 1), nn.Linear(4 * 64, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).flatten(1))
+
+    class WithAux(_InceptionNet):  # GoogLeNet's auxiliary classifiers: run in training only
+        def __init__(self):
+            super().__init__()
+            self.aux1, self.aux2 = Aux(8), Aux(16)
+
+        def forward(self, x):
+            a = self.inc1(self.stem(x))
+            b = self.inc2(a)
+            out = self.head(b.mean((2, 3)))
+            return (out, self.aux1(a), self.aux2(b)) if self.training else out
+
+    aux = WithAux()
+    w = neurosal.wrap(aux, "dfa").materialise(torch.randn(2, 1, 8, 8))
+    assert w.point_names == ["inc1", "inc2"]  # not the side heads, whose outputs are logits
+    out, a1, a2 = w(torch.randn(2, 1, 8, 8))
+    (F.cross_entropy(out, torch.tensor([0, 2])) + F.cross_entropy(a1, torch.tensor([1, 1]))).backward()
+    assert aux.aux1.conv.weight.grad.abs().sum() > 0 and aux.aux2.conv.weight.grad is None  # their own loss
+
     class Stack(nn.Module):  # T5's encoder and decoder: two of one type, each a ModuleList of blocks
         def __init__(self):
             super().__init__()
