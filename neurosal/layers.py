@@ -32,6 +32,7 @@ PARAM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, 
 _TRANSPOSED = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
 
 
 def _conv_args(op: nn.Module):
@@ -119,14 +120,14 @@ def feedback(op: nn.Module, delta: torch.Tensor, weight: torch.Tensor, input_sha
     if isinstance(op, nn.Linear):
         return delta @ weight
     if isinstance(op, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        fn = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+        fn = _CONV_INPUT[weight.dim() - 2]
         if op.padding_mode == "zeros":
-            return fn[weight.dim() - 2](tuple(input_shape), weight, delta, **_conv_args(op))
+            return fn(tuple(input_shape), weight, delta, **_conv_args(op))
         pads = op._reversed_padding_repeated_twice  # (last axis first, before/after)
         shape = list(input_shape)
         for i in range(len(pads) // 2):
             shape[-1 - i] += pads[2 * i] + pads[2 * i + 1]
-        return _unpad(op, fn[weight.dim() - 2](tuple(shape), weight, delta, **_conv_args(op)), input_shape)
+        return _unpad(op, fn(tuple(shape), weight, delta, **_conv_args(op)), input_shape)
     n = _transposed_dims(op)
     if n:  # the adjoint of a transposed convolution is the convolution (it gives back the input's size)
         return _CONV_FN[n](delta, weight, None, **_conv_args(op))
