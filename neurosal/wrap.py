@@ -772,16 +772,12 @@ def select_output(out, key=None):
 #: layers that work channels-first on (B, C, L) inputs: a 3-d point after one of them is a feature map
 CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm, nn.MaxPool1d,
                   nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
-#: and those of feature maps and volumes (B, C, H, W[, D])
-_CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.BatchNorm2d, nn.BatchNorm3d,
-          nn.InstanceNorm2d, nn.InstanceNorm3d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AvgPool3d,
-          nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
 def channels_first(modules: dict, points: list[str], finished: list[str]) -> list[tuple[str, int] | None]:
     """Per point (in the order of ``points``; at its first call): how the last parametrised or pooling layer
-    to run before it lays out channels -- ``("first", 0)`` when it works channels-first (a convolution,
-    BatchNorm, pooling), ``("last", width)`` when it works on a last axis of that width (a Linear, a plain
+    to run before it lays out channels -- ``("first", 0)`` when it works channels-first on (B, C, L)
+    (Conv1d, BatchNorm1d, 1-d pooling), ``("last", width)`` when it works on a last axis of that width (a Linear, a plain
     LayerNorm / RMSNorm, attention), None when it tells neither (a block's own layer scale, a normalisation
     that permutes). A 4-d point is a feature map (B, C, H, W) unless a last-axis layer of its last axis's
     width made it (Swin's (B, H, W, C); MaxViT's attention permutes back to channels first)."""
@@ -794,8 +790,8 @@ def channels_first(modules: dict, points: list[str], finished: list[str]) -> lis
                      or any(True for _ in modules[n].parameters(recurse=False))),
                     None)
         found[name] = None
-        if isinstance(last, CHANNELS_FIRST + _CONVS):
-            found[name] = ("first", 0)
+        if isinstance(last, CHANNELS_FIRST):  # (not Conv2d: a 3-d point after one is a flattened,
+            found[name] = ("first", 0)       # usually transposed patch embedding -- tokens)
         elif isinstance(last, nn.Linear):
             found[name] = ("last", last.out_features)
         elif isinstance(last, nn.MultiheadAttention):

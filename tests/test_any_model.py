@@ -410,6 +410,19 @@ def test_channels_last_feature_maps_get_one_signal_per_channel():
     back = neurosal.wrap(PermutesBack(), "dfa").materialise(torch.randn(2, 5, 3, 3))
     assert back.point_names == ["blocks.0", "blocks.1"] and back.widths == [5, 5]
 
+    class Tokens(nn.Module):  # a conv patch embedding flattened and transposed to (B, T, D) tokens
+        def __init__(self):
+            super().__init__()
+            self.patch, self.mark = nn.Conv2d(1, 6, 4, 4), Point()
+            self.fc, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            t = self.mark(self.patch(x).flatten(2).transpose(1, 2))
+            return self.head(torch.relu(self.fc(t)).mean(1))
+
+    tok = neurosal.wrap(Tokens(), "dfa").materialise(torch.randn(2, 1, 8, 8))
+    assert tok.point_names == ["mark"] and tok.widths == [6]  # D features per token, not T = 4 channels
+
 
 def test_direct_rules_cut_the_graph_between_points():
     """A point's signal trains only the layers up to the point below: with the projection zeroed, only
