@@ -9,9 +9,10 @@ have no converters) and its bias digital, as ours. Pairs (neurosal preset | aihw
     linear-256   | ConstantStepDevice, dw_min = w_max/256 (no noise)
     softbounds   | SoftBoundsDevice, dw_min = w_max/200 at w = 0, 10% cycle-to-cycle, 10% device spread
 
-w_max per layer is neurosal's (w_range / sqrt(fan_in)), given to aihwkit as its device bound. Both
-update modes of neurosal run: the default (the optimiser's step turned into stochastically rounded
-pulse counts) and pulse coincidence (bl = 31, like aihwkit's default pulsed update).
+w_max per layer is neurosal's (w_range / sqrt(fan_in) for these default-initialised layers), given to
+aihwkit as its device bound. Both update modes of neurosal run: the default (the optimiser's step
+turned into stochastically rounded pulse counts) and pulse coincidence (bl = 31, like aihwkit's default
+pulsed update).
 
 Semantics that differ on purpose (so parity is not expected to be bitwise): neurosal holds a weight in
 a differential pair of two bounded devices (G+ - G-), aihwkit in one device spanning [-w_max, w_max];

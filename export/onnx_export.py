@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hw_models.analog import analog_mvm
+from hw_models.analog import analog_conv, analog_mvm
 from hw_models.snn import delay, lif_membrane
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
@@ -79,7 +79,10 @@ class Conv2dTwin(nn.Module):
         self.analog = _analog_of(op)
 
     def forward(self, x):
-        y = _through_devices(self.analog, x, lambda v: self.conv(v, self.weight, None, **self.kw))
+        if self.analog is None:
+            y = self.conv(x, self.weight, None, **self.kw)
+        else:  # one patch per read, as the analog convolutions read (no read noise: a random process)
+            y = analog_conv(x, self.weight, *self.analog, **self.kw)
         if self.bias is None:
             return y
         return y + self.bias.view(1, -1, *([1] * (y.dim() - 2)))

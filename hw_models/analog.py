@@ -3,8 +3,9 @@ differential pairs of resistive devices. A substrate, not a rule.
 
 How a step works, for any rule and any optimiser:
 
-1. forward: inputs through the DAC (per-sample abs-max scaling, ``dac_bits``), the weights as the devices
-   hold them plus fresh read noise, the outputs through the ADC (``adc_bits``, clipped to its range);
+1. forward: inputs through the DAC (abs-max scaling per read vector -- a sample of an MLP, a token, a
+   convolution's patch -- and ``dac_bits``), the weights as the devices hold them plus fresh read noise,
+   the outputs through the ADC (``adc_bits``, clipped to its range);
 2. the rule's teaching signal lands in the float mirror ``weight.grad`` exactly as for float layers
    (``dW = delta^T x``), and the optimiser proposes a new mirror value;
 3. :meth:`AnalogTiles.after_optimizer_step` turns the proposed change into pulses on the arrays and
@@ -27,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import (check_materialised, conv_function, float_update, hook_kind, hooked_weight,
+from neurosal.layers import (_CONV_FN, check_materialised, conv_function, float_update, hook_kind, hooked_weight,
                              keep_own_forward, own_forward, replace_module, weight_hook)
 
 from .array import DifferentialArray, check_request, clip_fraction
@@ -36,7 +37,16 @@ from .devices import DeviceConfig
 
 def analog_mvm(x: torch.Tensor, w: torch.Tensor, fn, cfg: DeviceConfig, w_max: float, fan_in: int,
                noise=None, sumsq=None):
-    """``fn(x, w)`` (linear or conv, no bias) through DAC, read noise and ADC.
+    """``fn(x, w)`` (a linear map of ``x``'s last axis, no bias) through DAC, read noise and ADC; ``x`` holds
+    one read vector per last-axis row (a sample, a token; a convolution reads through
+    :func:`analog_conv`, one vector per patch).
+
+    The DAC scales each read vector by its own abs-max before quantising it (the "noise management" of
+    analog periphery; aihwkit's ``NoiseManagementType.ABS_MAX`` likewise scales every input vector): a
+    vector the array applies in one read cycle uses the converter's full range whatever the other vectors
+    of the batch hold. (Scaling a whole sample's tokens or feature map by one factor let a single large
+    activation push every other vector of it onto a few DAC codes, and the ADC rounded most of what a deep
+    network's convolutions read to zero.)
 
     Read noise (``cfg.read_noise``, std per device relative to R) is fresh at every read, and a read is one
     matrix-vector product: each sample (each token, each output position of a convolution) meets its own
@@ -53,12 +63,11 @@ def analog_mvm(x: torch.Tensor, w: torch.Tensor, fn, cfg: DeviceConfig, w_max: f
     if not (cfg.dac_bits or cfg.adc_bits):
         y = fn(x, w)
         return y.addcmul_(sumsq(x).sqrt_(), noise(y.shape).mul_(sigma)) if noisy else y
-    # Per-sample abs-max scaling, then the DAC's integer codes: the array sees x / scale (|.| <= 1) on
+    # Abs-max scaling per read vector, then the DAC's integer codes: the array sees x / scale (|.| <= 1) on
     # 2^(bits-1) - 1 levels per side. The matmul runs on the codes (or on x / scale without a DAC) and
-    # every scale folds into one factor per sample at the end: the ops are written in place, few and
+    # every scale folds into one factor per vector at the end: the ops are written in place, few and
     # fused, because this runs at every forward of every analog layer.
-    dims = tuple(range(1, x.dim()))
-    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min_(1e-12)
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12)
     if cfg.dac_bits:
         levels = 2 ** (cfg.dac_bits - 1) - 1
         xn = (x * (levels / scale)).round_()  # |x| <= scale: no clamp needed
@@ -73,7 +82,54 @@ def analog_mvm(x: torch.Tensor, w: torch.Tensor, fn, cfg: DeviceConfig, w_max: f
         full = cfg.adc_range * w_max * math.sqrt(fan_in) / unit
         y.mul_(levels / full).clamp_(-levels, levels).round_()
         unit *= full / levels
-    return y.mul_(scale.reshape(scale.shape[0], *([1] * (y.dim() - 1))) * unit)
+    return y.mul_(scale.mul_(unit))
+
+
+def conv_padding(kernel_size, dilation, padding) -> list[tuple[int, int]]:
+    """(before, after) zero padding per spatial axis as ``F.convNd`` pads: ``'same'`` puts the odd one of
+    an even effective kernel after."""
+    if isinstance(padding, int):
+        padding = (padding,) * len(kernel_size)
+    if padding == "valid":
+        return [(0, 0)] * len(kernel_size)
+    if padding == "same":
+        eff = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        return [(e // 2, e - e // 2) for e in eff]
+    return [(p, p) for p in padding]
+
+
+def conv_columns(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int):
+    """A convolution's read vectors: the input patch of every output position and group, as
+    ``(batch, groups, positions, in/groups * prod(kernel))`` (channel-major, as the weight's rows), and the
+    output's spatial shape. Any number of spatial axes (``F.unfold`` has two)."""
+    nd = len(kernel_size)
+    pads = [v for pair in reversed(conv_padding(kernel_size, dilation, padding)) for v in pair]
+    if any(pads):
+        x = F.pad(x, pads)
+    for i in range(nd):
+        x = x.unfold(2 + i, dilation[i] * (kernel_size[i] - 1) + 1, stride[i])
+    if any(d > 1 for d in dilation):
+        x = x[(Ellipsis, *[slice(None, None, d) for d in dilation])]
+    b, c, out = x.shape[0], x.shape[1], tuple(x.shape[2:2 + nd])
+    x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))  # (B, positions..., C, kernel...)
+    return x.reshape(b, math.prod(out), groups, -1).transpose(1, 2), out
+
+
+def analog_conv(x: torch.Tensor, w: torch.Tensor, cfg: DeviceConfig, w_max: float, fan_in: int, stride,
+                padding, dilation, groups: int, noise=None) -> torch.Tensor:
+    """A convolution (no bias) read on an array of ``out x in/groups * kernel`` conductances, one input
+    patch per read: with converters, the patches are the read vectors of :func:`analog_mvm` (each scaled
+    by its own abs-max, as the array applies one patch per read cycle); with read noise alone, the
+    convolution itself, its noise scaled by each patch's norm (:func:`patch_sumsq`)."""
+    if not (cfg.dac_bits or cfg.adc_bits):
+        fn = _CONV_FN[w.dim() - 2]
+        conv = lambda v, w_: fn(v, w_, None, stride, padding, dilation, groups)  # noqa: E731
+        return analog_mvm(x, w, conv, cfg, w_max, fan_in, noise, patch_sumsq(w.shape[2:], stride, padding,
+                                                                             dilation, groups, w.shape[0]))
+    cols, out = conv_columns(x, w.shape[2:], stride, padding, dilation, groups)
+    wg = w.reshape(groups, w.shape[0] // groups, -1).transpose(1, 2)  # (groups, in/groups * kernel, out/groups)
+    y = analog_mvm(cols, wg, torch.matmul, cfg, w_max, fan_in, noise, row_sumsq)  # (B, groups, positions, out/groups)
+    return y.transpose(2, 3).reshape(x.shape[0], w.shape[0], *out)
 
 
 def row_sumsq(x: torch.Tensor) -> torch.Tensor:
@@ -81,17 +137,33 @@ def row_sumsq(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).sum(-1, keepdim=True)
 
 
-def patch_sumsq(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d):
-    """What each output of ``conv`` reads: the squared norm of its input patch (per group), shaped to
+def patch_sumsq(kernel_size, stride, padding, dilation, groups: int, out_channels: int):
+    """What each output of a convolution reads: the squared norm of its input patch (per group), shaped to
     broadcast over the output channels."""
-    fn = conv_function(conv)
-
     def sumsq(x: torch.Tensor) -> torch.Tensor:
-        g = conv.groups
-        ones = x.new_ones(g, x.shape[1] // g, *conv.kernel_size)
-        s = fn(x * x, ones, None, conv.stride, conv.padding, conv.dilation, g)
-        return s if g == 1 else s.repeat_interleave(conv.out_channels // g, dim=1)
+        ones = x.new_ones(groups, x.shape[1] // groups, *kernel_size)
+        s = _CONV_FN[len(kernel_size)](x * x, ones, None, stride, padding, dilation, groups)
+        return s if groups == 1 else s.repeat_interleave(out_channels // groups, dim=1)
     return sumsq
+
+
+def weight_range(cfg: DeviceConfig, params: list[torch.Tensor], fan_in: int) -> float:
+    """``w_max`` of the arrays that will hold ``params`` (before programming them): ``cfg.w_range`` times
+    the layer's weight scale (``cfg.w_scale``). ``"fan_in"``: ``1/sqrt(fan_in)``, the bound of torch's
+    default init. ``"weights"``: that scale times the power of two nearest to the weights' own spread
+    ``sqrt(3) rms(W)`` over it -- torch's default init keeps ``1/sqrt(fan_in)``, while a model initialised
+    otherwise (EfficientNet's depthwise convolutions at ~1/25 of it, a ViT's std-0.02 projections, a
+    trained model) still spans its devices' levels and its ADC's range instead of a few codes of them. A
+    power of two is a shift in the digital periphery that scales the read back; all-zero weights keep
+    ``1/sqrt(fan_in)``."""
+    unit = 1.0 / math.sqrt(fan_in)
+    if cfg.w_scale == "weights":
+        n = sum(p.numel() for p in params)
+        ms = sum(float(p.detach().double().pow(2).sum()) for p in params) / max(n, 1)
+        spread = math.sqrt(3.0 * ms)
+        if spread > 0 and math.isfinite(spread):
+            unit *= 2.0 ** round(math.log2(spread / unit))
+    return cfg.w_range * unit
 
 
 class AnalogTiles:
@@ -99,7 +171,7 @@ class AnalogTiles:
 
     def __init__(self, cfg: DeviceConfig, params: list[nn.Parameter], fan_in: int, seed: int):
         self.cfg = cfg
-        self.w_max = cfg.w_range / math.sqrt(fan_in)
+        self.w_max = weight_range(cfg, params, fan_in)
         self.fan_in = fan_in
         self.params = params
         self.arrays = []
@@ -157,6 +229,14 @@ class AnalogTiles:
         arr = self.arrays[i]
         noise = (arr._randn if training else arr._randn_read) if self.cfg.read_noise > 0 else None
         return analog_mvm(x, self.params[i].detach(), fn, self.cfg, self.w_max, self.fan_in, noise, sumsq)
+
+    def read_conv(self, i: int, x: torch.Tensor, stride, padding, dilation, groups: int,
+                  training: bool = True) -> torch.Tensor:
+        """Array ``i`` read as a convolution of ``x``, one patch per read (:func:`analog_conv`)."""
+        arr = self.arrays[i]
+        noise = (arr._randn if training else arr._randn_read) if self.cfg.read_noise > 0 else None
+        return analog_conv(x, self.params[i].detach(), self.cfg, self.w_max, self.fan_in, stride, padding,
+                           dilation, groups, noise)
 
     @torch.no_grad()
     def sync(self, only: set[int] | None = None) -> None:
@@ -227,9 +307,13 @@ class AnalogTiles:
         self.mark_synced()
 
     def state(self) -> dict:
-        return {"arrays": [a.state() for a in self.arrays], "held": self.held}
+        return {"arrays": [a.state() for a in self.arrays], "held": self.held, "w_max": self.w_max}
 
     def load(self, st: dict) -> None:
+        w_max = st.get("w_max")  # (absent before the range followed the weights: then it was w_range/sqrt)
+        self.w_max = float(w_max) if w_max is not None else self.cfg.w_range / math.sqrt(self.fan_in)
+        for a in self.arrays:
+            a.set_w_max(self.w_max)
         for a, s in zip(self.arrays, st["arrays"]):
             a.load(s)
         for h, s in zip(self.held, st["held"]):
@@ -417,7 +501,7 @@ class AnalogLinear(_AnalogMixin, nn.Linear):
 
 class _AnalogConv(_AnalogMixin):
     """The analog convolutions: one array of out x (in/groups * kernel) conductances, read at every output
-    position (the read noise by each position's patch norm, :func:`patch_sumsq`), bias digital."""
+    position as one read vector (:func:`analog_conv`), bias digital."""
 
     @classmethod
     def from_float(cls, layer, cfg: DeviceConfig, seed: int):
@@ -430,13 +514,10 @@ class _AnalogConv(_AnalogMixin):
         return new
 
     def forward(self, x):
-        fn = conv_function(self)
-        conv = lambda v, w: fn(v, w, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
-
         training = training_read(self)
 
         def hw(v):
-            y = self.tiles.read(0, v, conv, patch_sumsq(self), training=training)
+            y = self.tiles.read_conv(0, v, self.stride, self.padding, self.dilation, self.groups, training)
             return y if self.bias is None else y + self.bias.view(1, -1, *([1] * (y.dim() - 2)))
         return self._straight_through(x, hw, lambda v: self._conv_forward(v, self.weight, self.bias))
 

@@ -93,6 +93,12 @@ class DifferentialArray:
         self.resets = 0  # pairs refreshed so far (unidirectional)
         self._bind()
 
+    def set_w_max(self, w_max: float) -> None:
+        """The weight the full conductance difference stands for (a loaded state's)."""
+        self.w_max = float(w_max)
+        self.dw_pulse = operating_step(self.cfg) * self.w_max / self.r_nominal
+        self._fused_consts = None
+
     def _bind(self) -> None:
         """Precompute each device's response constants (after creation or loading state)."""
         self.response = [Response(self.cfg, self.lo[i], self.hi[i], self.step_scale[i]) for i in (0, 1)]

@@ -29,6 +29,7 @@ from neurosal.options import typed_fields
 MODELS = ("linear", "lim", "softbounds", "pow")
 UPDATES = ("bidirectional", "unidirectional")
 PULSE_MODES = ("round", "stochastic", "coincidence")
+W_SCALES = ("weights", "fan_in")
 
 
 @dataclass
@@ -56,7 +57,11 @@ class DeviceConfig:
     bl: int = 31  # coincidence: pulse-train length (slots per update); longer updates are cut (clipped)
     max_pulses: int = 0  # cap per update and device (0 = none)
     write_verify: int = 5  # programming: rounds of read-back and correcting pulses (0 = open loop)
-    w_range: float = 4.0  # weight range w_max = w_range / sqrt(fan_in) (layer's init bound is 1/sqrt)
+    w_range: float = 4.0  # weight range w_max = w_range * the layer's weight scale (see w_scale)
+    w_scale: str = "weights"  # the weight scale: "fan_in" = 1/sqrt(fan_in), torch's default init bound;
+                              # "weights" = that times the power of two nearest sqrt(3) rms(W) sqrt(fan_in)
+                              # of the weights first programmed (a shift in the digital periphery): the
+                              # same for torch's default init, the devices' range kept on other inits
     drift_nu: float = 0.0  # PCM-like drift exponent: G(t) = g_min + (G - g_min) (t / t0)^-nu
     drift_nu_dtod: float = 0.0  # device-to-device spread of nu (relative std)
     fused: bool = False  # execution, not physics: run a bidirectional update (pulse counts or coincidence
@@ -86,6 +91,8 @@ class DeviceConfig:
         for name in ("dac_bits", "adc_bits", "max_pulses", "write_verify"):
             if getattr(self, name) < 0:
                 err.append(f"{name} must be >= 0")
+        if self.w_scale not in W_SCALES:
+            err.append(f"w_scale must be one of {W_SCALES}, not {self.w_scale!r}")
         if self.update not in UPDATES:
             err.append(f"update must be one of {UPDATES}, not {self.update!r}")
         if self.pulses not in PULSE_MODES:

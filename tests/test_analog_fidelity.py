@@ -250,13 +250,15 @@ def test_read_noise_is_fresh_for_every_read(kind):
         layer = convert(nn.Sequential(nn.Conv3d(2, 6, 3, padding=1, bias=False)), cfg, seed=1)[0]
         x = torch.randn(1, 2, 5, 5, 5).repeat(50, 1, 1, 1, 1)
         x[:, :, 0] = 0  # a zero slice: patches of unequal norms
-        sumsq = patch_sumsq(layer)
+        sumsq = patch_sumsq(layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups,
+                            layer.out_channels)
         exact = lambda v: F.conv3d(v, layer.weight, None, layer.stride, layer.padding)  # noqa: E731
     elif kind == "conv1d":
         layer = convert(nn.Sequential(nn.Conv1d(4, 6, 5, padding=2, dilation=1, bias=False)), cfg, seed=1)[0]
         x = torch.randn(1, 4, 40).repeat(100, 1, 1)
         x[:, :, :2] = 0  # patches of unequal norms (none all zero)
-        sumsq = patch_sumsq(layer)
+        sumsq = patch_sumsq(layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups,
+                            layer.out_channels)
         exact = lambda v: F.conv1d(v, layer.weight, None, layer.stride, layer.padding, layer.dilation,  # noqa: E731
                                    layer.groups)
     else:
@@ -264,7 +266,8 @@ def test_read_noise_is_fresh_for_every_read(kind):
                                                 bias=False)), cfg, seed=1)[0]
         x = torch.randn(1, 4, 6, 6).repeat(100, 1, 1, 1)
         x[:, :, 0] = 0  # a zero row of the image: patches of unequal norms
-        sumsq = patch_sumsq(layer)
+        sumsq = patch_sumsq(layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups,
+                            layer.out_channels)
         exact = lambda v: F.conv2d(v, layer.weight, None, layer.stride, layer.padding, layer.dilation,  # noqa: E731
                                    layer.groups)
     t = layer.tiles
@@ -643,3 +646,174 @@ def test_layers_in_a_sequential_with_named_children_are_replaced(tmp_path):
     w.eval()
     export_onnx(w, x, tmp_path / "named.onnx")
     assert verify(w, tmp_path / "named.onnx", x, tol=1e-5)["ok"]
+
+
+# ----------------------------------------------------------------------------- read vectors and weight range
+
+CONV_GEOMETRIES = [  # (dims, in, out, kernel, stride, padding, dilation, groups)
+    (2, 4, 6, 3, 1, 1, 1, 1), (2, 4, 6, 3, 2, 0, 1, 2), (2, 6, 6, (2, 3), 1, "same", (2, 1), 3), (2, 6, 6, (2, 3), (1, 2), (0, 1), (2, 1), 3),
+    (2, 4, 8, 4, 1, "same", 1, 1), (1, 4, 6, 5, 2, 2, 2, 1), (3, 2, 4, 3, (1, 2, 1), 1, 1, 2),
+]
+
+
+@pytest.mark.parametrize("geom", CONV_GEOMETRIES)
+def test_conv_columns_are_the_convolutions_read_vectors(geom):
+    """Each output position's input patch (per group), times the weight's rows, is the convolution:
+    strides, dilation, groups, 'same' with an even kernel (torch puts the odd pad after), 1-3 spatial
+    axes."""
+    from hw_models.analog import conv_columns
+
+    nd, cin, cout, k, s, p, d, g = geom
+    tup = lambda v: (v,) * nd if isinstance(v, int) else v  # noqa: E731
+    torch.manual_seed(0)
+    x = torch.randn(3, cin, *([7] * nd), dtype=torch.float64)
+    w = torch.randn(cout, cin // g, *tup(k), dtype=torch.float64)
+    ref = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd](x, w, None, tup(s), p, tup(d), g)
+    cols, out = conv_columns(x, tup(k), tup(s), p, tup(d), g)
+    assert out == tuple(ref.shape[2:]) and cols.shape[:2] == (3, g)
+    y = cols @ w.reshape(g, cout // g, -1).transpose(1, 2)  # (B, groups, positions, out/groups)
+    torch.testing.assert_close(y.transpose(2, 3).reshape(ref.shape), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["conv", "tokens"])
+def test_the_dac_scales_every_read_vector_by_its_own_abs_max(kind):
+    """A read applies one input vector (a convolution's patch, a token): the DAC scales each by its own
+    abs-max, written out here the plain way (unfold, per-column scale, quantise, matmul, ADC). One scale per
+    sample put all of a feature map's patches on the codes of its largest value."""
+    from hw_models.analog import convert
+
+    torch.manual_seed(0)
+    cfg = DeviceConfig(levels=1_000_000, dac_bits=4, adc_bits=6)
+    if kind == "conv":
+        layer = convert(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)), cfg)[0]
+        x = torch.randn(2, 4, 6, 6)
+        x[:, :, :2, :2] *= 100  # one corner of every map far larger than the rest
+        cols = F.unfold(x, 3, padding=1).reshape(2, 2, 18, 36)  # (B, groups, per-group patch, positions)
+        scale = cols.abs().amax(2, keepdim=True)
+        w = layer.weight.detach().reshape(2, 3, 18)
+        fan_in = 18
+    else:
+        layer = convert(nn.Sequential(nn.Linear(8, 5, bias=False)), cfg)[0]
+        x = torch.randn(3, 7, 8)
+        x[:, 0] *= 100  # the first token far larger than the others
+        scale = x.abs().amax(-1, keepdim=True)
+        w = layer.weight.detach()
+        fan_in = 8
+
+    def q(v, bits, full):
+        n = 2 ** (bits - 1) - 1
+        return torch.round(v.clamp(-full, full) / full * n) / n * full
+
+    xn = q((cols if kind == "conv" else x) / scale, 4, 1.0)
+    full = cfg.adc_range * layer.tiles.w_max * fan_in ** 0.5
+    if kind == "conv":
+        y = q(torch.einsum("gon,bgnp->bgop", w, xn), 6, full) * scale
+        ref = y.reshape(2, 6, 6, 6)
+    else:
+        ref = q(xn @ w.t(), 6, full) * scale
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # with the DAC alone, the small vectors read as finely as their own size allows (one scale per sample
+    # rounded them all to code 0: relative error 1)
+    layer.tiles.cfg = DeviceConfig(levels=1_000_000, dac_bits=4)
+    with torch.no_grad():
+        got = layer(x)
+        exact = F.conv2d(x, layer.weight, None, 1, 1, 1, 2) if kind == "conv" else x @ layer.weight.t()
+    small = (slice(None), slice(None), slice(3, None), slice(3, None)) if kind == "conv" else (slice(None), slice(1, None))
+    err = (got - exact)[small].norm() / exact[small].norm()
+    assert float(err) < 0.2
+
+
+def test_weight_range_follows_the_weights_scale_in_powers_of_two():
+    """torch's default init keeps w_max = w_range / sqrt(fan_in); weights initialised 25x smaller
+    (EfficientNet's depthwise convolutions) get a range 32x smaller, so they span the devices' levels;
+    all-zero weights and w_scale='fan_in' keep the fan-in range."""
+    from hw_models.analog import convert
+
+    torch.manual_seed(0)
+    cfg = DeviceConfig(levels=100)
+    plain = convert(nn.Sequential(nn.Linear(64, 32)), cfg)[0]
+    assert plain.tiles.w_max == pytest.approx(4.0 / 8.0, rel=1e-12)
+    small = nn.Linear(64, 32)
+    with torch.no_grad():
+        small.weight.mul_(1 / 25)
+    w0 = small.weight.detach().clone()
+    small = convert(nn.Sequential(small), cfg)[0]
+    assert small.tiles.w_max == pytest.approx(4.0 / 8.0 / 32, rel=1e-12)
+    # programmed to within a few of the devices' 100 levels (on the fan-in range: +-0.02 = 2 levels)
+    assert float((small.weight.detach() - w0).abs().max()) < 3 * small.tiles.w_max / 100
+    assert convert(nn.Sequential(nn.Linear(64, 32)), DeviceConfig(levels=100, w_scale="fan_in"))[0].tiles.w_max \
+        == pytest.approx(0.5)
+    zero = nn.Linear(64, 32)
+    nn.init.zeros_(zero.weight)
+    assert convert(nn.Sequential(zero), cfg)[0].tiles.w_max == pytest.approx(0.5)
+    from neurosal.errors import NeurosalError
+
+    with pytest.raises(NeurosalError, match="w_scale"):
+        DeviceConfig(w_scale="max").validate()
+
+
+def test_a_deep_conv_net_initialised_small_reads_through_its_converters():
+    """rram-like (8-bit DAC and ADC) on convolutions initialised as EfficientNet's (kaiming normal over
+    fan-out: depthwise ones ~1/25 of 1/sqrt(fan_in)): the fan-in range left them a few device levels
+    and ADC codes, whole channels read exactly 0, BatchNorm divided them by sqrt(eps) and the first
+    gradient was ~1e8. Now no channel reads all zero, the read follows the float layer, the gradient
+    stays bounded."""
+    from hw_models.analog import attach, convert
+
+    def net():
+        torch.manual_seed(0)
+        layers = [nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.SiLU()]
+        for _ in range(3):
+            layers += [nn.Conv2d(32, 32, 5, padding=2, groups=32, bias=False), nn.BatchNorm2d(32), nn.SiLU(),
+                       nn.Conv2d(32, 32, 1, bias=False), nn.BatchNorm2d(32), nn.SiLU()]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)]
+        m = nn.Sequential(*layers)
+        for mod in m.modules():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out")
+        return m
+
+    x, y = torch.randn(8, 3, 12, 12), torch.randint(0, 10, (8,))
+    ref, m = net(), convert(net(), "rram-like")
+    reads = []
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            mod.register_forward_hook(lambda mod, i, o: reads.append((o, F.conv2d(i[0], mod.weight, None, mod.stride,
+                                                                                  mod.padding, 1, mod.groups))))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    attach(opt, m)
+    loss = F.cross_entropy(m(x), y)
+    loss.backward()
+    for o, exact in reads:
+        assert (o.abs().amax((0, 2, 3)) > 0).all()
+        assert float((o - exact).norm() / exact.norm()) < 0.3
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert max(float(g.abs().max()) for g in grads) < 100
+    with torch.no_grad():
+        assert abs(float(loss) - float(F.cross_entropy(ref(x), y))) < 1.0
+
+
+def test_the_weight_range_travels_with_the_devices_state():
+    """A checkpoint of devices programmed on a scaled range loads into a model converted from other
+    weights: the range comes with the conductances (else they would read back at another scale); an
+    older state without it was written on the fan-in range."""
+    from hw_models.analog import convert
+
+    def model(scale):
+        torch.manual_seed(1)
+        m = nn.Sequential(nn.Linear(16, 8))
+        with torch.no_grad():
+            m[0].weight.mul_(scale)
+        return convert(m, DeviceConfig(levels=1000))
+
+    a, b = model(1 / 20), model(1.0)
+    assert a[0].tiles.w_max != b[0].tiles.w_max
+    b.load_state_dict(a.state_dict())
+    assert b[0].tiles.w_max == a[0].tiles.w_max
+    torch.testing.assert_close(b[0].tiles.arrays[0].weights(), a[0].tiles.arrays[0].weights(), rtol=0, atol=0)
+    st = a.state_dict()
+    del st["0._extra_state"]["w_max"]
+    b.load_state_dict(st)
+    assert b[0].tiles.w_max == pytest.approx(4.0 / 16 ** 0.5)

@@ -42,6 +42,7 @@ def model_is_spiking(net):
 @pytest.mark.parametrize("model,rule,device", [
     ("mlp:64x32", "dfa", None), ("cnn:4,8/16", "fa", None), ("mlp:32*3:relu:res", "bp", None),
     ("mlp:64x32", "sal", None), ("mlp:32", "dfa", "rram-like"), ("cnn:4/16", "dfa", "linear-256"),
+    ("cnn:4/16", "fa", "rram-like"),
     ("snn:32:T=10", "dfa", None), ("snn:24:T=8,neuron=synaptic", "bp", None),
 ])
 def test_onnx_parity_for_every_model_kind(tmp_path, model, rule, device):
