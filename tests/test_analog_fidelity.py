@@ -3,6 +3,7 @@ programming is verified by read-back, coincidence trains have a fixed length, ra
 array's device (bp with pulse coincidence: tests/test_analog.py)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -653,15 +654,17 @@ def test_layers_in_a_sequential_with_named_children_are_replaced(tmp_path):
 CONV_GEOMETRIES = [  # (dims, in, out, kernel, stride, padding, dilation, groups)
     (2, 4, 6, 3, 1, 1, 1, 1), (2, 4, 6, 3, 2, 0, 1, 2), (2, 6, 6, (2, 3), 1, "same", (2, 1), 3), (2, 6, 6, (2, 3), (1, 2), (0, 1), (2, 1), 3),
     (2, 4, 8, 4, 1, "same", 1, 1), (1, 4, 6, 5, 2, 2, 2, 1), (3, 2, 4, 3, (1, 2, 1), 1, 1, 2),
+    (2, 6, 6, 3, 1, 1, 1, 6), (1, 4, 4, 3, 1, "same", 1, 4),
 ]
 
 
 @pytest.mark.parametrize("geom", CONV_GEOMETRIES)
-def test_conv_columns_are_the_convolutions_read_vectors(geom):
-    """Each output position's input patch (per group), times the weight's rows, is the convolution:
-    strides, dilation, groups, 'same' with an even kernel (torch puts the odd pad after), 1-3 spatial
-    axes."""
-    from hw_models.analog import conv_columns
+def test_patch_products_are_the_convolution(geom):
+    """The analog convolution reads patch by patch (one kernel offset at a time, so every patch can carry
+    its own DAC scale): unscaled, that is the convolution -- strides, dilation, groups, depthwise, 'same'
+    with an even kernel (torch puts the odd pad after), 1-3 spatial axes; the patches' abs-max (a max-pool)
+    and squared norms are those of the unfolded patches."""
+    from hw_models.analog import patch_absmax, patch_products
 
     nd, cin, cout, k, s, p, d, g = geom
     tup = lambda v: (v,) * nd if isinstance(v, int) else v  # noqa: E731
@@ -669,10 +672,16 @@ def test_conv_columns_are_the_convolutions_read_vectors(geom):
     x = torch.randn(3, cin, *([7] * nd), dtype=torch.float64)
     w = torch.randn(cout, cin // g, *tup(k), dtype=torch.float64)
     ref = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd](x, w, None, tup(s), p, tup(d), g)
-    cols, out = conv_columns(x, tup(k), tup(s), p, tup(d), g)
-    assert out == tuple(ref.shape[2:]) and cols.shape[:2] == (3, g)
-    y = cols @ w.reshape(g, cout // g, -1).transpose(1, 2)  # (B, groups, positions, out/groups)
-    torch.testing.assert_close(y.transpose(2, 3).reshape(ref.shape), ref, rtol=1e-12, atol=1e-12)
+    y, out, ss = patch_products(x, w, tup(s), p, tup(d), g, sumsq=True)
+    assert out == tuple(ref.shape[2:])
+    torch.testing.assert_close(y.reshape(ref.shape), ref, rtol=1e-12, atol=1e-12)
+    ones = torch.ones(g, cin // g, *tup(k), dtype=torch.float64)
+    norms = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd](x * x, ones, None, tup(s), p, tup(d), g)
+    torch.testing.assert_close(ss.reshape(norms.shape), norms, rtol=1e-12, atol=1e-12)
+    if nd == 2 and p != "same":  # the abs-max against the unfolded patches
+        cols = F.unfold(x, tup(k), tup(d), p, tup(s)).reshape(3, g, -1, math.prod(out))
+        torch.testing.assert_close(patch_absmax(x, tup(k), tup(s), p, tup(d), g).reshape(3, g, -1),
+                                   cols.abs().amax(2), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["conv", "tokens"])
@@ -817,3 +826,27 @@ def test_the_weight_range_travels_with_the_devices_state():
     del st["0._extra_state"]["w_max"]
     b.load_state_dict(st)
     assert b[0].tiles.w_max == pytest.approx(4.0 / 16 ** 0.5)
+
+
+def test_read_noise_of_a_quantised_patch_scales_with_its_codes_norm():
+    """With a DAC, each patch's read noise has std sigma * |its codes| (in the codes' units, scaled back):
+    written out the plain way (unfold, per-patch codes), the normalised noise is a standard normal."""
+    from hw_models.analog import convert
+
+    torch.manual_seed(0)
+    cfg = DeviceConfig(levels=1_000_000, dac_bits=4, read_noise=0.02)
+    layer = convert(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)), cfg, seed=3)[0]
+    x = torch.randn(1, 4, 6, 6).repeat(60, 1, 1, 1)
+    x[:, :, :2, :2] *= 30  # patches of very different scales
+    cols = F.unfold(x, 3, padding=1).reshape(60, 2, 18, 36)
+    scale = cols.abs().amax(2, keepdim=True)
+    codes = torch.round(cols / scale * 7)
+    w = layer.weight.detach().reshape(2, 3, 18)
+    clean = torch.einsum("gon,bgnp->bgop", w, codes) * scale / 7
+    sigma = cfg.read_noise * 2 ** 0.5 * layer.tiles.w_max
+    std = sigma * codes.norm(dim=2, keepdim=True) * scale / 7
+    with torch.no_grad():
+        z = ((layer(x).reshape(60, 2, 3, 36) - clean) / std).reshape(60, -1)
+    assert abs(float(z.mean())) < 0.05 and abs(float(z.var()) - 1) < 0.06
+    c = torch.corrcoef(z[:40])
+    assert abs(float(c[~torch.eye(40, dtype=torch.bool)].mean())) < 0.05
