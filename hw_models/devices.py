@@ -47,9 +47,11 @@ class DeviceConfig:
     dtod_bounds: float = 0.0  # device-to-device shrink of each device's bounds (relative to R)
     ctoc: float = 0.0  # cycle-to-cycle noise per pulse (std, in units of the nominal step)
     read_noise: float = 0.0  # std of conductance read noise (relative to R), fresh at every read (each MVM)
-    dac_bits: int = 0  # input quantisation (0 = off); per-sample abs-max scaling
+    dac_bits: int = 0  # input quantisation (0 = off); abs-max scaling per read vector (sample, token, patch)
     adc_bits: int = 0  # output quantisation (0 = off)
-    adc_range: float = 4.0  # ADC full scale in units of w_max * sqrt(fan_in) for unit-range inputs
+    adc_range: float = 1.0  # ADC full scale in units of w_max * sqrt(fan_in) for unit-range inputs (4 left the
+                            # typical read 1-2 codes of 8 bits: 4-14% read error; 1: 1-3%, no clipping seen;
+                            # benchmarks/reports/analog/adc_calibration.md)
     update: str = "bidirectional"  # or "unidirectional" (Lim et al.: potentiation only + refresh)
     refresh_at: float = 0.9  # unidirectional: refresh a pair when a device passes this fraction of R
     pulses: str = "stochastic"  # pulse count from the requested change: unbiased "stochastic" rounding,
