@@ -294,3 +294,18 @@ def test_a_users_own_ddp_loop_equals_one_process(tmp_path):
         for k, v in one.items():  # the same sums in another order
             if v.is_floating_point():
                 assert torch.allclose(two[k], v, rtol=0, atol=1e-9), (rule, k, float((two[k] - v).abs().max()))
+
+
+def test_the_torchvision_sweep_without_torchvision_says_so_in_one_line():
+    """torchvision is no dependency: the sweep benchmark (benchmarks/torchvision_sweep.py) without it exits 2
+    with one error line, not a traceback."""
+    code = ("import sys, runpy; sys.modules['torchvision'] = None; "
+            "sys.argv = ['torchvision_sweep.py', '--out', sys.argv[1]]; "
+            "runpy.run_path('benchmarks/torchvision_sweep.py', run_name='__main__')")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", code, str(root / "no-such-dir")], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().startswith("error: torchvision is not importable") and "\n" not in p.stderr.strip()
