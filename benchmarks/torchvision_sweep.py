@@ -162,7 +162,8 @@ def onnx_parity(name: str) -> float:
 
 def run_model(name: str, onnx: bool) -> dict:
     row: dict = {"model": name}
-    checks = [("fa_exact", lambda: fa_exact(name))] + [(r, lambda r=r: train_step(name, r)) for r in ("dfa", "drtp", "sal")]
+    checks = [("fa_exact", lambda: fa_exact(name))]
+    checks += [(r, lambda r=r: train_step(name, r)) for r in ("dfa", "drtp", "sal")]
     checks += [("analog", lambda: analog_step(name))] + ([("onnx", lambda: onnx_parity(name))] if onnx else [])
     for key, fn in checks:
         t = time.perf_counter()
@@ -181,7 +182,8 @@ def cell(v, key: str) -> str:
     if isinstance(v, dict) and "error" in v:
         return "error: " + v["error"][:60]
     if isinstance(v, dict) and "refused" in v:
-        return "refused" + (" (no hidden Linear)" if "no hidden nn.Linear" in v["refused"] else ": " + v["refused"][:60])
+        why = v["refused"]
+        return "refused" + (" (no hidden Linear)" if "no hidden nn.Linear" in why else ": " + why[:60])
     if key == "fa_exact":
         return f"{v:.1e}"
     if key in ("dfa", "drtp", "sal"):
@@ -206,10 +208,10 @@ def report(result: dict) -> str:
              "the areas no sample of the batch chose. 'refused (no hidden Linear)': sal splits hidden "
              "nn.Linear layers into areas and these conv nets have none (`areas_on=[...]` names layers). "
              "analog: rram-like, bp, one step: the largest gradient (the float model's beside it) and the "
-             "convolutions with a channel reading all zero. onnx: the dfa-wrapped model exported and run in onnxruntime, largest abs "
-             "difference. Untrained weights; torchvision's ViT head is zero-initialised and gets a random "
-             "init here, or every gradient below it is 0 at the first step and fa_exact and onnx would "
-             "compare zeros.", "",
+             "convolutions with a channel reading all zero. onnx: the dfa-wrapped model exported and run "
+             "in onnxruntime, largest abs difference. Untrained weights; torchvision's ViT head is "
+             "zero-initialised and gets a random init here, or every gradient below it is 0 at the first "
+             "step and fa_exact and onnx would compare zeros.", "",
              "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for row in result["rows"]:
         lines.append(f"| {row['model']} | " + " | ".join(cell(row.get(k), k) for k in keys) + " |")

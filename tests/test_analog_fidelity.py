@@ -652,7 +652,8 @@ def test_layers_in_a_sequential_with_named_children_are_replaced(tmp_path):
 # ----------------------------------------------------------------------------- read vectors and weight range
 
 CONV_GEOMETRIES = [  # (dims, in, out, kernel, stride, padding, dilation, groups)
-    (2, 4, 6, 3, 1, 1, 1, 1), (2, 4, 6, 3, 2, 0, 1, 2), (2, 6, 6, (2, 3), 1, "same", (2, 1), 3), (2, 6, 6, (2, 3), (1, 2), (0, 1), (2, 1), 3),
+    (2, 4, 6, 3, 1, 1, 1, 1), (2, 4, 6, 3, 2, 0, 1, 2), (2, 6, 6, (2, 3), 1, "same", (2, 1), 3),
+    (2, 6, 6, (2, 3), (1, 2), (0, 1), (2, 1), 3),
     (2, 4, 8, 4, 1, "same", 1, 1), (1, 4, 6, 5, 2, 2, 2, 1), (3, 2, 4, 3, (1, 2, 1), 1, 1, 2),
     (2, 6, 6, 3, 1, 1, 1, 6), (1, 4, 4, 3, 1, "same", 1, 4),
 ]
@@ -729,7 +730,8 @@ def test_the_dac_scales_every_read_vector_by_its_own_abs_max(kind):
     with torch.no_grad():
         got = layer(x)
         exact = F.conv2d(x, layer.weight, None, 1, 1, 1, 2) if kind == "conv" else x @ layer.weight.t()
-    small = (slice(None), slice(None), slice(3, None), slice(3, None)) if kind == "conv" else (slice(None), slice(1, None))
+    small = ((slice(None), slice(None), slice(3, None), slice(3, None)) if kind == "conv"
+             else (slice(None), slice(1, None)))
     err = (got - exact)[small].norm() / exact[small].norm()
     assert float(err) < 0.2
 
