@@ -228,6 +228,9 @@ class AnalogTiles:
         self.fan_in = fan_in
         self.params = params
         self.arrays = []
+        beyond = sum(int((p.detach().abs() > self.w_max).sum()) for p in params)
+        #: share of the weights first programmed that lay beyond +-w_max (the devices hold them clipped)
+        self.clipped_at_programming = beyond / max(1, sum(p.numel() for p in params))
         for i, p in enumerate(params):
             # conductances in at least float32 (see DifferentialArray.to_): a bf16 model's arrays too
             arr = DifferentialArray(cfg, p.shape, self.w_max, seed * 7919 + i, device=p.device,
@@ -667,6 +670,9 @@ class AnalogAreaLinear(_AnalogMixin, AreaLinear):
         return _linear_read(self.tiles, k, rows, self.area_weight[k], self.area_bias[k], training_read(self))
 
 
+#: share of a layer's weights beyond +-w_max above which convert says they were clipped
+CLIP_WARN = 1e-4
+
 #: parametrised layers convert leaves digital (said once, naming them)
 NO_ANALOG_VERSION = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.Bilinear)
 
@@ -739,6 +745,7 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
         warnings.warn(f"convert: {digital[:3]}{' and more' if len(digital) > 3 else ''} have no analog version "
                       "here (transposed convolutions, recurrent and bilinear layers; under pulses=coincidence "
                       "everything but nn.Linear) and stay digital", stacklevel=2)
+    clipped = []
     for i, (name, op) in enumerate(named):
         if not include_output and i == len(named) - 1:
             continue
@@ -759,11 +766,18 @@ def convert(net: nn.Module, device: DeviceConfig | str, seed: int = 0, include_o
             new = AnalogLinear.from_float(op, cfg, seed * 1000 + i)
         else:
             raise NeurosalError(f"{name}: no analog version of {type(op).__name__}")
+        share = new.tiles.clipped_at_programming
+        if share > CLIP_WARN:
+            clipped.append(f"{name} ({100 * share:.2g}%)")
         frozen = {n for n, q in op.named_parameters() if not q.requires_grad}
         for n, q in new.named_parameters():  # a frozen layer stays frozen on devices (fine-tuning)
             if n in frozen:
                 q.requires_grad_(False)
         replace_module(target, name, keep_own_forward(new))
+    if clipped:  # a trained model's heavy-tailed weights (the range follows their spread, not their max)
+        warnings.warn(f"convert: weights beyond the devices' range +-w_max were clipped when programmed: "
+                      f"{', '.join(clipped[:4])}{' and more' if len(clipped) > 4 else ''}; a larger w_range "
+                      "(w_max = w_range x the layer's weight scale) keeps them, at coarser steps", stacklevel=2)
     if isinstance(net, Wrapped):
         net.rebind()  # feedback points on replaced layers (sal's areas, a Linear before a functional activation)
     return net

@@ -852,3 +852,27 @@ def test_read_noise_of_a_quantised_patch_scales_with_its_codes_norm():
     assert abs(float(z.mean())) < 0.05 and abs(float(z.var()) - 1) < 0.06
     c = torch.corrcoef(z[:40])
     assert abs(float(c[~torch.eye(40, dtype=torch.bool)].mean())) < 0.05
+
+
+def test_convert_says_when_programming_clips_a_models_weights():
+    """A trained model's heavy tails (here 1% of the weights at 30x the rest's spread) lie beyond the
+    range that follows the weights' spread: convert says which layers were clipped and by how much; a
+    default-initialised model, or a larger w_range, is not."""
+    import warnings
+
+    from hw_models.analog import convert
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        with torch.no_grad():
+            w = m[0].weight.view(-1)
+            w[::100] = 30 * w.std() * torch.sign(w[::100])
+        return m
+
+    with pytest.warns(UserWarning, match=r"clipped when programmed: 0 \(1%\)"):
+        convert(model(), DeviceConfig(levels=100))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(model(), DeviceConfig(levels=100, w_range=64.0))
+        convert(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), DeviceConfig(levels=100))

@@ -179,3 +179,30 @@ def test_a_wrapped_model_never_run_exports(tmp_path, rule):
     untrained = neurosal.wrap(make(), rule, **opts)  # a baseline exported before any step
     export_onnx(untrained, x[:4], tmp_path / "u.onnx")
     assert verify(untrained, tmp_path / "u.onnx", x)["ok"]
+
+
+def test_a_deep_model_read_through_converters_verifies_up_to_code_flips(tmp_path):
+    """Through 8-bit DAC/ADC a value torch and onnxruntime compute a rounding error apart can land on
+    neighbouring codes, and in a deep network the flip travels on: a few samples differ, the rest agree
+    to float precision. verify passes the faithful export and reports that share; an export of another
+    model (every sample moves) still fails."""
+    import copy
+
+    import torch.nn as nn
+    from hw_models.analog import convert
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Unflatten(1, (8, 16)), nn.Linear(16, 32),
+                        nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 6),
+                        nn.Flatten(1), nn.Linear(8 * 32, 10))
+    convert(net, "rram-like")
+    net.eval()
+    x = torch.randn(300, 128)
+    export_onnx(net, x[:2], tmp_path / "q.onnx")
+    rep = verify(net, tmp_path / "q.onnx", x, tol=1e-5)
+    assert rep["ok"] and rep["quantised"] and rep["median_abs_diff"] <= 1e-5, rep
+    assert 0 <= rep["samples_beyond_tol"] < 0.2 and rep["argmax_agreement"] >= 0.98
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        other[-1].bias.add_(1e-3)  # (digital; a small weight change can stay within the ADC's codes)
+    assert not verify(other, tmp_path / "q.onnx", x, tol=1e-5)["ok"]
