@@ -66,8 +66,7 @@ def analog_mvm(x: torch.Tensor, w: torch.Tensor, fn, cfg: DeviceConfig, w_max: f
     # 2^(bits-1) - 1 levels per side. The matmul runs on the codes (or on x / scale without a DAC) and
     # every scale folds into one factor per vector at the end: the ops are written in place, few and
     # fused, because this runs at every forward of every analog layer.
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)  # (one pass, no |x| temporary)
-    scale = torch.maximum(hi, lo.neg_()).clamp_min_(1e-12)
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12)  # (torch.aminmax: 10x slower on a CPU)
     levels, unit = dac_levels(cfg)
     xn = (x * (levels / scale)).round_() if levels else x / scale  # |x| <= scale: no clamp needed
     y = fn(xn, w)  # in units of `unit`
