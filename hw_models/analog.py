@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import (_CONV_FN, check_materialised, conv_function, float_update, hook_kind, hooked_weight,
+from neurosal.layers import (check_materialised, float_update, hook_kind, hooked_weight,
                              keep_own_forward, own_forward, replace_module, weight_hook)
 
 from .array import DifferentialArray, check_request, clip_fraction
@@ -115,10 +115,11 @@ def patch_products(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, 
     """A convolution as its patches' products with the weight's rows, one kernel offset at a time: the
     patches are multiplied by ``mult`` (one factor per patch and group, ``(batch, groups, *out)``) and,
     with ``codes``, rounded (the DAC) before the product -- so each patch (one read vector of the array)
-    gets its own scale without building the im2col columns (1/prod(kernel) of their memory, ~2x faster
-    than im2col + one matmul on a CPU). Returns ``y`` as ``(batch, groups, out/groups, positions)``, the
-    output's spatial shape, and with ``sumsq`` each read vector's squared norm ``(batch, groups, 1,
-    positions)``. With ``mult`` None and no codes it is the convolution itself (tested)."""
+    gets its own scale without building the im2col columns (1/prod(kernel) of their memory; 1.7x faster
+    than im2col + one matmul on a 32x64x32x32 CPU read). Returns ``y`` as ``(batch, groups, out/groups,
+    positions)``, the output's spatial shape, and with ``sumsq`` each read vector's squared norm
+    ``(batch, groups, 1, positions)``. With ``mult`` None and no codes it is the convolution itself
+    (tested)."""
     nd, k = w.dim() - 2, tuple(w.shape[2:])
     pads = [v for pair in reversed(conv_padding(k, dilation, padding)) for v in pair]
     xp = F.pad(x, pads) if any(pads) else x
@@ -171,6 +172,7 @@ def analog_conv(x: torch.Tensor, w: torch.Tensor, cfg: DeviceConfig, w_max: floa
 
 
 _POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def patch_absmax(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int) -> torch.Tensor:
