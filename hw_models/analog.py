@@ -131,9 +131,7 @@ def patch_products(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, 
     ss = x.new_zeros(b, groups, 1, n) if sumsq else None
     q = x.new_empty(b, groups, cg, *out)
     qv = q.view(b, groups, cg, n)
-    for j, offset in enumerate(itertools.product(*(range(v) for v in k))):
-        view = xp[(slice(None), slice(None), *[slice(o * d, o * d + s * (m - 1) + 1, s)
-                                               for o, d, s, m in zip(offset, dilation, stride, out)])]
+    for j, view in enumerate(_offset_views(xp, k, stride, dilation, out)):
         view = view.view(b, groups, cg, *out)
         if mult is None:
             q.copy_(view)
@@ -171,19 +169,33 @@ def analog_conv(x: torch.Tensor, w: torch.Tensor, cfg: DeviceConfig, w_max: floa
     return y.view(b, w.shape[0], *out)
 
 
-_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def _offset_views(x: torch.Tensor, kernel_size, stride, dilation, out):
+    """For each kernel offset, the view of the (padded) input ``x`` that offset reads at every output
+    position: a convolution's patches, one offset at a time."""
+    for offset in itertools.product(*(range(v) for v in kernel_size)):
+        yield x[(Ellipsis, *[slice(o * d, o * d + s * (m - 1) + 1, s)
+                             for o, d, s, m in zip(offset, dilation, stride, out)])]
+
+
 def patch_absmax(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """The abs-max of each input patch of a convolution, per group: ``(batch, groups, *out)``, by a max-pool
-    of the channels' abs-max (no pass over the patches)."""
+    """The abs-max of each input patch of a convolution, per group: ``(batch, groups, *out)``, from the
+    channels' abs-max one kernel offset at a time (no pass over the patches; torch's max-pool on
+    channels-first maps is ~12x slower than this on a CPU)."""
     b, c = x.shape[:2]
     a = x.abs().view(b, groups, c // groups, *x.shape[2:]).amax(2)
     pads = [v for pair in reversed(conv_padding(kernel_size, dilation, padding)) for v in pair]
     if any(pads):
         a = F.pad(a, pads)  # zeros: below every |x|, as the padded positions the patches read
-    return _POOL[len(kernel_size)](a, tuple(kernel_size), tuple(stride), 0, tuple(dilation))
+    out = tuple((a.shape[2 + i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
+                for i in range(len(kernel_size)))
+    views = _offset_views(a, kernel_size, stride, dilation, out)
+    m = next(views).clone()
+    for v in views:
+        torch.maximum(m, v, out=m)
+    return m
 
 
 def row_sumsq(x: torch.Tensor) -> torch.Tensor:

@@ -663,7 +663,7 @@ CONV_GEOMETRIES = [  # (dims, in, out, kernel, stride, padding, dilation, groups
 def test_patch_products_are_the_convolution(geom):
     """The analog convolution reads patch by patch (one kernel offset at a time, so every patch can carry
     its own DAC scale): unscaled, that is the convolution -- strides, dilation, groups, depthwise, 'same'
-    with an even kernel (torch puts the odd pad after), 1-3 spatial axes; the patches' abs-max (a max-pool)
+    with an even kernel (torch puts the odd pad after), 1-3 spatial axes; the patches' abs-max
     and squared norms are those of the unfolded patches."""
     from hw_models.analog import patch_absmax, patch_products
 
