@@ -85,7 +85,7 @@ class Conv2dTwin(nn.Module):
             y = analog_conv(x, self.weight, *self.analog, **self.kw)
         if self.bias is None:
             return y
-        return y + self.bias.view(1, -1, *([1] * (y.dim() - 2)))
+        return y + self.bias.view(-1, *([1] * (self.weight.dim() - 2)))
 
 
 class MHATwin(nn.MultiheadAttention):

@@ -154,6 +154,9 @@ def analog_conv(x: torch.Tensor, w: torch.Tensor, cfg: DeviceConfig, w_max: floa
     patch per read: with converters, each patch is a read vector of its own (abs-max scaled and quantised
     as :func:`analog_mvm` does, :func:`patch_products`); with read noise alone, the convolution itself,
     its noise scaled by each patch's norm (:func:`patch_sumsq`)."""
+    if x.dim() == w.dim() - 1:  # an unbatched input (torch's convolutions take one)
+        return analog_conv(x.unsqueeze(0), w, cfg, w_max, fan_in, stride, padding, dilation, groups,
+                           noise).squeeze(0)
     if not (cfg.dac_bits or cfg.adc_bits):
         fn = _CONV_FN[w.dim() - 2]
         conv = lambda v, w_: fn(v, w_, None, stride, padding, dilation, groups)  # noqa: E731
@@ -587,7 +590,7 @@ class _AnalogConv(_AnalogMixin):
 
         def hw(v):
             y = self.tiles.read_conv(0, v, self.stride, self.padding, self.dilation, self.groups, training)
-            return y if self.bias is None else y + self.bias.view(1, -1, *([1] * (y.dim() - 2)))
+            return y if self.bias is None else y + self.bias.view(-1, *([1] * (self.weight.dim() - 2)))
         return self._straight_through(x, hw, lambda v: self._conv_forward(v, self.weight, self.bias))
 
 

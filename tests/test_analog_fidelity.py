@@ -876,3 +876,20 @@ def test_convert_says_when_programming_clips_a_models_weights():
         warnings.simplefilter("error")
         convert(model(), DeviceConfig(levels=100, w_range=64.0))
         convert(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), DeviceConfig(levels=100))
+
+
+@pytest.mark.parametrize("device", ["converters", "linear-256"])
+def test_an_analog_convolution_takes_an_unbatched_input(device):
+    """torch's convolutions take an unbatched input (C, L...); the analog ones read it as a batch of one
+    (the patch-by-patch read took its channels for the batch and failed)."""
+    from hw_models.analog import convert
+
+    torch.manual_seed(0)
+    cfg = DeviceConfig(levels=1000, dac_bits=6, adc_bits=8) if device == "converters" else device
+    for conv, x in ((nn.Conv1d(2, 3, 3, padding=1), torch.randn(2, 10)),
+                    (nn.Conv2d(2, 4, 3, groups=2), torch.randn(2, 6, 6))):
+        m = convert(nn.Sequential(conv), cfg)[0].eval()
+        with torch.no_grad():
+            one, batched = m(x), m(x[None])[0]
+        assert one.shape == batched.shape
+        torch.testing.assert_close(one, batched, rtol=0, atol=0)
