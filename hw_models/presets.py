@@ -38,7 +38,9 @@ SOURCES: dict[str, str] = {
                   "symmetric states (Fuller et al., Adv. Mater. 2017; Tang et al., IEDM 2018).",
     "rram-like": "Filamentary/oxide RRAM class: ~100 levels, asymmetric exponential steps (depression more "
                  "abrupt: nl_d < nl_p), ~10% device-to-device step spread, cycle-to-cycle noise of a "
-                 "fraction of a step, 8-bit converters. Step law: Lim et al., Neural Comput. Appl. 2019 "
+                 "fraction of a step, 8-bit converters (DAC scaled per read vector as aihwkit's noise "
+                 "management; ADC full scale adc_range = 1, chosen by measured read error: "
+                 "benchmarks/reports/analog/adc_calibration.md). Step law: Lim et al., Neural Comput. Appl. 2019 "
                  "(exponential pulse response); noise and asymmetry magnitudes in the range aihwkit's "
                  "ReRamES preset fits to measured RRAM (Gong et al., Nat. Commun. 9, 2102, 2018).",
     "pcm-like": "Phase-change memory class: gradual SET (potentiation) and abrupt RESET (depression, nl_d "
