@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from neurosal.areas import AreaLinear
 from neurosal.errors import NeurosalError
-from neurosal.layers import (check_materialised, float_update, hook_kind, hooked_weight,
+from neurosal.layers import (check_materialised, conv_function, float_update, hook_kind, hooked_weight,
                              keep_own_forward, own_forward, replace_module, weight_hook)
 
 from .array import DifferentialArray, check_request, clip_fraction
@@ -158,7 +158,7 @@ def analog_conv(x: torch.Tensor, w: torch.Tensor, cfg: DeviceConfig, w_max: floa
         return analog_conv(x.unsqueeze(0), w, cfg, w_max, fan_in, stride, padding, dilation, groups,
                            noise).squeeze(0)
     if not (cfg.dac_bits or cfg.adc_bits):
-        fn = _CONV_FN[w.dim() - 2]
+        fn = conv_function(w.dim() - 2)
         conv = lambda v, w_: fn(v, w_, None, stride, padding, dilation, groups)  # noqa: E731
         return analog_mvm(x, w, conv, cfg, w_max, fan_in, noise, patch_sumsq(w.shape[2:], stride, padding,
                                                                              dilation, groups, w.shape[0]))
@@ -170,9 +170,6 @@ def analog_conv(x: torch.Tensor, w: torch.Tensor, cfg: DeviceConfig, w_max: floa
     b = x.shape[0]
     y = _periphery(y, lambda: ss, scale.view(b, groups, 1, -1), unit, cfg, w_max, fan_in, noise)
     return y.view(b, w.shape[0], *out)
-
-
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _offset_views(x: torch.Tensor, kernel_size, stride, dilation, out):
@@ -211,7 +208,7 @@ def patch_sumsq(kernel_size, stride, padding, dilation, groups: int, out_channel
     broadcast over the output channels."""
     def sumsq(x: torch.Tensor) -> torch.Tensor:
         ones = x.new_ones(groups, x.shape[1] // groups, *kernel_size)
-        s = _CONV_FN[len(kernel_size)](x * x, ones, None, stride, padding, dilation, groups)
+        s = conv_function(len(kernel_size))(x * x, ones, None, stride, padding, dilation, groups)
         return s if groups == 1 else s.repeat_interleave(out_channels // groups, dim=1)
     return sumsq
 

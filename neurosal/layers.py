@@ -100,9 +100,9 @@ def weight_update(op: nn.Module, x: torch.Tensor, delta: torch.Tensor):
     raise NeurosalError(f"no local update defined for layer type {type(op).__name__}")
 
 
-def conv_function(op: nn.Module):
-    """``F.conv1d``/``conv2d``/``conv3d`` for a convolution of that many spatial dimensions."""
-    return _CONV_FN[op.weight.dim() - 2]
+def conv_function(op: nn.Module | int):
+    """``F.conv1d``/``conv2d``/``conv3d`` for a convolution (module) or a number of spatial dimensions."""
+    return _CONV_FN[op if isinstance(op, int) else op.weight.dim() - 2]
 
 
 def _transposed_dims(op: nn.Module) -> int:

@@ -777,8 +777,8 @@ CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm
 def channels_first(modules: dict, points: list[str], finished: list[str]) -> list[tuple[str, int] | None]:
     """Per point (in the order of ``points``; at its first call): how the last parametrised or pooling layer
     to run before it lays out channels -- ``("first", 0)`` when it works channels-first on (B, C, L)
-    (Conv1d, BatchNorm1d, 1-d pooling), ``("last", width)`` when it works on a last axis of that width (a Linear, a plain
-    LayerNorm / RMSNorm, attention), None when it tells neither (a block's own layer scale, a normalisation
+    (Conv1d, BatchNorm1d, 1-d pooling), ``("last", width)`` when it works on a last axis of that width (a
+    Linear, a plain LayerNorm / RMSNorm, attention), None when it tells neither (a block's own layer scale, a normalisation
     that permutes). A 4-d point is a feature map (B, C, H, W) unless a last-axis layer of its last axis's
     width made it (Swin's (B, H, W, C); MaxViT's attention permutes back to channels first)."""
     found: dict[str, tuple[str, int] | None] = {}
